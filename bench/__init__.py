@@ -1,0 +1,1 @@
+"""Benchmarks: each script prints ratios measured side by side in one run."""

@@ -1,0 +1,213 @@
+"""Core benchmark: JR overhead, saved-for-backward memory, solver overhead, TorchDEQ comparison.
+
+    python -m bench.core [--device cuda] [--repeats 5]
+
+Every figure is a ratio of two settings timed alternately in the same run (the machines are
+noisy). The TorchDEQ comparison runs when ``torchdeq`` (0.1.0) is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from bench.cells import ConvCell, TransformerCell
+from deq_core import DEQLayer, anderson
+from deq_core.state import StateSpec
+
+_READS = ("__bool__", "item", "tolist", "__float__", "__int__")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _alternate(fns: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
+    """Median seconds per call of each function, calls interleaved A B A B ... after a warm-up."""
+    for fn in fns.values():
+        fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts tensor-to-host reads (bool(), item(), tolist(), float(), int())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _cases(device: torch.device):
+    torch.manual_seed(0)
+    tr = TransformerCell().to(device)
+    conv = ConvCell().to(device)
+    return {
+        "transformer (8x128x256)": (tr, torch.randn(8, 128, 256, device=device)),
+        "conv (8x64x32x32)": (conv, torch.randn(8, 64, 32, 32, device=device)),
+    }
+
+
+def jr_overhead(device: torch.device, repeats: int) -> List[str]:
+    rows = []
+    fixed = dict(f_max_iter=12, f_tol=1e-12, b_max_iter=12, b_tol=1e-12, jac_freq=1.0, jac_probes=1,
+                 check_every=0)
+    for name, (f, x) in _cases(device).items():
+        plain = DEQLayer(f, **fixed, jac_weight=0.0)
+        with_jr = DEQLayer(f, **fixed, jac_weight=1.0)
+
+        def step(layer):
+            def run():
+                z, stats = layer(x)
+                (z.float().pow(2).mean() + stats.jr_loss).backward()
+            return run
+
+        t = _alternate({"plain": step(plain), "jr": step(with_jr)}, repeats, device)
+        rows.append(f"| JR step / plain step, {name}, 12 fwd + 12 bwd iters | "
+                    f"{t['jr'] / t['plain']:.2f}x | <= 1.30x |")
+    return rows
+
+
+def _saved_bytes(layer: DEQLayer, x: torch.Tensor) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return total
+
+
+def memory(device: torch.device) -> List[str]:
+    rows = []
+    for name, (f, x) in _cases(device).items():
+        implicit = _saved_bytes(DEQLayer(f, f_max_iter=12, f_tol=1e-12), x)
+        unrolled = _saved_bytes(DEQLayer(f, backward="unrolled", unrolled_layers=12), x)
+        rows.append(f"| saved-for-backward bytes, implicit / unrolled at 12 iters, {name} | "
+                    f"{implicit / unrolled:.3f} ({implicit / 2**20:.1f} MiB / {unrolled / 2**20:.1f} MiB) | <= 0.125 |")
+    return rows
+
+
+def _flat_map(f, x):
+    spec = StateSpec(torch.zeros_like(x))
+
+    def fn(z):
+        return spec.pack(f(spec.unpack(z, x.dtype), x), torch.float32)
+
+    return fn, spec.zeros(torch.float32)
+
+
+def solver_overhead(device: torch.device, repeats: int) -> List[str]:
+    rows = []
+    for name, (f, x) in _cases(device).items():
+        fn, z0 = _flat_map(f, x)
+        inside = [0.0]
+
+        def timed(z):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(z)
+            _sync(device)
+            inside[0] += time.perf_counter() - t0
+            return out
+
+        shares = []
+        with torch.no_grad():
+            for _ in range(repeats):
+                inside[0] = 0.0
+                _sync(device)
+                t0 = time.perf_counter()
+                anderson(timed, z0, max_iter=30, tol=1e-12, check_every=None)
+                _sync(device)
+                total = time.perf_counter() - t0
+                shares.append(1 - inside[0] / total)
+        rows.append(f"| solver time outside f / solve time, anderson m=5, 30 iters, {name} | "
+                    f"{statistics.median(shares):.1%} | <= 10% |")
+    return rows
+
+
+def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
+    try:
+        from torchdeq.solver.anderson import anderson_solver
+    except ImportError:
+        return ["| TorchDEQ comparison | skipped: `pip install torchdeq==0.1.0` | |"]
+    rows = []
+    cases = dict(_cases(device))
+    torch.manual_seed(0)
+    cases["small MLP (64x64)"] = (torch.nn.Sequential(), None)
+    small_w = torch.randn(64, 64, device=device) * 0.9 / 8
+    small_x = torch.randn(64, 64, device=device)
+    for name, (f, x) in cases.items():
+        if x is None:
+            fn, z0 = (lambda z: torch.tanh(z @ small_w + small_x)), torch.zeros(64, 64, device=device)
+        else:
+            fn, z0 = _flat_map(f, x)
+        with torch.no_grad():
+            tol = 1e-4 * float(fn(z0).norm(dim=1).mean())  # the same absolute tolerance for both
+
+        def ours():
+            return anderson(fn, z0, max_iter=60, tol=tol, m=5, lam=1e-4)
+
+        def theirs():
+            return anderson_solver(fn, z0, max_iter=60, tol=tol, stop_mode="abs", m=5, lam=1e-4)
+
+        with torch.no_grad():
+            t = _alternate({"ours": ours, "theirs": theirs}, repeats, device)
+            res = ours()
+            their_z, _, info = theirs()
+            reads = {}
+            for key, fn_ in (("ours", ours), ("theirs", theirs)):
+                with _HostReads() as mode:
+                    fn_()
+                reads[key] = mode.count
+        their_res = float((fn(their_z) - their_z).norm(dim=1).max())
+        rows.append(f"| TorchDEQ time / ours, anderson to abs tol {tol:.1e}, {name} | "
+                    f"{t['theirs'] / t['ours']:.2f}x (steps ours {int(res.steps.max())}, residual "
+                    f"ours {float(res.abs_res.max()):.1e} / theirs {their_res:.1e}; host reads per solve "
+                    f"ours {reads['ours']} / theirs {reads['theirs']}) | >= 1.2x |")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f", {torch.get_num_threads()} threads"))
+    print("| measurement | result | target |")
+    print("|---|---|---|")
+    for section in (lambda: jr_overhead(device, args.repeats), lambda: memory(device),
+                    lambda: solver_overhead(device, args.repeats),
+                    lambda: against_torchdeq(device, args.repeats)):
+        for row in section():
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""deq_core: deep equilibrium layers with Jacobian regularization, framework-agnostic (torch only)."""
+from .config import BACKWARD_MODES, PROBE_DISTRIBUTIONS, STOP_MODES, DEQConfig, add_deq_args
+from .dropout import VariationalDropout
+from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
+from .layer import DEQLayer, equilibrium_pass
+from .norm import apply_weight_norm, remove_weight_norm
+from .solvers import (SolverOption, SolverResult, anderson, broyden, fixed_point, get_solver,
+                      list_solvers, register_solver)
+from .state import StateSpec
+from .stats import DEQStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEQConfig", "add_deq_args", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS",
+    "DEQLayer", "DEQStats", "equilibrium_pass", "StateSpec",
+    "VariationalDropout", "apply_weight_norm", "remove_weight_norm",
+    "JRSchedule", "jac_frobenius_estimate", "spectral_radius",
+    "SolverResult", "SolverOption", "register_solver", "get_solver", "list_solvers",
+    "anderson", "broyden", "fixed_point",
+]

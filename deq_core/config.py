@@ -1,0 +1,233 @@
+"""The typed, validated configuration of an equilibrium layer."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+from .solvers import list_solvers, validate_solver_options
+
+__all__ = ["DEQConfig", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS", "add_deq_args"]
+
+BACKWARD_MODES = ("implicit", "phantom", "unrolled")
+STOP_MODES = ("abs", "rel")
+PROBE_DISTRIBUTIONS = ("normal", "rademacher")
+
+
+def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Iterable[str]] = None,
+         low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+         optional: bool = False) -> Any:
+    meta = {"help": help, "kind": kind if kind is not None else type(default), "choices": choices,
+            "low": low, "high": high, "low_open": low_open, "optional": optional}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DEQConfig:
+    """Everything an equilibrium layer needs to know: solvers, backward mode, JR, pretraining.
+
+    Build it with keyword arguments, :meth:`from_dict` or :meth:`from_namespace`; every value is
+    checked (type, range, choices) and the caller's objects are copied, never modified.
+    Solver-specific options (``f_solver_options``/``b_solver_options``) are checked against the
+    named solver's registered options.
+    """
+
+    # Forward solve.
+    f_solver: str = _opt("anderson", "forward solver", choices="solvers")
+    f_max_iter: int = _opt(30, "forward iteration limit (evaluations of f)", low=1)
+    f_tol: float = _opt(1e-3, "forward tolerance on the residual of the stop mode", low=0.0, low_open=True)
+    f_stop_mode: str = _opt("abs", "forward residual: abs ||f(z)-z|| or rel ||f(z)-z||/||f(z)||",
+                            choices=STOP_MODES)
+    f_solver_options: Dict[str, Any] = _opt({}, "forward solver options (e.g. m, beta, lam for anderson)")
+    f_max_iter_jitter: int = _opt(0, "in training, reduce the forward limit by a random 0..N each step", low=0)
+    eval_max_iter: Optional[int] = _opt(None, "forward limit in eval mode (default: f_max_iter)",
+                                        kind=int, low=1, optional=True)
+    eval_tol: Optional[float] = _opt(None, "forward tolerance in eval mode (default: f_tol)", kind=float,
+                                     low=0.0, low_open=True, optional=True)
+    # Backward.
+    backward: str = _opt("implicit", "gradient: implicit (IFT), phantom (k damped steps) or unrolled",
+                         choices=BACKWARD_MODES)
+    b_solver: str = _opt("broyden", "backward solver for the implicit gradient", choices="solvers")
+    b_max_iter: int = _opt(30, "backward iteration limit", low=1)
+    b_tol: float = _opt(1e-4, "backward tolerance", low=0.0, low_open=True)
+    b_stop_mode: str = _opt("rel", "backward residual mode (rel: independent of the loss scale)",
+                            choices=STOP_MODES)
+    b_solver_options: Dict[str, Any] = _opt({}, "backward solver options")
+    phantom_steps: int = _opt(5, "phantom gradient: number of damped unrolled steps from z*", low=1)
+    phantom_damping: float = _opt(0.8, "phantom gradient: damping of each step", low=0.0, high=1.0,
+                                  low_open=True)
+    unrolled_layers: int = _opt(2, "applications of f in unrolled mode and during pretraining", low=1)
+    # Solver behaviour shared by both directions.
+    check_every: Optional[int] = _opt(None, "iterations between host reads of the stop test "
+                                      "(None: 1 on CPU, 4 on accelerators; 0: never, run to the limit)",
+                                      kind=int, low=0, optional=True)
+    divergence_factor: float = _opt(1e4, "a residual this many times the first one counts as divergence",
+                                    low=1.0, low_open=True)
+    check_finite: bool = _opt(True, "raise on non-finite inputs (one host read per forward)")
+    # Jacobian regularization.
+    jac_weight: float = _opt(0.0, "JR weight gamma", low=0.0)
+    jac_freq: float = _opt(1.0, "probability that JR is computed in a training step", low=0.0, high=1.0)
+    jac_probes: int = _opt(1, "Hutchinson probes per JR estimate", low=1)
+    jac_probe: str = _opt("normal", "probe distribution", choices=PROBE_DISTRIBUTIONS)
+    jac_weight_increment: float = _opt(0.0, "added to the JR weight every jac_increment_every steps "
+                                       "after pretraining", low=0.0)
+    jac_increment_every: int = _opt(0, "steps between JR weight increments (0: never)", low=0)
+    jac_stop_step: Optional[int] = _opt(None, "switch JR off from this step on", kind=int, low=0, optional=True)
+    jac_stop_epoch: Optional[int] = _opt(None, "switch JR off from this epoch on", kind=int, low=0,
+                                         optional=True)
+    # Pretraining.
+    pretrain_steps: int = _opt(0, "steps trained as an unrolled weight-tied stack before solving", low=0)
+    pretrain_jac_weight: float = _opt(0.0, "JR weight during pretraining", low=0.0)
+    seed: int = _opt(0, "seed of the per-step random decisions (JR on/off, limit jitter)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check_field(f, getattr(self, f.name)))
+        for side in ("f", "b"):
+            solver = getattr(self, f"{side}_solver")
+            opts = validate_solver_options(solver, getattr(self, f"{side}_solver_options"),
+                                           field=f"{side}_solver_options")
+            object.__setattr__(self, f"{side}_solver_options", opts)
+        if self.f_max_iter_jitter >= self.f_max_iter:
+            raise ValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
+                             f"got {self.f_max_iter_jitter}")
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], base: Optional["DEQConfig"] = None) -> "DEQConfig":
+        """Build from a mapping (over ``base`` when given); unknown keys raise naming the key."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"DEQ options must be a mapping, got {type(values).__name__}")
+        names = cls.field_names()
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown DEQ option(s): {', '.join(hints)}; accepted: {', '.join(names)}")
+        merged = dataclasses.asdict(base) if base is not None else {}
+        for side in ("f", "b"):
+            # Options of the base's solver do not carry over to a different solver.
+            if f"{side}_solver" in values and f"{side}_solver_options" not in values:
+                merged.pop(f"{side}_solver_options", None)
+        merged.update({k: _copy(v) for k, v in values.items()})
+        return cls(**merged)
+
+    @classmethod
+    def from_namespace(cls, namespace: argparse.Namespace, prefix: str = "",
+                       base: Optional["DEQConfig"] = None) -> "DEQConfig":
+        """Build from the attributes ``prefix + field`` of an argparse namespace; others are ignored."""
+        values = {}
+        for name in cls.field_names():
+            attr = prefix + name
+            if hasattr(namespace, attr):
+                values[name] = getattr(namespace, attr)
+        return cls.from_dict(values, base=base)
+
+    def replace(self, **changes: Any) -> "DEQConfig":
+        return self.from_dict(changes, base=self)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: _copy(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _copy(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> Any:
+    meta = f.metadata
+    kind, name = meta["kind"], f.name
+    if value is None:
+        if meta["optional"]:
+            return None
+        raise TypeError(f"{name} must not be None")
+    if kind is dict:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a mapping of option names to values, got {value!r}")
+        return dict(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        allowed = kind.__name__ + (" or None" if meta["optional"] else "")
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    choices = meta["choices"]
+    if choices == "solvers":
+        choices = list_solvers()
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    if kind in (int, float):
+        low, high = meta["low"], meta["high"]
+        if value != value:  # NaN
+            raise ValueError(f"{name} must be a number, got NaN")
+        bad_low = low is not None and (value <= low if meta["low_open"] else value < low)
+        bad_high = high is not None and value > high
+        if bad_low or bad_high:
+            lo = "" if low is None else (f"> {low}" if meta["low_open"] else f">= {low}")
+            hi = "" if high is None else f"<= {high}"
+            raise ValueError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}")
+    return value
+
+
+def _parse_options(text: str) -> Dict[str, Any]:
+    """Parse ``key=value,key=value`` (values as Python literals) for the solver-options flags."""
+    out: Dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"solver option {item!r} must be written key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw.strip()
+    return out
+
+
+def add_deq_args(parser: argparse.ArgumentParser, prefix: str = "", defaults: Optional[DEQConfig] = None,
+                 exclude: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """Add one ``--{prefix}{field}`` flag (dashes for underscores) per config field to ``parser``.
+
+    Values are parsed but validated only by :meth:`DEQConfig.from_namespace`, so every error
+    message comes from one place. Returns the argument group's parser for chaining.
+    """
+    defaults = defaults or DEQConfig()
+    group = parser.add_argument_group("deep equilibrium layer")
+    skip = set(exclude)
+    for f in dataclasses.fields(DEQConfig):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = getattr(defaults, f.name)
+        kw: Dict[str, Any] = {"default": _copy(default), "dest": prefix + f.name, "help": meta["help"]}
+        kind = meta["kind"]
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            kw["type"] = _parse_options
+            kw["metavar"] = "KEY=VALUE[,...]"
+        elif meta["optional"]:
+            kw["type"] = _optional(kind)
+        else:
+            kw["type"] = kind
+        if isinstance(meta["choices"], tuple):
+            kw["choices"] = meta["choices"]
+        group.add_argument(flag, **kw)
+    return parser
+
+
+def _optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse

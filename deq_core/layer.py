@@ -1,0 +1,285 @@
+"""The equilibrium layer: forward solve, backward modes, Jacobian regularization, statistics."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
+
+from .config import DEQConfig
+from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
+from .solvers import SolverResult, get_solver
+from .state import State, StateSpec, state_dtype_for
+from .stats import DEQStats
+
+__all__ = ["DEQLayer", "equilibrium_pass"]
+
+
+@contextlib.contextmanager
+def equilibrium_pass(f: nn.Module) -> Iterator[None]:
+    """One pass of f's stabilizers: variational-dropout masks drawn once, parametrized weights
+    (DEQ weight norm) computed once, both shared by every call of f inside the block."""
+    members = [m for m in f.modules() if hasattr(m, "_deq_begin_pass")]
+    for m in members:
+        m._deq_begin_pass()
+    try:
+        with parametrize.cached():
+            # Compute the weights now, under the caller's grad mode: if the first access happened
+            # inside the no-grad solver, the cached weights would carry no graph to g and v.
+            for m in f.modules():
+                if parametrize.is_parametrized(m):
+                    for name in m.parametrizations:
+                        getattr(m, name)
+            yield
+    finally:
+        for m in members:
+            m._deq_end_pass()
+
+
+class _FlatMap:
+    """f as a map on flat ``(B, D)`` solver states; checks f's output structure and dtype."""
+
+    def __init__(self, f: nn.Module, spec: StateSpec, inputs: Sequence[Any], kwargs: Mapping[str, Any]):
+        self.f, self.spec, self.inputs, self.kwargs = f, spec, inputs, kwargs
+        self.f_dtype = spec.dtype
+        self.state_dtype = state_dtype_for(spec.dtype)
+        self._checked = False
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.f(self.spec.unpack(z, self.f_dtype), *self.inputs, **self.kwargs)
+        if not self._checked:
+            self._check_dtype(out)
+            self._checked = True
+        return self.spec.pack(out, self.state_dtype, what="f's output")
+
+    def _check_dtype(self, out: State) -> None:
+        tensors = out if isinstance(out, (list, tuple)) else (out,)
+        dev = self.spec.device.type
+        allowed = {self.f_dtype}
+        if torch.is_autocast_enabled(dev):
+            allowed.add(torch.get_autocast_dtype(dev))
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.dtype not in allowed:
+                raise TypeError(f"f returned dtype {t.dtype} for a state of dtype {self.f_dtype}; "
+                                f"f must return the state's dtype (or the autocast dtype), one of "
+                                f"{sorted(map(str, allowed))}")
+
+
+class _ImplicitGrad(torch.autograd.Function):
+    """Identity on ``f_out = f(z*)`` whose backward replaces the incoming gradient g by the
+    solution u of ``u = u J_f(z*) + g`` (implicit function theorem); autograd then carries u
+    through f to its parameters and inputs, giving ``g (I - J)^-1 df/dtheta``."""
+
+    @staticmethod
+    def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, layer: "DEQLayer", stats: DEQStats):
+        ctx.save_for_backward(f_out, z_in)
+        ctx.layer, ctx.stats = layer, stats
+        return f_out.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        f_out, z_in = ctx.saved_tensors
+        cfg = ctx.layer.config
+        grad = grad.to(f_out.dtype)
+
+        def linear_map(u: torch.Tensor) -> torch.Tensor:
+            (vjp,) = torch.autograd.grad(f_out, z_in, u, retain_graph=True)
+            return vjp + grad
+
+        result = get_solver(cfg.b_solver)(
+            linear_map, torch.zeros_like(grad), max_iter=cfg.b_max_iter, tol=cfg.b_tol,
+            stop_mode=cfg.b_stop_mode, check_every=cfg.check_every,
+            divergence_factor=cfg.divergence_factor, **cfg.b_solver_options)
+        ctx.stats.record_backward(result)
+        return result.z, None, None, None
+
+
+class DEQLayer(nn.Module):
+    """Deep equilibrium layer around ``f(z, *inputs, **kwargs)``: returns ``(z*, stats)``.
+
+    The state z may be a tensor or a list/tuple of tensors sharing the batch dimension; its
+    initial value is ``z0`` when given, else ``f.init_state(*inputs, **kwargs)`` when f defines
+    it, else zeros shaped like the first tensor input. Solvers run on a float32 copy of the state
+    (float64 for float64 states) whatever precision f runs in.
+
+    Gradients follow ``config.backward`` ("implicit", "phantom" or "unrolled"); during the first
+    ``config.pretrain_steps`` training steps the layer runs as an unrolled weight-tied stack. In
+    training, Jacobian regularization is computed when the step's Bernoulli(``jac_freq``) draw
+    says so and the current JR weight is positive; add ``stats.jr_loss`` to the loss. The step
+    counter is set by the training loop through :meth:`set_num_updates` (fairseq calls it itself).
+    """
+
+    def __init__(self, f: nn.Module, config: Union[DEQConfig, Mapping[str, Any], None] = None,
+                 **options: Any) -> None:
+        super().__init__()
+        if not isinstance(f, nn.Module):
+            raise TypeError(f"f must be an nn.Module, got {type(f).__name__}")
+        if config is None or isinstance(config, Mapping):
+            config = DEQConfig.from_dict({**dict(config or {}), **options})
+        elif isinstance(config, DEQConfig):
+            config = config.replace(**options) if options else config
+        else:
+            raise TypeError(f"config must be a DEQConfig, a mapping or None, got {type(config).__name__}")
+        self.f = f
+        self.config: DEQConfig = config
+        self.stats: Optional[DEQStats] = None
+        self._num_updates = 0
+        self._epoch: Optional[int] = None
+        self._calls = 0
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"f_solver={c.f_solver}, f_max_iter={c.f_max_iter}, backward={c.backward}, "
+                f"b_solver={c.b_solver}, jac_weight={c.jac_weight}, jac_freq={c.jac_freq}")
+
+    # -- training-step state -----------------------------------------------------------------
+    def set_num_updates(self, num_updates: int) -> None:
+        """Tell the layer the optimizer step count (drives pretraining, JR schedule, random draws)."""
+        self._num_updates = int(num_updates)
+        self._calls = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+
+    @property
+    def num_updates(self) -> int:
+        return self._num_updates
+
+    @property
+    def pretraining(self) -> bool:
+        return self._num_updates < self.config.pretrain_steps
+
+    @property
+    def jac_weight(self) -> float:
+        """The JR weight at the current step, from the schedule in the config."""
+        return JRSchedule.from_config(self.config).weight_at(self._num_updates, self._epoch)
+
+    def _draw(self) -> Tuple[bool, int]:
+        """This training call's random decisions (JR on?, forward-limit reduction), a function of
+        (seed, step, call within step) only, so every process of a distributed run agrees."""
+        cfg = self.config
+        key = ((cfg.seed * 1_000_003 + self._num_updates) * 1_000_033 + self._calls) % (2 ** 62)
+        self._calls += 1
+        u = torch.rand(2, generator=torch.Generator().manual_seed(key)).tolist()
+        return u[0] < cfg.jac_freq, int(u[1] * (cfg.f_max_iter_jitter + 1))
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, *inputs: Any, z0: Optional[State] = None, **kwargs: Any) -> Tuple[State, DEQStats]:
+        cfg = self.config
+        if cfg.check_finite:
+            _check_finite(inputs, kwargs, z0)
+        grad = torch.is_grad_enabled()
+        jac_on, cut = self._draw() if self.training else (False, 0)
+        jac_weight = self.jac_weight if self.training else 0.0
+        jac_on = jac_on and grad and jac_weight > 0.0
+        with equilibrium_pass(self.f):
+            spec, fn, z0_flat = self._prepare(inputs, kwargs, z0)
+            if self.pretraining or cfg.backward == "unrolled":
+                z, stats = self._unrolled(fn, z0_flat, jac_on)
+            else:
+                max_iter = cfg.f_max_iter - cut if self.training else (cfg.eval_max_iter or cfg.f_max_iter)
+                tol = cfg.f_tol if self.training else (cfg.eval_tol or cfg.f_tol)
+                with torch.no_grad():
+                    result = self._solve(fn, z0_flat, max_iter, tol)
+                stats = DEQStats.from_solve(cfg.backward, result, max_iter)
+                z = result.z
+                if grad:
+                    z = self._attach_gradient(fn, z, stats, jac_on)
+        if stats.jac_loss is not None:
+            stats.jac_weight = jac_weight
+        self.stats = stats
+        return spec.unpack(z, spec.dtype), stats
+
+    def _prepare(self, inputs, kwargs, z0) -> Tuple[StateSpec, _FlatMap, torch.Tensor]:
+        if z0 is None:
+            z0 = self._initial_state(inputs, kwargs)
+        spec = StateSpec(z0, "z0")
+        fn = _FlatMap(self.f, spec, inputs, kwargs)
+        return spec, fn, spec.pack(z0, fn.state_dtype).detach()
+
+    def _initial_state(self, inputs, kwargs) -> State:
+        init = getattr(self.f, "init_state", None)
+        if callable(init):
+            return init(*inputs, **kwargs)
+        for x in inputs:
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                return torch.zeros_like(x)
+        raise ValueError("no initial state: pass z0=..., give f an init_state(*inputs) method, "
+                         "or pass a floating-point tensor input shaped like the state")
+
+    def _solve(self, fn, z0: torch.Tensor, max_iter: int, tol: float) -> SolverResult:
+        cfg = self.config
+        return get_solver(cfg.f_solver)(fn, z0, max_iter=max_iter, tol=tol, stop_mode=cfg.f_stop_mode,
+                                        check_every=cfg.check_every,
+                                        divergence_factor=cfg.divergence_factor, **cfg.f_solver_options)
+
+    def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return jac_frobenius_estimate(f_out, z_in, cfg.jac_probes, cfg.jac_probe).mean()
+
+    def _attach_gradient(self, fn: _FlatMap, z_star: torch.Tensor, stats: DEQStats, jac_on: bool):
+        cfg = self.config
+        if cfg.backward == "implicit":
+            z_in = z_star.detach().requires_grad_()
+            f_out = fn(z_in)
+            if jac_on:
+                stats.jac_loss = self._jac(f_out, z_in)
+            return _ImplicitGrad.apply(f_out, z_in, self, stats)
+        # Phantom gradient: k damped steps from z*, differentiated by ordinary backprop.
+        z = z_star.detach().requires_grad_(jac_on)
+        for i in range(cfg.phantom_steps):
+            f_z = fn(z)
+            if i == 0 and jac_on:
+                stats.jac_loss = self._jac(f_z, z)
+            z = torch.lerp(z, f_z, cfg.phantom_damping)
+        return z
+
+    def _unrolled(self, fn: _FlatMap, z0: torch.Tensor, jac_on: bool) -> Tuple[torch.Tensor, DEQStats]:
+        n = self.config.unrolled_layers
+        z = z0.requires_grad_(jac_on)
+        prev = z
+        for _ in range(n):
+            prev, z = z, fn(z)
+        diff = torch.linalg.vector_norm((z - prev).detach(), dim=1)
+        rel = diff / (torch.linalg.vector_norm(z.detach(), dim=1) + 1e-8)
+        stats = DEQStats(mode="unrolled", f_steps=torch.full_like(diff, n, dtype=torch.int32),
+                         f_abs_res=diff, f_rel_res=rel, f_diverged=~torch.isfinite(diff), f_max_iter=n)
+        if jac_on:
+            stats.jac_loss = self._jac(z, prev)
+        return z, stats
+
+    # -- diagnostics ---------------------------------------------------------------------------
+    def spectral_radius(self, *inputs: Any, z0: Optional[State] = None, n_iter: int = 20,
+                        **kwargs: Any) -> torch.Tensor:
+        """Per-sample power-method estimate of rho(J_f(z*)) at this layer's fixed point."""
+        with equilibrium_pass(self.f):
+            _, fn, z0_flat = self._prepare(inputs, kwargs, z0)
+            cfg = self.config
+            with torch.no_grad():
+                z = self._solve(fn, z0_flat, cfg.eval_max_iter or cfg.f_max_iter, cfg.eval_tol or cfg.f_tol).z
+            return spectral_radius(fn, z, n_iter=n_iter)
+
+
+def _check_finite(inputs: Sequence[Any], kwargs: Mapping[str, Any], z0: Optional[State]) -> None:
+    named: Dict[str, torch.Tensor] = {}
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            named[f"input {i}"] = x
+    for k, x in kwargs.items():
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            named[f"keyword input {k!r}"] = x
+    if z0 is not None:
+        for i, x in enumerate(z0 if isinstance(z0, (list, tuple)) else (z0,)):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                named[f"z0[{i}]"] = x
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(x).all() for x in named.values()])
+    if bool(flags.all()):
+        return
+    bad = [name for name, ok in zip(named, flags.tolist()) if not ok]
+    raise ValueError(f"non-finite values (NaN or inf) in {', '.join(bad)} of the equilibrium layer")

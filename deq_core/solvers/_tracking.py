@@ -1,0 +1,108 @@
+"""Bookkeeping shared by every solver: residuals, per-sample masks, best iterate, stop checks."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .result import SolverResult
+
+STOP_MODES = ("abs", "rel")
+_REL_EPS = 1e-8
+
+
+def resolve_check_every(check_every: Optional[int], device: torch.device) -> int:
+    """``None`` picks the interval between host reads: every step on CPU (a read is free there),
+    every 4th on accelerators (a read stalls the device queue)."""
+    if check_every is None:
+        return 1 if device.type == "cpu" else 4
+    return check_every
+
+
+class Tracker:
+    """Follows a batched solve over ``(B, D)`` iterates.
+
+    All decisions stay on the device as masks; the host reads ``active.any()`` only every
+    ``check_every`` iterations (0: never, the solve runs to ``max_iter``).
+    """
+
+    def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
+                 check_every: Optional[int] = None, divergence_factor: float = 1e4,
+                 trace: bool = False) -> None:
+        if z0.dim() != 2:
+            raise ValueError(f"solver state must have shape (batch, dim), got {tuple(z0.shape)}")
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        batch = z0.shape[0]
+        dev = z0.device
+        self.max_iter = max_iter
+        self.tol = tol
+        self.rel = stop_mode == "rel"
+        self.check_every = resolve_check_every(check_every, dev)
+        self.divergence_factor = divergence_factor
+        self.best_z = z0.clone()
+        self.best_res = torch.full((batch,), float("inf"), dtype=z0.dtype, device=dev)
+        self.best_abs = torch.full_like(self.best_res, float("inf"))
+        self.best_rel = torch.full_like(self.best_res, float("inf"))
+        self.first_res: Optional[torch.Tensor] = None
+        self.steps = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.active = torch.ones(batch, dtype=torch.bool, device=dev)
+        self.converged = torch.zeros_like(self.active)
+        self.diverged = torch.zeros_like(self.active)
+        self.host_reads = 0
+        self.iteration = 0
+        self._trace: Optional[List[torch.Tensor]] = [] if trace else None
+
+    def update(self, z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Record the residual of iterate ``z`` (with ``fz = f(z)``, and ``g = fz - z`` when the
+        solver has it already); return the active mask.
+
+        A sample stays active until its residual falls to ``tol`` or it diverges; frozen samples
+        keep their best iterate and stop counting steps.
+        """
+        self.iteration += 1
+        diff = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
+        abs_res = diff
+        rel_res = diff / (torch.linalg.vector_norm(fz, dim=1) + _REL_EPS)
+        res = rel_res if self.rel else abs_res
+        if self.first_res is None:
+            self.first_res = res.clone()
+        finite = torch.isfinite(res)
+        exploded = res > self.divergence_factor * torch.clamp(self.first_res, min=self.tol)
+        was_active = self.active
+        self.steps += was_active.to(self.steps.dtype)
+        better = was_active & finite & (res < self.best_res)
+        torch.where(better[:, None], z, self.best_z, out=self.best_z)  # in place: no new buffer
+        self.best_res = torch.where(better, res, self.best_res)
+        self.best_abs = torch.where(better, abs_res, self.best_abs)
+        self.best_rel = torch.where(better, rel_res, self.best_rel)
+        newly_conv = was_active & finite & (res <= self.tol)
+        newly_div = was_active & (~finite | exploded)
+        self.converged = self.converged | newly_conv
+        self.diverged = self.diverged | newly_div
+        self.active = was_active & ~newly_conv & ~newly_div
+        if self._trace is not None:
+            self._trace.append(torch.where(finite, res, torch.full_like(res, float("inf"))))
+        return self.active
+
+    def done(self) -> bool:
+        """Whether to stop now: the limit is reached, or (at a check) no sample is active."""
+        if self.iteration >= self.max_iter:
+            return True
+        if self.check_every > 0 and self.iteration % self.check_every == 0:
+            self.host_reads += 1
+            return not bool(self.active.any())
+        return False
+
+    def result(self) -> SolverResult:
+        trace = torch.stack(self._trace) if self._trace else None
+        diverged = self.diverged
+        if self.iteration > 1:
+            # A solve that never got below its first residual made no progress at all: a map with
+            # no fixed point that a solver wanders on without exploding (Anderson does) ends here.
+            diverged = diverged | (~self.converged & ~(self.best_res < self.first_res))
+        return SolverResult(z=self.best_z, steps=self.steps, abs_res=self.best_abs,
+                            rel_res=self.best_rel, converged=self.converged, diverged=diverged,
+                            host_reads=self.host_reads, trace=trace)

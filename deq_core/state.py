@@ -1,0 +1,102 @@
+"""Flattening of structured equilibrium states.
+
+A state is one tensor or a list/tuple of tensors that share the batch dimension (an MDEQ state is
+four feature maps of different shapes). Solvers work on one ``(batch, dim)`` tensor; this module
+converts between the two so that a user never flattens by hand.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+
+State = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+__all__ = ["State", "StateSpec", "state_dtype_for"]
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a solver keeps its state in when f runs in ``dtype``: float64 stays, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class StateSpec:
+    """Shapes, dtype and container type of a structured state, with pack/unpack to ``(B, D)``."""
+
+    def __init__(self, state: State, name: str = "state") -> None:
+        if isinstance(state, torch.Tensor):
+            tensors: Tuple[torch.Tensor, ...] = (state,)
+            self.container = None
+        elif isinstance(state, (list, tuple)) and len(state) > 0:
+            tensors = tuple(state)
+            self.container = type(state)
+        else:
+            raise TypeError(
+                f"{name} must be a tensor or a non-empty list/tuple of tensors, got {type(state).__name__}")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+            if t.dim() < 1:
+                raise ValueError(f"{name}[{i}] must have a batch dimension, got a 0-d tensor")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {t.dtype}")
+        batch = tensors[0].shape[0]
+        for i, t in enumerate(tensors):
+            if t.shape[0] != batch:
+                raise ValueError(
+                    f"{name}[{i}] has batch size {t.shape[0]} but {name}[0] has {batch}; "
+                    "every state tensor must share dimension 0")
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1:
+            raise TypeError(f"{name} tensors must share one dtype, got {sorted(map(str, dtypes))}")
+        self.batch = batch
+        self.shapes: List[torch.Size] = [t.shape[1:] for t in tensors]
+        self.sizes: List[int] = [int(t.shape[1:].numel()) for t in tensors]
+        self.dim = sum(self.sizes)
+        self.dtype = tensors[0].dtype
+        self.device = tensors[0].device
+
+    def describe(self) -> str:
+        shapes = [(self.batch, *s) for s in self.shapes]
+        return str(shapes[0]) if self.container is None else str(shapes)
+
+    def pack(self, state: State, dtype: torch.dtype, what: str = "state") -> torch.Tensor:
+        """Flatten ``state`` to ``(B, D)`` in ``dtype``, checking it has this spec's structure."""
+        tensors = self._as_tuple(state, what)
+        flat = [t.reshape(self.batch, -1) for t in tensors]
+        out = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+        return out.to(dtype)
+
+    def unpack(self, flat: torch.Tensor, dtype: torch.dtype) -> State:
+        """Inverse of :meth:`pack`: views of ``flat`` (cast to ``dtype``) in the original structure."""
+        flat = flat.to(dtype)
+        if self.container is None:
+            return flat.view(self.batch, *self.shapes[0])
+        parts = torch.split(flat, self.sizes, dim=1)
+        return self.container(p.reshape(self.batch, *s) for p, s in zip(parts, self.shapes))
+
+    def zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(self.batch, self.dim, dtype=dtype, device=self.device)
+
+    def _as_tuple(self, state: State, what: str) -> Tuple[torch.Tensor, ...]:
+        if self.container is None:
+            ok = isinstance(state, torch.Tensor)
+            tensors = (state,) if ok else ()
+        else:
+            ok = isinstance(state, (list, tuple)) and len(state) == len(self.shapes)
+            tensors = tuple(state) if ok else ()
+        if ok:
+            ok = all(isinstance(t, torch.Tensor) and t.shape[0] == self.batch and t.shape[1:] == s
+                     for t, s in zip(tensors, self.shapes))
+        if not ok:
+            raise ValueError(f"{what} has structure {_describe(state)}, expected {self.describe()} "
+                             "(the structure and shapes of the initial state)")
+        return tensors
+
+
+def _describe(state) -> str:
+    if isinstance(state, torch.Tensor):
+        return str(tuple(state.shape))
+    if isinstance(state, (list, tuple)):
+        return str([tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in state])
+    return type(state).__name__

@@ -1,0 +1,109 @@
+"""What an equilibrium layer did in one forward (and backward) pass."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from typing import Dict, Optional, Union
+
+import torch
+
+from .solvers import SolverResult
+
+__all__ = ["DEQStats"]
+
+
+@dataclass(eq=False)
+class DEQStats:
+    """Solver statistics of one pass; per-sample tensors have shape ``(B,)`` and stay on the device.
+
+    ``jac_loss`` is the differentiable batch-mean JR estimate of ``||J_f(z*)||_F^2 / d`` when JR
+    ran this step (else ``None``); :attr:`jr_loss` is the weighted term to add to the loss. The
+    backward fields are filled in when the implicit backward pass runs. :meth:`to_dict` turns
+    everything into Python floats with a single host read.
+    """
+
+    mode: str
+    f_steps: torch.Tensor
+    f_abs_res: torch.Tensor
+    f_rel_res: torch.Tensor
+    f_diverged: torch.Tensor
+    f_max_iter: int
+    f_converged: Optional[torch.Tensor] = None
+    host_reads: int = 0
+    jac_loss: Optional[torch.Tensor] = None
+    jac_weight: float = 0.0
+    b_steps: Optional[torch.Tensor] = None
+    b_abs_res: Optional[torch.Tensor] = None
+    b_rel_res: Optional[torch.Tensor] = None
+    b_diverged: Optional[torch.Tensor] = None
+    b_converged: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_solve(cls, mode: str, result: SolverResult, max_iter: int) -> "DEQStats":
+        return cls(mode=mode, f_steps=result.steps, f_abs_res=result.abs_res, f_rel_res=result.rel_res,
+                   f_diverged=result.diverged, f_converged=result.converged, f_max_iter=max_iter,
+                   host_reads=result.host_reads)
+
+    def record_backward(self, result: SolverResult) -> None:
+        self.b_steps, self.b_abs_res = result.steps, result.abs_res
+        self.b_rel_res, self.b_diverged = result.rel_res, result.diverged
+        self.b_converged = result.converged
+        self.host_reads += result.host_reads
+
+    @property
+    def jr_loss(self) -> Union[torch.Tensor, float]:
+        """``jac_weight * jac_loss`` when JR ran this step, else 0.0: add it to the training loss."""
+        if self.jac_loss is None or self.jac_weight == 0.0:
+            return 0.0
+        return self.jac_weight * self.jac_loss
+
+    @property
+    def diverged(self) -> torch.Tensor:
+        """Whether any sample's forward (or backward) solve diverged, as a 0-d device tensor."""
+        flag = self.f_diverged.any()
+        return flag | self.b_diverged.any() if self.b_diverged is not None else flag
+
+    def to_dict(self) -> Dict[str, float]:
+        """Summary as Python floats: batch means, max steps, converged/diverged fractions."""
+        keys, values = [], []
+
+        def add(key: str, t: torch.Tensor) -> None:
+            keys.append(key)
+            values.append(t.detach().float().reshape(()))
+
+        add("f_steps", self.f_steps.float().mean())
+        add("f_steps_max", self.f_steps.float().max())
+        add("f_abs_res", self.f_abs_res.mean())
+        add("f_rel_res", self.f_rel_res.mean())
+        add("f_diverged", self.f_diverged.float().mean())
+        if self.f_converged is not None:
+            add("f_converged", self.f_converged.float().mean())
+        if self.b_steps is not None:
+            add("b_steps", self.b_steps.float().mean())
+            add("b_abs_res", self.b_abs_res.mean())
+            add("b_rel_res", self.b_rel_res.mean())
+            add("b_diverged", self.b_diverged.float().mean())
+            add("b_converged", self.b_converged.float().mean())
+        if self.jac_loss is not None:
+            add("jac_loss", self.jac_loss)
+        out = dict(zip(keys, torch.stack(values).tolist()))
+        out["f_max_iter"] = float(self.f_max_iter)
+        out["jac_weight"] = float(self.jac_weight)
+        return out
+
+    def detach(self) -> "DEQStats":
+        """A copy holding no autograd graph (safe to keep, deep-copy or pickle)."""
+        out = copy.copy(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(out, f.name, value.detach())
+        return out
+
+    def __deepcopy__(self, memo) -> "DEQStats":
+        out = self.detach()
+        for f in fields(out):
+            value = getattr(out, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(out, f.name, value.clone())
+        return out

@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+from deq_core import SolverResult, get_solver, list_solvers, register_solver
+from deq_core.solvers import solver_options, validate_solver_options
+from tests._maps import contraction
+
+SOLVERS = ("fixed_point", "anderson", "broyden")
+
+
+def _linear_problem(batch=3, dim=40, radius=0.95):
+    a = contraction(dim, radius)
+    b = torch.randn(batch, dim, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - a, b.T).T
+    return (lambda z: z @ a.T + b), b, exact
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_solvers_reach_the_fixed_point(name):
+    f, b, exact = _linear_problem()
+    res = get_solver(name)(f, torch.zeros_like(b), max_iter=1000, tol=1e-8)
+    assert isinstance(res, SolverResult)
+    assert bool(res.converged.all()) and not bool(res.diverged.any())
+    assert torch.allclose(res.z, exact, atol=1e-6)
+    assert float(res.abs_res.max()) <= 1e-8
+    assert res.steps.shape == (3,) and res.abs_res.shape == (3,) and res.rel_res.shape == (3,)
+
+
+def test_acceleration_needs_far_fewer_iterations_on_a_contraction():
+    f, b, _ = _linear_problem(radius=0.95)
+    steps = {}
+    for name in SOLVERS:
+        res = get_solver(name)(f, torch.zeros_like(b), max_iter=2000, tol=1e-6)
+        assert bool(res.converged.all()), name
+        steps[name] = int(res.steps.max())
+    assert steps["anderson"] * 3 < steps["fixed_point"]
+    assert steps["broyden"] * 3 < steps["fixed_point"]
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_easy_samples_stop_early_and_stay_frozen(name):
+    dim = 20
+    mats = torch.stack([contraction(dim, 0.1, seed=1), contraction(dim, 0.9, seed=2)])  # easy, hard
+    b = torch.ones(2, dim, dtype=torch.float64)
+    exact_easy = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - mats[0], b[0])
+    calls = []
+
+    def f(z):
+        calls.append(z.clone())
+        return torch.bmm(mats, z.unsqueeze(2)).squeeze(2) + b
+
+    res = get_solver(name)(f, torch.zeros_like(b), max_iter=200, tol=1e-7, trace=True)
+    easy, hard = res.steps.tolist()
+    assert easy < hard
+    # After the easy sample converged, the map only ever saw its frozen iterate again.
+    seen = torch.stack([c[0] for c in calls[easy:]])
+    assert torch.equal(seen, seen[:1].expand_as(seen))
+    assert torch.allclose(res.z[0], exact_easy, atol=1e-6)
+    assert res.trace.shape == (len(calls), 2)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_divergence_is_reported_and_the_best_iterate_returned(name):
+    # z = z + 1 + z^2 has no real fixed point; the residual 1 + z^2 is smallest at z = 0.
+    z0 = torch.zeros(2, 5, dtype=torch.float64)
+    res = get_solver(name)(lambda z: z + 1 + z * z, z0, max_iter=100, tol=1e-6, trace=True)
+    assert bool(res.diverged.all()) and not bool(res.converged.any())
+    best = res.trace.argmin(dim=0)
+    assert torch.equal(res.abs_res, res.trace.min(dim=0).values)
+    assert torch.isfinite(res.z).all()
+    assert best.tolist() == [0, 0] and torch.equal(res.z, z0)
+    if name != "anderson":  # these explode and stop; Anderson wanders without progress
+        assert int(res.steps.max()) < 100
+
+
+def test_non_finite_values_stop_a_sample_without_touching_the_others():
+    def f(z):
+        out = 0.5 * z + 1
+        out[1] = out[1] / 0.0 * z[1]  # NaN/inf for sample 1 only
+        return out
+
+    res = get_solver("anderson")(f, torch.zeros(2, 4), max_iter=50, tol=1e-5)
+    assert res.converged.tolist() == [True, False]
+    assert res.diverged.tolist() == [False, True]
+    assert torch.allclose(res.z[0], torch.full((4,), 2.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_host_reads_follow_the_check_interval(name):
+    f, b, _ = _linear_problem(radius=0.5)
+    every = get_solver(name)(f, torch.zeros_like(b), max_iter=60, tol=1e-6, check_every=1)
+    sparse = get_solver(name)(f, torch.zeros_like(b), max_iter=60, tol=1e-6, check_every=5)
+    never = get_solver(name)(f, torch.zeros_like(b), max_iter=60, tol=1e-6, check_every=0)
+    iters = int(every.steps.max())
+    assert every.host_reads == iters - 1 or every.host_reads == iters
+    assert sparse.host_reads <= iters // 5 + 1
+    assert never.host_reads == 0
+    # Per-sample results do not depend on how often the host looks.
+    for other in (sparse, never):
+        assert torch.equal(other.steps, every.steps)
+        assert torch.allclose(other.z, every.z)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_state_dtype_and_stop_modes(name, stop_mode):
+    f = lambda z: 0.5 * z + 1  # noqa: E731
+    for dtype in (torch.float32, torch.float64):
+        res = get_solver(name)(f, torch.zeros(2, 3, dtype=dtype), max_iter=100, tol=1e-5, stop_mode=stop_mode)
+        assert res.z.dtype == dtype and res.abs_res.dtype == dtype
+        assert bool(res.converged.all())
+        assert float((res.rel_res if stop_mode == "rel" else res.abs_res).max()) <= 1e-5
+
+
+def test_registry_accepts_user_solvers_and_rejects_bad_names():
+    @register_solver("halving_test", {})
+    def halving(f, z0, *, max_iter, tol, stop_mode="abs", check_every=None, divergence_factor=1e4,
+                trace=False):
+        return get_solver("fixed_point")(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
+                                         check_every=check_every, divergence_factor=divergence_factor,
+                                         damping=0.5)
+
+    assert "halving_test" in list_solvers()
+    with pytest.raises(ValueError, match="already registered"):
+        register_solver("halving_test")(halving)
+    with pytest.raises(ValueError, match="unknown solver 'nope'.*anderson"):
+        get_solver("nope")
+
+
+def test_solver_option_validation():
+    assert validate_solver_options("anderson", {"m": 3}) == {"m": 3, "beta": 1.0, "lam": 1e-4}
+    assert set(solver_options("broyden")) == {"memory"}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['mm'\].*accepted: \['beta', 'lam', 'm'\]"):
+        validate_solver_options("anderson", {"mm": 3})
+    with pytest.raises(TypeError, match=r"\['m'\].*must be int"):
+        validate_solver_options("anderson", {"m": 2.5})
+    with pytest.raises(ValueError, match=r"\['beta'\].*in \(0, 1\]"):
+        validate_solver_options("anderson", {"beta": 1.5})
+    with pytest.raises(TypeError, match="int or None"):
+        validate_solver_options("broyden", {"memory": "x"})
+
+
+def test_broyden_with_short_memory_still_converges():
+    f, b, exact = _linear_problem(radius=0.8)
+    res = get_solver("broyden")(f, torch.zeros_like(b), max_iter=300, tol=1e-7, memory=4)
+    assert bool(res.converged.all())
+    assert torch.allclose(res.z, exact, atol=1e-5)
