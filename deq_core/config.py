@@ -194,11 +194,13 @@ def _parse_options(text: str) -> Dict[str, Any]:
 
 
 def add_deq_args(parser: argparse.ArgumentParser, prefix: str = "", defaults: Optional[DEQConfig] = None,
-                 exclude: Iterable[str] = ()) -> argparse.ArgumentParser:
+                 exclude: Iterable[str] = (), suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """Add one ``--{prefix}{field}`` flag (dashes for underscores) per config field to ``parser``.
 
     Values are parsed but validated only by :meth:`DEQConfig.from_namespace`, so every error
-    message comes from one place. Returns the argument group's parser for chaining.
+    message comes from one place. With ``suppress_defaults`` a flag the user did not give leaves
+    no attribute, so the namespace holds only explicit choices (to overlay on a model's own
+    defaults). Returns ``parser``.
     """
     defaults = defaults or DEQConfig()
     group = parser.add_argument_group("deep equilibrium layer")
@@ -209,7 +211,8 @@ def add_deq_args(parser: argparse.ArgumentParser, prefix: str = "", defaults: Op
         meta = f.metadata
         flag = "--" + (prefix + f.name).replace("_", "-")
         default = getattr(defaults, f.name)
-        kw: Dict[str, Any] = {"default": _copy(default), "dest": prefix + f.name, "help": meta["help"]}
+        kw: Dict[str, Any] = {"default": argparse.SUPPRESS if suppress_defaults else _copy(default),
+                              "dest": prefix + f.name, "help": meta["help"]}
         kind = meta["kind"]
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction

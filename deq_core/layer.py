@@ -130,6 +130,10 @@ class DEQLayer(nn.Module):
         self._num_updates = 0
         self._epoch: Optional[int] = None
         self._calls = 0
+        # (num_updates, epoch or -1) in the state dict, so that a checkpoint resumes (and an
+        # evaluated checkpoint runs) in the right phase; the Python copies above are what
+        # forward() reads, so no device value is read back per call.
+        self.register_buffer("schedule_state", torch.tensor([0, -1], dtype=torch.int64))
 
     def extra_repr(self) -> str:
         c = self.config
@@ -141,9 +145,18 @@ class DEQLayer(nn.Module):
         """Tell the layer the optimizer step count (drives pretraining, JR schedule, random draws)."""
         self._num_updates = int(num_updates)
         self._calls = 0
+        self.schedule_state[0] = self._num_updates
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
+        self.schedule_state[1] = self._epoch
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = state_dict.get(prefix + "schedule_state")
+        if saved is not None:
+            updates, epoch = (int(v) for v in saved.tolist())
+            self._num_updates, self._epoch, self._calls = updates, (None if epoch < 0 else epoch), 0
 
     @property
     def num_updates(self) -> int:

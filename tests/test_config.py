@@ -86,3 +86,11 @@ def test_frozen():
     cfg = DEQConfig()
     with pytest.raises(AttributeError):
         cfg.f_max_iter = 3
+
+
+def test_suppressed_defaults_leave_only_explicit_flags():
+    parser = argparse.ArgumentParser()
+    add_deq_args(parser, suppress_defaults=True)
+    ns = parser.parse_args(["--jac-weight", "2.5"])
+    assert vars(ns) == {"jac_weight": 2.5}
+    assert DEQConfig.from_namespace(ns, base=DEQConfig(f_max_iter=14)).f_max_iter == 14

@@ -150,3 +150,14 @@ def test_layer_spectral_radius_matches_the_exact_jacobian():
         jac = torch.autograd.functional.jacobian(lambda v: f(v, x[b:b + 1]), z[b:b + 1]).reshape(6, 6)
         exact = torch.linalg.eigvals(jac).abs().max()
         assert float(rho[b]) == pytest.approx(float(exact), rel=0.05)
+
+
+def test_schedule_state_travels_with_the_state_dict():
+    layer = DEQLayer(TanhCell(4, 3), pretrain_steps=5)
+    layer.set_num_updates(7)
+    layer.set_epoch(2)
+    fresh = DEQLayer(TanhCell(4, 3), pretrain_steps=5)
+    assert fresh.pretraining
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.num_updates == 7 and not fresh.pretraining and fresh._epoch == 2
+    assert layer.state_dict()["schedule_state"].tolist() == [7, 2]
