@@ -1,0 +1,109 @@
+"""End-to-end runs of the timm entry points on a small generated dataset."""
+import csv
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+from timm_deq import shapes, train, validate  # noqa: E402
+from deq_core import DEQLayer  # noqa: E402
+from tests._maps import TanhCell  # noqa: E402
+
+COMMON = ["--model", "mdeq_tiny_cifar", "-b", "12", "-j", "0", "--opt", "adamw", "--lr", "3e-3",
+          "--weight-decay", "0", "--no-aug", "--smoothing", "0", "--warmup-epochs", "0", "--log-interval", "2",
+          "--f-max-iter", "4", "--b-max-iter", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shapes.make_shapes(str(tmp_path_factory.mktemp("shapes")), train_per_class=6, val_per_class=3)
+
+
+def _rows(output_dir):
+    with open(f"{output_dir}/summary.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_decreases_the_loss_and_logs_solver_metrics(data, tmp_path):
+    out = train.main([data, *COMMON, "--epochs", "4", "--output", str(tmp_path), "--experiment", "run",
+                      "--jac-weight", "0.5", "--jac-freq", "0.5"])
+    rows = _rows(out["output_dir"])
+    assert len(rows) == 4
+    losses = [float(r["train_task_loss"]) for r in rows]
+    assert losses[-1] < losses[0]
+    for key in ("train_f_steps", "train_b_steps", "train_f_rel_res", "train_jac_loss", "train_jac_steps",
+                "eval_top1", "eval_top5", "eval_f_steps"):
+        assert key in rows[0], key
+    assert all(float(r["train_f_steps"]) <= 4 for r in rows)
+    # JR ran exactly on the steps whose Bernoulli(0.5) draw (seed 3) said so: the same draws as any
+    # DEQLayer with that seed and frequency makes at those steps.
+    probe = DEQLayer(TanhCell(2, 2), jac_weight=1.0, jac_freq=0.5, seed=3, f_max_iter=1)
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    steps_per_epoch = 5
+    for epoch, row in enumerate(rows):
+        expected = 0
+        for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+            probe.set_num_updates(step)
+            expected += probe(x)[1].jac_loss is not None
+        assert float(row["train_jac_steps"]) == pytest.approx(expected / steps_per_epoch)
+
+
+def test_pretraining_switches_to_the_solver_at_the_configured_step(data, tmp_path):
+    out = train.main([data, *COMMON, "--epochs", "2", "--output", str(tmp_path), "--experiment", "pre",
+                      "--pretrain-steps", "5", "--unrolled-layers", "3"])
+    first, second = _rows(out["output_dir"])
+    assert float(first["train_f_steps"]) == 3 and math.isnan(float(first["train_b_steps"]))
+    assert float(second["train_b_steps"]) > 0  # implicit backward from step 5 on
+
+
+def test_resume_restores_model_optimizer_scheduler_and_ema(data, tmp_path):
+    args = [data, *COMMON, "--epochs", "2", "--output", str(tmp_path), "--experiment", "full", "--model-ema",
+            "--model-ema-decay", "0.5", "--jac-weight", "0.5", "--jac-freq", "1.0"]
+    out = train.main(args)
+    straight = _rows(out["output_dir"])
+    ckpt_path = f"{out['output_dir']}/checkpoint-0.pth.tar"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    resumed_args = [a for a in args if a not in ("full",)] + ["--resume", ckpt_path]
+    resumed_args[resumed_args.index("--experiment") + 1:resumed_args.index("--experiment") + 1] = ["resumed"]
+    run = train.setup(resumed_args)
+    model = run.task.get_trainable_module()
+    ema = run.task.get_trainable_module(ema=True).module
+    for module, saved in ((model, ckpt["state_dict"]), (ema, ckpt["state_dict_ema"])):
+        for k, v in saved.items():
+            if k == "deq.schedule_state":  # saved at the last step of epoch 0; now at the next one
+                assert v.tolist() == [4, 0] and module.state_dict()[k].tolist() == [5, 1]
+            else:
+                assert torch.equal(module.state_dict()[k], v), k
+    opt_state = run.optimizer.state_dict()
+    for pid, st in ckpt["optimizer"]["state"].items():
+        for name, value in st.items():
+            assert torch.equal(torch.as_tensor(opt_state["state"][pid][name]), torch.as_tensor(value))
+    assert run.start_epoch == 1 and run.num_updates == 5 and model.deq.num_updates == 5
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(float(straight[1]["lr"]))
+    metrics = train.train(run)
+    resumed_rows = _rows(run.output_dir)
+    assert [r["epoch"] for r in resumed_rows] == ["1"] and "top1" in metrics
+
+
+def test_validate_reports_one_accuracy_per_limit(data, tmp_path):
+    out = train.main([data, *COMMON, "--epochs", "1", "--output", str(tmp_path), "--experiment", "v"])
+    results_file = tmp_path / "limits.csv"
+    results = validate.main([data, "--model", "mdeq_tiny_cifar", "--checkpoint",
+                             f"{out['output_dir']}/model_best.pth.tar", "--eval-max-iter", "1", "2", "6",
+                             "-j", "0", "-b", "16", "--results-file", str(results_file)])
+    assert [r["f_limit"] for r in results] == [1.0, 2.0, 6.0]
+    assert all(0 <= r["top1"] <= 100 for r in results)
+    assert [r["f_steps"] <= r["f_limit"] for r in results] == [True] * 3
+    assert results[0]["f_steps"] == 1.0
+    with open(results_file) as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_bad_flags_fail_early(data, tmp_path):
+    with pytest.raises(ValueError, match=r"f_max_iter must be >= 1"):
+        train.setup([data, *COMMON, "--f-max-iter", "0", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train.setup(["--model", "mdeq_tiny_cifar"])
+    with pytest.raises(ValueError, match="--amp-dtype must be 'float16' or 'bfloat16'"):
+        train.setup([data, *COMMON, "--amp", "--amp-dtype", "fp8", "--output", str(tmp_path)])

@@ -1,0 +1,144 @@
+"""One training epoch and one evaluation pass, on timm's components, with solver statistics."""
+import logging
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from timm.task import evaluation_sample_limit
+from timm.task.evaluator import ClassificationEvaluator
+from timm.utils import AverageMeter, dispatch_clip_grad
+
+from .task import DEQClassificationTask, DEQStatsMeter, deq_layers, set_deq_step
+
+_logger = logging.getLogger('train')
+
+__all__ = ['train_one_epoch', 'evaluate']
+
+
+def _reduced(meter: DEQStatsMeter, distributed: bool) -> Dict[str, float]:
+    state = meter.state()
+    if state is not None and distributed:
+        state = state.clone()
+        dist.all_reduce(state)
+    return meter.summary(state)
+
+
+def train_one_epoch(
+        epoch: int,
+        task: DEQClassificationTask,
+        loader,
+        optimizer: torch.optim.Optimizer,
+        args,
+        device: torch.device,
+        num_updates: int,
+        lr_scheduler=None,
+        amp_autocast: Callable = nullcontext,
+        loss_scaler=None,
+        mixup_fn=None,
+) -> (Dict[str, float], int):
+    """Train for one epoch; returns the epoch's metrics and the new update count.
+
+    Before each step every equilibrium layer (and its EMA copy) is told the update count, which
+    drives the pretraining switch, the JR schedule and the per-step random decisions.
+    """
+    if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        mixup_fn.mixup_enabled = False
+    task.train()
+    model = task.get_trainable_module()
+    ema = task.get_trainable_module(ema=True)
+    ema_module = getattr(ema, 'module', None)
+    accum = args.grad_accum_steps
+    losses, task_losses = AverageMeter(), AverageMeter()
+    deq_meter = DEQStatsMeter()
+    batch_time = AverageMeter()
+    last_idx = len(loader) - 1
+    updates_per_epoch = (len(loader) + accum - 1) // accum
+    end = time.time()
+    optimizer.zero_grad()
+    for batch_idx, (input, target) in enumerate(loader):
+        last_batch = batch_idx == last_idx
+        need_update = last_batch or (batch_idx + 1) % accum == 0
+        set_deq_step(model, num_updates, epoch)
+        set_deq_step(ema_module, num_updates, epoch)
+        input, target = input.to(device), target.to(device)
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target)
+        sync_ctx = nullcontext() if need_update else task.no_sync()
+        with sync_ctx:
+            with amp_autocast():
+                result = task(input, target)
+                loss = result['loss'] / accum
+            params = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=params, need_update=need_update)
+            else:
+                loss.backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        dispatch_clip_grad(params, value=args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
+        for stats in result['deq_stats']:
+            deq_meter.update(stats)  # after backward: the backward solve is recorded too
+        losses.update(result['loss'].detach(), input.size(0))
+        task_losses.update(result['task_loss'].detach(), input.size(0))
+        if not need_update:
+            continue
+        optimizer.zero_grad()
+        num_updates += 1
+        task.update_ema(step=num_updates)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=losses.avg)
+        update_idx = batch_idx // accum
+        if last_batch or update_idx % args.log_interval == 0:
+            lr = optimizer.param_groups[0]['lr']
+            deq = deq_meter.summary()
+            _logger.info(
+                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                f'({100. * update_idx / max(updates_per_epoch - 1, 1):>3.0f}%)]  '
+                f'Loss: {float(losses.val):#.3g} ({float(losses.avg):#.3g})  '
+                f'NFE fwd/bwd: {deq.get("f_steps", 0):.1f}/{deq.get("b_steps", 0):.1f}  '
+                f'JR: {deq.get("jac_loss", float("nan")):#.3g}  '
+                f'Time: {batch_time.val:.3f}s  LR: {lr:.3e}')
+    metrics = OrderedDict(loss=float(losses.avg), task_loss=float(task_losses.avg))
+    metrics.update(_reduced(deq_meter, getattr(args, 'distributed', False)))
+    return metrics, num_updates
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader,
+        device: torch.device,
+        amp_autocast: Callable = nullcontext,
+        distributed: bool = False,
+        log_interval: int = 50,
+        log_suffix: str = '',
+) -> Dict[str, float]:
+    """Loss, top-1/top-5 (timm's evaluator) and mean forward solver statistics."""
+    model.eval()
+    evaluator = ClassificationEvaluator(device=device, max_samples=evaluation_sample_limit(loader))
+    deq_meter = DEQStatsMeter()
+    last_idx = len(loader) - 1
+    for batch_idx, (input, target) in enumerate(loader):
+        input, target = input.to(device), target.to(device)
+        with amp_autocast():
+            output = model(input)
+        evaluator.update(output, target)
+        for layer in deq_layers(model):
+            if layer.stats is not None:
+                deq_meter.update(layer.stats)
+        if batch_idx == last_idx or batch_idx % log_interval == 0:
+            running = evaluator.summary()
+            _logger.info(f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  Loss: {running["loss"]:#.4g}  '
+                         f'Acc@1: {running["top1"]:>7.3f}  Acc@5: {running["top5"]:>7.3f}')
+    metrics = evaluator.compute(distributed=distributed)
+    metrics.update({k: v for k, v in _reduced(deq_meter, distributed).items() if k.startswith('f_')})
+    return metrics

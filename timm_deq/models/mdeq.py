@@ -1,0 +1,460 @@
+""" Multiscale Deep Equilibrium Models (MDEQ) with Jacobian regularization
+
+The network is one equilibrium layer: four parallel branches at decreasing resolution, each a
+residual block, exchanging information through a multi-resolution fusion. The fixed point of that
+layer is found by a root solver (``deq_core``) and fed to an HRNet-style classification head.
+
+Papers:
+    Multiscale Deep Equilibrium Models - Bai, Koltun, Kolter, NeurIPS 2020
+    Stabilizing Equilibrium Models by Jacobian Regularization - Bai, Koltun, Kolter, ICML 2021
+
+The solver, backward and JR options of ``deq_core.DEQConfig`` are model keyword arguments:
+``timm.create_model('mdeq_small', f_max_iter=14, jac_weight=2.5)``.
+"""
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from deq_core import DEQConfig, DEQLayer, DEQStats, VariationalDropout, apply_weight_norm
+
+__all__ = ['MDEQ', 'MultiscaleCell']
+
+_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+
+
+class BranchBlock(nn.Module):
+    """Residual block of one resolution inside f; the input injection enters before the norm."""
+
+    def __init__(self, chs: int, expansion: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(chs, chs * expansion)
+        self.gn1 = nn.GroupNorm(groups, chs * expansion, affine=True)
+        self.conv2 = _conv3x3(chs * expansion, chs)
+        self.drop = VariationalDropout.channels2d(dropout)
+        self.gn2 = nn.GroupNorm(groups, chs, affine=True)
+        self.gn3 = nn.GroupNorm(groups, chs, affine=True)
+
+    def forward(self, z: torch.Tensor, injection: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = F.relu(self.gn1(self.conv1(z)))
+        y = self.drop(self.conv2(y))
+        if injection is not None:
+            y = y + injection
+        y = self.gn2(y)
+        return self.gn3(F.relu(y + z))
+
+
+class _Downsample(nn.Sequential):
+    """``steps`` strided 3x3 convs with GroupNorm (ReLU between them) from one branch to a
+    lower-resolution one."""
+
+    def __init__(self, in_chs: int, out_chs: int, steps: int, groups: int) -> None:
+        layers: List[nn.Module] = []
+        for i in range(steps):
+            last = i == steps - 1
+            layers += [_conv3x3(in_chs, out_chs if last else in_chs, stride=2),
+                       nn.GroupNorm(groups, out_chs if last else in_chs)]
+            if not last:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+
+class _Upsample(nn.Module):
+    """1x1 conv and GroupNorm, then nearest upsampling to a higher-resolution branch's size."""
+
+    def __init__(self, in_chs: int, out_chs: int, groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 1, bias=False)
+        self.gn = nn.GroupNorm(groups, out_chs)
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.gn(self.conv(x)), size=size, mode='nearest')
+
+
+class MultiscaleCell(nn.Module):
+    """The MDEQ layer f(z, x): per-branch residual blocks, multi-resolution fusion, then per
+    branch ReLU, 1x1 conv and GroupNorm. The state z is a list of one map per branch; the
+    injection x (from the stem) enters the highest-resolution branch."""
+
+    def __init__(self, channels: Sequence[int], expansion: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.channels = tuple(channels)
+        n = len(self.channels)
+        self.blocks = nn.ModuleList([BranchBlock(c, expansion, groups, dropout) for c in self.channels])
+        self.fuse = nn.ModuleList()
+        for j in range(n):
+            row = nn.ModuleList()
+            for i in range(n):
+                if i < j:
+                    row.append(_Downsample(self.channels[i], self.channels[j], j - i, groups))
+                elif i > j:
+                    row.append(_Upsample(self.channels[i], self.channels[j], groups))
+                else:
+                    row.append(nn.Identity())
+            self.fuse.append(row)
+        self.post = nn.ModuleList([
+            nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(groups, c, affine=False))
+            for c in self.channels])
+
+    def init_state(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Zeros for every branch; each branch halves the previous one's size (rounding up, as a
+        strided 3x3 conv does)."""
+        h, w = x.shape[-2:]
+        state = []
+        for c in self.channels:
+            state.append(x.new_zeros(x.shape[0], c, h, w))
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return state
+
+    def forward(self, z: List[torch.Tensor], x: torch.Tensor) -> List[torch.Tensor]:
+        ys = [block(zi, x if i == 0 else None) for i, (block, zi) in enumerate(zip(self.blocks, z))]
+        out = []
+        for j, row in enumerate(self.fuse):
+            size = ys[j].shape[-2:]
+            acc = ys[j]
+            for i, layer in enumerate(row):
+                if i < j:
+                    acc = acc + layer(ys[i])
+                elif i > j:
+                    acc = acc + layer(ys[i], size)
+            out.append(self.post[j](acc))
+        return out
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (BatchNorm) used by the classification head, expansion 4."""
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, planes: int) -> None:
+        super().__init__()
+        out_chs = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.downsample = None
+        if in_chs != out_chs:
+            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return F.relu(self.bn3(self.conv3(y)) + shortcut)
+
+
+class Stem(nn.Module):
+    """Two 3x3 convs with BatchNorm and ReLU (each strided for ImageNet models), then a 1x1
+    projection to the first branch's width when it differs."""
+
+    def __init__(self, in_chans: int, width: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_chans, width, stride)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.proj = None
+        if width != out_chs:
+            self.proj = nn.Sequential(nn.Conv2d(width, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return x if self.proj is None else self.proj(x)
+
+
+class MDEQ(nn.Module):
+    """Multiscale deep equilibrium classifier.
+
+    Args:
+        num_classes: Classifier outputs (0 for none).
+        in_chans: Input image channels.
+        global_pool: Pooling type of the classifier head.
+        drop_rate: Dropout before the classifier.
+        channels: Width of each equilibrium branch (highest resolution first).
+        head_channels: Bottleneck widths of the head per branch (outputs are 4x these).
+        num_features: Width of the final 1x1 conv before pooling.
+        expansion: Width multiplier inside each branch block.
+        groups: GroupNorm groups inside the equilibrium layer.
+        dropout: Variational (per-forward, per-channel) dropout inside the equilibrium layer.
+        stem_width: Channels of the stem convs.
+        stem_stride: Stride of each stem conv (2 for ImageNet, 1 for CIFAR).
+        weight_norm: Weight-normalize the convs of the equilibrium layer.
+        deq_cfg: A ``DEQConfig`` or a dict of its fields; other keyword arguments that name
+            ``DEQConfig`` fields (``f_max_iter=14``, ``jac_weight=2.5``, ...) override it.
+    """
+
+    def __init__(
+            self,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            channels: Sequence[int] = (32, 64, 128, 256),
+            head_channels: Sequence[int] = (28, 56, 112, 224),
+            num_features: int = 2048,
+            expansion: int = 5,
+            groups: int = 8,
+            dropout: float = 0.,
+            stem_width: int = 64,
+            stem_stride: int = 2,
+            weight_norm: bool = True,
+            deq_cfg: Union[DEQConfig, Mapping[str, Any], None] = None,
+            **deq_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if len(channels) != len(head_channels) or not channels:
+            raise ValueError(f'channels {tuple(channels)} and head_channels {tuple(head_channels)} must be '
+                             'non-empty and of the same length (one per branch)')
+        bad = [c for c in list(channels) + [c * expansion for c in channels] if c % groups]
+        if bad:
+            raise ValueError(f'groups={groups} must divide every branch width and its expansion, not {bad}')
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        cell = MultiscaleCell(channels, expansion, groups, dropout)
+        for m in cell.modules():
+            if isinstance(m, nn.Conv2d):
+                # Small weights make f a contraction at initialization (the normalization after
+                # each conv does not undo the scale of the last conv before the injection).
+                nn.init.normal_(m.weight, std=0.01)
+        if weight_norm:
+            apply_weight_norm(cell, types=(nn.Conv2d,))
+        if isinstance(deq_cfg, Mapping):
+            deq_cfg = DEQConfig.from_dict(deq_cfg)
+        self.stem = Stem(in_chans, stem_width, channels[0], stem_stride)
+        self.deq = DEQLayer(cell, deq_cfg, **deq_kwargs)
+
+        head_out = [h * Bottleneck.expansion for h in head_channels]
+        self.incre = nn.ModuleList([Bottleneck(c, h) for c, h in zip(channels, head_channels)])
+        self.downsamp = nn.ModuleList([
+            nn.Sequential(_conv3x3(head_out[i], head_out[i + 1], 2), nn.BatchNorm2d(head_out[i + 1]), nn.ReLU())
+            for i in range(len(head_out) - 1)])
+        self.final = nn.Sequential(
+            nn.Conv2d(head_out[-1], num_features, 1, bias=False), nn.BatchNorm2d(num_features), nn.ReLU())
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
+        self.head_drop = nn.Dropout(drop_rate)
+
+        stem_reduction = stem_stride ** 2
+        self.feature_info = [
+            dict(num_chs=c, reduction=stem_reduction * 2 ** i, module=f'deq.f.blocks.{i}')
+            for i, c in enumerate(channels)]
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and not hasattr(m, 'parametrizations'):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- equilibrium-layer controls -------------------------------------------------------------
+    @property
+    def deq_stats(self) -> Optional[DEQStats]:
+        """Solver statistics (and JR term) of the last forward pass."""
+        return self.deq.stats
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Optimizer step count: drives pretraining, the JR schedule and per-step random draws."""
+        self.deq.set_num_updates(num_updates)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.deq.set_epoch(epoch)
+
+    # -- timm model interface -------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        # The equilibrium layer is one block; the head after it is the next.
+        return dict(
+            stem=r'^stem',
+            blocks=[(r'^deq\.', (0,)), (r'^(?:incre|downsamp|final)', (1,))] if coarse else [
+                (r'^deq\.f\.blocks\.(\d+)', None),
+                (r'^deq\.', (4,)),
+                (r'^(?:incre|downsamp)\.(\d+)', (5,)),
+                (r'^final', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Accepted for timm compatibility; has no effect. The implicit backward pass already keeps
+        no per-iteration activations (memory is that of one application of f)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool if global_pool is not None else
+            self.global_pool.pool_type)
+
+    def _equilibrium(self, x: torch.Tensor) -> List[torch.Tensor]:
+        z, _ = self.deq(self.stem(x))
+        return z
+
+    def _merge(self, z: List[torch.Tensor]) -> torch.Tensor:
+        y = self.incre[0](z[0])
+        for i in range(1, len(z)):
+            y = self.incre[i](z[i]) + self.downsamp[i - 1](y)
+        return self.final(y)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._merge(self._equilibrium(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The equilibrium state of the selected branches (all four are solved jointly, so
+        ``stop_early`` saves nothing but the head), and optionally the final features."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take = _take_indices(len(self.feature_info), indices)
+        z = self._equilibrium(x)
+        intermediates = [z[i] for i in take]
+        if intermediates_only:
+            return intermediates
+        return self._merge(z), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the classification head when only equilibrium states are wanted."""
+        take = _take_indices(len(self.feature_info), indices)
+        if prune_head:
+            self.incre, self.downsamp, self.final = nn.ModuleList(), nn.ModuleList(), nn.Identity()
+            self.reset_classifier(0, '')
+        return take
+
+
+def _take_indices(num: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    """timm's convention: None for all, an int n for the last n, else explicit (negative ok)."""
+    if indices is None:
+        return list(range(num))
+    if isinstance(indices, int):
+        if not 0 < indices <= num:
+            raise ValueError(f'indices={indices} must select between 1 and {num} of the {num} branches')
+        return list(range(num - indices, num))
+    take = [i + num if i < 0 else i for i in indices]
+    if any(not 0 <= i < num for i in take):
+        raise ValueError(f'indices {list(indices)} out of range for {num} branches')
+    return take
+
+
+def _create_mdeq(variant: str, pretrained: bool = False, **kwargs) -> MDEQ:
+    if pretrained:
+        raise RuntimeError(f'No pretrained weights are published for {variant} yet; '
+                           'create it with pretrained=False and train it (python -m timm_deq.train).')
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        MDEQ, variant, pretrained,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1', 'classifier': 'fc', 'license': 'mit', **kwargs,
+    }
+
+
+def _cifar_cfg(**kwargs) -> Dict[str, Any]:
+    return _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
+                mean=_CIFAR10_MEAN, std=_CIFAR10_STD, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'mdeq_small': _cfg(),
+    'mdeq_large': _cfg(),
+    'mdeq_xl': _cfg(),
+    'mdeq_tiny_cifar': _cifar_cfg(),
+    'mdeq_large_cifar': _cifar_cfg(),
+})
+
+# The paper's solver settings for ImageNet (Broyden both ways, 14 steps, absolute residual).
+_IMAGENET_DEQ = dict(f_solver='broyden', f_max_iter=14, f_stop_mode='abs', b_solver='broyden', b_max_iter=14)
+_CIFAR_DEQ = dict(f_solver='broyden', f_max_iter=8, f_stop_mode='rel', b_solver='broyden', b_max_iter=7)
+
+
+def _with_deq(kwargs: Dict[str, Any], **defaults: Any) -> Dict[str, Any]:
+    """Variant defaults for DEQ options, overridden by whatever the caller passed."""
+    return {**defaults, **kwargs}
+
+
+@register_model
+def mdeq_small(pretrained: bool = False, **kwargs) -> MDEQ:
+    """MDEQ-small (ImageNet): branches 32-256, JR weight 2.5 at frequency 0.08."""
+    model_args = dict(channels=(32, 64, 128, 256), head_channels=(28, 56, 112, 224), dropout=0.02)
+    deq_args = _with_deq(kwargs, **_IMAGENET_DEQ, unrolled_layers=5, jac_weight=2.5, jac_freq=0.08)
+    return _create_mdeq('mdeq_small', pretrained=pretrained, **dict(model_args, **deq_args))
+
+
+@register_model
+def mdeq_large(pretrained: bool = False, **kwargs) -> MDEQ:
+    """MDEQ-large (ImageNet): branches 80-640, JR weight 3.0 at frequency 0.08."""
+    model_args = dict(channels=(80, 160, 320, 640), head_channels=(32, 64, 128, 256), dropout=0.0)
+    deq_args = _with_deq(kwargs, **_IMAGENET_DEQ, unrolled_layers=4, jac_weight=3.0, jac_freq=0.08)
+    return _create_mdeq('mdeq_large', pretrained=pretrained, **dict(model_args, **deq_args))
+
+
+@register_model
+def mdeq_xl(pretrained: bool = False, **kwargs) -> MDEQ:
+    """MDEQ-XL (ImageNet): branches 88-704 with expansion 6 (head as MDEQ-large)."""
+    model_args = dict(channels=(88, 176, 352, 704), head_channels=(32, 64, 128, 256), expansion=6)
+    deq_args = _with_deq(kwargs, **_IMAGENET_DEQ, unrolled_layers=4, jac_weight=3.0, jac_freq=0.08)
+    return _create_mdeq('mdeq_xl', pretrained=pretrained, **dict(model_args, **deq_args))
+
+
+@register_model
+def mdeq_tiny_cifar(pretrained: bool = False, **kwargs) -> MDEQ:
+    """A small CIFAR-sized MDEQ for CPU demos and tests (not a paper configuration)."""
+    model_args = dict(channels=(8, 16, 32, 64), head_channels=(4, 8, 16, 32), num_features=256,
+                      expansion=4, groups=4, stem_width=16, stem_stride=1, dropout=0.1)
+    deq_args = _with_deq(kwargs, **_CIFAR_DEQ, unrolled_layers=4, jac_weight=0.4, jac_freq=0.05)
+    return _create_mdeq('mdeq_tiny_cifar', pretrained=pretrained, **dict(model_args, **deq_args))
+
+
+@register_model
+def mdeq_large_cifar(pretrained: bool = False, **kwargs) -> MDEQ:
+    """The paper's CIFAR-10 MDEQ (10M): branches 32-256, JR weight 0.4 at frequency 0.02."""
+    model_args = dict(channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), num_features=1680,
+                      stem_stride=1, dropout=0.22)
+    deq_args = _with_deq(kwargs, **_CIFAR_DEQ, unrolled_layers=8, jac_weight=0.4, jac_freq=0.02)
+    return _create_mdeq('mdeq_large_cifar', pretrained=pretrained, **dict(model_args, **deq_args))
