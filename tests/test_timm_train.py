@@ -107,3 +107,23 @@ def test_bad_flags_fail_early(data, tmp_path):
         train.setup(["--model", "mdeq_tiny_cifar"])
     with pytest.raises(ValueError, match="--amp-dtype must be 'float16' or 'bfloat16'"):
         train.setup([data, *COMMON, "--amp", "--amp-dtype", "fp8", "--output", str(tmp_path)])
+
+
+def test_example_recipes_parse_and_build_valid_configs():
+    import glob
+    import shlex
+
+    import timm
+
+    from deq_core import DEQConfig
+    scripts = sorted(glob.glob("examples/imagenet/train_*.sh") + glob.glob("examples/cifar10/train_*.sh"))
+    assert len(scripts) == 3
+    for path in scripts:
+        text = open(path).read().replace("\\\n", " ")
+        cmd = text.split("-m timm_deq.train", 1)[1].split('"$@"', 1)[0]
+        argv = ["DATA"] + shlex.split(cmd.replace('"$DATA"', ""))
+        args = train.build_parser().parse_args(argv)
+        overrides = train._deq_overrides(args)
+        model_cfg = timm.models.get_pretrained_cfg(args.model)
+        assert model_cfg is not None, path
+        DEQConfig.from_dict(overrides)  # every DEQ value in the recipe is valid

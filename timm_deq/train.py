@@ -321,12 +321,13 @@ def train(run: Training) -> Dict[str, float]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     """Set up and train; returns the last eval metrics and the run's ``output_dir``."""
-    utils.setup_default_logging()
     run = setup(argv)
     return dict(train(run), output_dir=run.output_dir)
 
 
 def cli() -> None:
+    """Console entry point: timm's logging set-up, then :func:`main` on ``sys.argv``."""
+    utils.setup_default_logging()
     main()
 
 

@@ -68,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
     """Evaluate; returns one metrics dict per forward limit (``f_limit`` names the limit)."""
-    utils.setup_default_logging()
     args = build_parser().parse_args(argv)
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
@@ -129,6 +128,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
 
 
 def cli() -> None:
+    """Console entry point: timm's logging set-up, then :func:`main` on ``sys.argv``."""
+    utils.setup_default_logging()
     main()
 
 

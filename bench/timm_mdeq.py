@@ -1,0 +1,121 @@
+"""Training-step cost of MDEQ against timm's ResNets at the same batch and resolution.
+
+    python -m bench.timm_mdeq [--device cuda] [--batch-size 64] [--img-size 224] [--amp]
+
+For each model: median time of a full training step (forward, loss with JR when the step draws it,
+backward, SGD step), memory, and the forward/backward solver steps of the MDEQ. Steps of all
+models are interleaved so that machine noise hits them alike; ratios are to ``resnet50``.
+Memory is the CUDA peak allocation on a GPU; on CPU (no allocator statistics) it is the bytes
+autograd saves for backward in one step, which is where an implicit model saves.
+"""
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import timm
+import timm_deq  # noqa: F401  (registers the MDEQ models)
+from timm_deq.task import deq_layers, set_deq_step
+
+
+def _saved_bytes(step) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--models', nargs='+', default=['mdeq_small', 'resnet50', 'resnet101'])
+    parser.add_argument('--batch-size', type=int, default=None, help='default: 2 on CPU, 64 on CUDA')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    parser.add_argument('--jac-freq', type=float, default=None,
+                        help='JR frequency of the MDEQ (default: the model\'s, 0.08 for mdeq_small)')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch_size or (64 if device.type == 'cuda' else 2)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    models, optims = {}, {}
+    for name in args.models:
+        kwargs = {} if args.jac_freq is None or not name.startswith('mdeq') else {'jac_freq': args.jac_freq}
+        models[name] = timm.create_model(name, **kwargs).to(device).train()
+        optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3, momentum=0.9)
+    nfe: Dict[str, List[float]] = {name: [] for name in models}
+    step_no = {name: 0 for name in models}
+
+    def step(name):
+        model, opt = models[name], optims[name]
+        set_deq_step(model, step_no[name])
+        step_no[name] += 1
+        with autocast():
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            for layer in deq_layers(model):
+                loss = loss + layer.stats.jr_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for layer in deq_layers(model):
+            d = layer.stats.to_dict()
+            nfe[name].append((d['f_steps'], d.get('b_steps', float('nan'))))
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    memory = {}
+    for name in models:
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+            step(name)
+            sync()
+            memory[name] = torch.cuda.max_memory_allocated(device)
+        else:
+            memory[name] = _saved_bytes(lambda: step(name))
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    for _ in range(args.steps):
+        for name in models:
+            sync()
+            t0 = time.perf_counter()
+            step(name)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+
+    base = 'resnet50' if 'resnet50' in models else args.models[0]
+    t_base, m_base = statistics.median(times[base]), memory[base]
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    mem_kind = 'peak CUDA memory' if device.type == 'cuda' else 'saved-for-backward'
+    print(f'torch {torch.__version__}, timm {timm.__version__}, {where}; batch {batch} at {args.img_size}px'
+          f'{", bf16 autocast" if args.amp else ""}')
+    print(f'| model | params | step time | vs {base} | {mem_kind} | vs {base} | NFE fwd / bwd |')
+    print('|---|---|---|---|---|---|---|')
+    for name, model in models.items():
+        t = statistics.median(times[name])
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        steps = nfe[name]
+        nfe_txt = '-' if not steps else (f'{statistics.mean(s[0] for s in steps):.1f} / '
+                                         f'{statistics.mean(s[1] for s in steps):.1f}')
+        print(f'| {name} | {params:.1f}M | {t:.3f}s | {t / t_base:.2f}x | {memory[name] / 2**20:.0f} MiB | '
+              f'{memory[name] / m_base:.2f}x | {nfe_txt} |')
+
+
+if __name__ == '__main__':
+    main()
