@@ -1,5 +1,6 @@
 """deq_core: deep equilibrium layers with Jacobian regularization, framework-agnostic (torch only)."""
-from .config import BACKWARD_MODES, PROBE_DISTRIBUTIONS, STOP_MODES, DEQConfig, add_deq_args
+from .config import (BACKWARD_MODES, PROBE_DISTRIBUTIONS, STOP_MODES, DEQConfig, add_deq_args,
+                     parse_solver_options)
 from .dropout import VariationalDropout
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
 from .layer import DEQLayer, equilibrium_pass
@@ -12,7 +13,7 @@ from .stats import DEQStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEQConfig", "add_deq_args", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS",
+    "DEQConfig", "add_deq_args", "parse_solver_options", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS",
     "DEQLayer", "DEQStats", "equilibrium_pass", "StateSpec",
     "VariationalDropout", "apply_weight_norm", "remove_weight_norm",
     "JRSchedule", "jac_frobenius_estimate", "spectral_radius",

@@ -10,7 +10,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 
 from .solvers import list_solvers, validate_solver_options
 
-__all__ = ["DEQConfig", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS", "add_deq_args"]
+__all__ = ["DEQConfig", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS", "add_deq_args",
+           "parse_solver_options"]
 
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 STOP_MODES = ("abs", "rel")
@@ -179,7 +180,7 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _parse_options(text: str) -> Dict[str, Any]:
+def parse_solver_options(text: str) -> Dict[str, Any]:
     """Parse ``key=value,key=value`` (values as Python literals) for the solver-options flags."""
     out: Dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -217,7 +218,7 @@ def add_deq_args(parser: argparse.ArgumentParser, prefix: str = "", defaults: Op
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif kind is dict:
-            kw["type"] = _parse_options
+            kw["type"] = parse_solver_options
             kw["metavar"] = "KEY=VALUE[,...]"
         elif meta["optional"]:
             kw["type"] = _optional(kind)

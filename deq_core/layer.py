@@ -241,6 +241,7 @@ class DEQLayer(nn.Module):
             f_out = fn(z_in)
             if jac_on:
                 stats.jac_loss = self._jac(f_out, z_in)
+            stats.backward_summary = torch.zeros(4, device=z_in.device)
             return _ImplicitGrad.apply(f_out, z_in, self, stats)
         # Phantom gradient: k damped steps from z*, differentiated by ordinary backprop.
         z = z_star.detach().requires_grad_(jac_on)

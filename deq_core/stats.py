@@ -18,8 +18,11 @@ class DEQStats:
 
     ``jac_loss`` is the differentiable batch-mean JR estimate of ``||J_f(z*)||_F^2 / d`` when JR
     ran this step (else ``None``); :attr:`jr_loss` is the weighted term to add to the loss. The
-    backward fields are filled in when the implicit backward pass runs. :meth:`to_dict` turns
-    everything into Python floats with a single host read.
+    backward fields are filled in when the implicit backward pass runs; so is
+    ``backward_summary``, a 4-vector (ran, mean steps, mean abs and rel residual) that exists from
+    the forward pass on and is written in place, for loggers that must keep a reference before
+    ``backward()`` runs (fairseq's criterions return their logging outputs first). :meth:`to_dict`
+    turns everything into Python floats with a single host read.
     """
 
     mode: str
@@ -37,6 +40,7 @@ class DEQStats:
     b_rel_res: Optional[torch.Tensor] = None
     b_diverged: Optional[torch.Tensor] = None
     b_converged: Optional[torch.Tensor] = None
+    backward_summary: Optional[torch.Tensor] = None
 
     @classmethod
     def from_solve(cls, mode: str, result: SolverResult, max_iter: int) -> "DEQStats":
@@ -49,6 +53,10 @@ class DEQStats:
         self.b_rel_res, self.b_diverged = result.rel_res, result.diverged
         self.b_converged = result.converged
         self.host_reads += result.host_reads
+        if self.backward_summary is not None:
+            self.backward_summary.copy_(torch.stack([
+                torch.ones((), device=result.steps.device), result.steps.float().mean(),
+                result.abs_res.float().mean(), result.rel_res.float().mean()]))
 
     @property
     def jr_loss(self) -> Union[torch.Tensor, float]:

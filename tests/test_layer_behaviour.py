@@ -194,6 +194,18 @@ def test_stats_to_dict_and_detached_copies():
     assert not bool(stats.diverged)
 
 
+def test_backward_summary_is_filled_in_place_by_backward():
+    layer = DEQLayer(TanhCell(4, 3))
+    z, stats = layer(torch.randn(2, 3, dtype=torch.float64))
+    summary = stats.backward_summary  # a logger may hold this before backward() runs
+    assert summary.tolist() == [0.0, 0.0, 0.0, 0.0]
+    z.sum().backward()
+    assert summary[0] == 1.0 and summary[1] == stats.b_steps.float().mean()
+    assert torch.allclose(summary[2:], torch.stack([stats.b_abs_res.mean(), stats.b_rel_res.mean()]).float())
+    with torch.no_grad():
+        assert layer(torch.randn(2, 3, dtype=torch.float64))[1].backward_summary is None
+
+
 def test_initial_state_sources():
     f = MLPCell()
     x = torch.randn(2, 3, 16)

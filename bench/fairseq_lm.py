@@ -1,0 +1,206 @@
+"""DEQ-Transformer LM vs fairseq's transformer_lm of comparable size: training tokens/s, memory, NFE.
+
+    python -m bench.fairseq_lm [--device cuda] [--sizes tiny wt103] [--steps 20] [--dtype float16]
+
+Both models train (forward, backward, Adam step) on the same random batches of the same tokens per
+batch, timed step by step alternately in one run; the ratios are what to read. The DEQ model
+runs its solver phase (no pretraining) with JR at the architecture's frequency (0.35, the
+paper's), its segment memory filled from the previous step, and its forward limit's random
+reduction. The baseline has the same embedding/softmax, width and heads and as many parameters
+outside the embeddings (its FFN width is chosen to match), without memory. Memory: peak CUDA
+allocation per step on GPUs, and on every device the activations autograd saves for backward
+(distinct storages other than parameters, so the weight-normalized weights of the DEQ count).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Dict, List, Tuple
+
+import torch
+from fairseq import options, utils
+from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.tasks.language_modeling import LanguageModelingTask
+
+import fairseq_deq
+
+USER_DIR = fairseq_deq.__path__[0]
+
+SIZES = {
+    # name: (DEQ arch, vocabulary, segment length, batch per device on cpu / cuda, baseline layers, extra flags)
+    "tiny": ("deq_transformer_lm_tiny", 10000, 64, (16, 56), 2, ()),
+    "wt103": ("deq_transformer_lm_wt103", 267735, 150, (1, 14), 12,
+              ("--criterion", "adaptive_loss_jr", "--ddp-backend", "legacy_ddp")),
+}
+
+
+def _config(flags: List[str]):
+    args = options.parse_args_and_arch(options.get_training_parser(), ["-", "--user-dir", USER_DIR, *flags])
+    return convert_namespace_to_omegaconf(args)
+
+
+def _non_embedding_params(model: torch.nn.Module) -> int:
+    emb = {id(p) for p in model.decoder.embed_tokens.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+def build_pair(size: str, device: torch.device, dtype: torch.dtype):
+    """(name, model, criterion) for the DEQ model and its transformer_lm baseline."""
+    arch, vocab, seg, _, layers, extra = SIZES[size]
+    dictionary = Dictionary()
+    for i in range(vocab - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    common = ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"]
+    criterion = extra or ("--criterion", "cross_entropy_jr")
+    deq_cfg = _config([*common, "--arch", arch, "--pretrain-steps", "0", *criterion])
+    task = LanguageModelingTask(deq_cfg.task, dictionary)
+    deq = task.build_model(deq_cfg.model)
+    m = deq_cfg.model
+    shape = ["--decoder-embed-dim", str(m.decoder_embed_dim), "--decoder-input-dim", str(m.decoder_embed_dim),
+             "--decoder-output-dim", str(m.decoder_embed_dim), "--decoder-attention-heads",
+             str(m.decoder_attention_heads), "--decoder-layers", str(layers), "--dropout", str(m.dropout)]
+    if m.adaptive_input:
+        shape += ["--adaptive-input", "--adaptive-input-cutoff", m.adaptive_input_cutoff,
+                  "--adaptive-softmax-cutoff", m.adaptive_softmax_cutoff, "--tie-adaptive-weights",
+                  "--tie-adaptive-proj", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"]
+    else:
+        shape += ["--share-decoder-input-output-embed", "--criterion", "cross_entropy"]
+    d = m.decoder_embed_dim
+    per_layer = 4 * d * d + 4 * d + 4 * d + d    # attention + its biases, two LayerNorms, FFN out bias
+    ffn = max(1, round((_non_embedding_params(deq) / layers - per_layer) / (2 * d + 1)))
+    base_cfg = _config([*common, "--arch", "transformer_lm", *shape, "--decoder-ffn-embed-dim", str(ffn)])
+    base = task.build_model(base_cfg.model)
+    pairs = []
+    for name, cfg, model in (("deq", deq_cfg, deq), ("transformer_lm", base_cfg, base)):
+        model = model.to(device=device, dtype=dtype).train()
+        pairs.append((name, model, task.build_criterion(cfg.criterion)))
+    return pairs, seg, vocab
+
+
+class _Counter:
+    """Counts evaluations of the DEQ layer's f."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, *_) -> None:
+        self.calls += 1
+
+
+def _sample(batch: int, seg: int, vocab: int, step: int, device: torch.device) -> Dict:
+    """Random tokens as fairseq's LM collater lays them out, continuing stream "train" at ``step``."""
+    g = torch.Generator().manual_seed(step)
+    tokens = torch.randint(4, vocab, (batch, seg + 1), generator=g)
+    sample = {"id": torch.arange(batch), "nsentences": batch, "ntokens": batch * seg,
+              "net_input": {"src_tokens": tokens[:, :-1].contiguous(), "src_lengths": torch.full((batch,), seg),
+                            "mem_key": "train", "mem_segment": step},
+              "target": tokens[:, 1:].contiguous()}
+    return utils.apply_to_sample(lambda t: t.to(device), sample)
+
+
+def _train_step(name: str, model, criterion, optimizer, sample: Dict, step: int) -> Tuple[Dict, int]:
+    """One update; returns the logging output and the activation bytes autograd saved for
+    backward (distinct storages that are not parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.set_num_updates(step)
+    net_input = sample["net_input"] if name == "deq" else {
+        k: v for k, v in sample["net_input"].items() if not k.startswith("mem_")}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _, log = criterion(model, dict(sample, net_input=net_input))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return log, sum(saved.values())
+
+
+def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> List[str]:
+    pairs, seg, vocab = build_pair(size, device, dtype)
+    batch = SIZES[size][3][device.type == "cuda"]
+    counter = _Counter(pairs[0][1].decoder.deq.f)
+    optims = {name: torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-4) for name, model, _ in pairs}
+    times: Dict[str, List[float]] = {name: [] for name, _, _ in pairs}
+    peak: Dict[str, int] = {name: 0 for name, _, _ in pairs}
+    saved: Dict[str, int] = {name: 0 for name, _, _ in pairs}
+    deq_logs = []
+    for step in range(-2, steps):              # two warm-up steps
+        sample = _sample(batch, seg, vocab, step + 2, device)
+        for name, model, criterion in pairs:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            counter.calls = 0
+            t0 = time.perf_counter()
+            log, saved_bytes = _train_step(name, model, criterion, optims[name], sample, step + 2)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+            if step < 0:
+                continue
+            times[name].append(time.perf_counter() - t0)
+            saved[name] = max(saved[name], saved_bytes)
+            if name == "deq":
+                deq_logs.append((counter.calls, {k: float(v) for k, v in log.items() if k.startswith("deq_")}))
+    tokens = batch * seg
+    tps = {name: tokens * len(t) / sum(t) for name, t in times.items()}
+    params = {name: (sum(p.numel() for p in m.parameters()), _non_embedding_params(m)) for name, m, _ in pairs}
+    jr_steps = sum(1 for _, log in deq_logs if "deq_jr" in log)
+    f_evals = statistics.mean(calls for calls, _ in deq_logs)
+    b_steps = statistics.mean(log.get("deq_b_steps", 0.0) for _, log in deq_logs)
+    f_steps = statistics.mean(log["deq_f_steps"] for _, log in deq_logs)
+    label = f"{size}, {batch}x{seg} tokens"
+    rows = [
+        f"| parameters (all / outside embeddings), {label} | DEQ {params['deq'][0] / 1e6:.2f}M / "
+        f"{params['deq'][1] / 1e6:.2f}M, transformer_lm ({SIZES[size][4]} layers) "
+        f"{params['transformer_lm'][0] / 1e6:.2f}M / {params['transformer_lm'][1] / 1e6:.2f}M |",
+        f"| training tokens/s, {label} | DEQ {tps['deq']:.0f}, transformer_lm {tps['transformer_lm']:.0f}: "
+        f"DEQ / transformer_lm = {tps['deq'] / tps['transformer_lm']:.2f}x (time per token "
+        f"{tps['transformer_lm'] / tps['deq']:.2f}x) |",
+        f"| NFE per update, {label} | {f_steps:.2f} forward solver steps, {b_steps:.2f} backward solver steps; "
+        f"{f_evals:.2f} evaluations of f in all; JR in {jr_steps}/{len(deq_logs)} updates |",
+        f"| activations saved for backward per update, {label} | DEQ {saved['deq'] / 2**20:.1f} MiB, transformer_lm "
+        f"{saved['transformer_lm'] / 2**20:.1f} MiB: ratio {saved['deq'] / saved['transformer_lm']:.2f} |",
+    ]
+    if device.type == "cuda":
+        rows.append(f"| peak CUDA memory per update, {label} | DEQ {peak['deq'] / 2**30:.2f} GiB, transformer_lm "
+                    f"{peak['transformer_lm'] / 2**30:.2f} GiB: ratio {peak['deq'] / peak['transformer_lm']:.2f} |")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None,
+                        help="default: tiny on CPU, tiny and wt103 on CUDA")
+    parser.add_argument("--steps", type=int, default=20, help="timed updates per model (after 2 warm-up ones)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="precision of the whole model (float16 is what fairseq's --fp16 does)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sizes = args.sizes or (["tiny", "wt103"] if device.type == "cuda" else ["tiny"])
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f", {torch.get_num_threads()} threads") + f", {args.dtype}, {args.steps} timed updates per model")
+    print("| measurement | result |")
+    print("|---|---|")
+    for size in sizes:
+        for row in measure(size, device, getattr(torch, args.dtype), args.steps):
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""``adaptive_loss_jr``: fairseq's adaptive-softmax loss plus the equilibrium layer's JR term."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.criterions import register_criterion
+from fairseq.criterions.adaptive_loss import AdaptiveLoss, AdaptiveLossConfig
+
+from .deq_terms import add_deq_terms, reduce_deq_metrics
+
+__all__ = ["AdaptiveLossJR"]
+
+
+@register_criterion("adaptive_loss_jr", dataclass=AdaptiveLossConfig)
+class AdaptiveLossJR(AdaptiveLoss):
+    """Adaptive-softmax loss (summed over tokens, as fairseq's ``adaptive_loss``) + sample size x
+    JR term; logs the forward/backward solver steps and residuals and the JR estimate.
+
+    Like ``adaptive_loss`` it needs ``--ddp-backend legacy_ddp`` (checked when it is built), and
+    it computes summed losses only (``reduce=True``): the clusters' per-token losses have
+    different lengths.
+    """
+
+    def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
+        if not reduce:
+            raise ValueError("adaptive_loss_jr computes the summed loss only (reduce=True)")
+        adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
+        if adaptive_softmax is None:
+            raise ValueError("--criterion adaptive_loss_jr needs a model with an adaptive softmax: set "
+                             "--adaptive-softmax-cutoff, or use --criterion cross_entropy_jr")
+        net_output = model(**sample["net_input"])
+        target = model.get_targets(sample, net_output)
+        nsentences = target.size(0)
+        target = target.reshape(-1)
+        logits, targets = adaptive_softmax(net_output[0], target)
+        loss = net_output[0].new_zeros(1)
+        for cluster_logits, cluster_target in zip(logits, targets):
+            if cluster_target is not None:
+                loss = loss + F.cross_entropy(cluster_logits, cluster_target, ignore_index=self.padding_idx,
+                                              reduction="sum")
+        ntokens = utils.strip_pad(target, self.padding_idx).numel()
+        sample_size = nsentences if self.sentence_avg else ntokens
+        logging_output = {
+            "loss": loss.data,
+            "ntokens": ntokens,
+            "nsentences": nsentences,
+            "sample_size": sample_size,
+        }
+        loss = add_deq_terms(loss, net_output, sample_size, logging_output, "adaptive_loss_jr")
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
+        AdaptiveLoss.reduce_metrics(logging_outputs)
+        reduce_deq_metrics(logging_outputs)

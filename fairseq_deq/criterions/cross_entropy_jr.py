@@ -1,0 +1,36 @@
+"""``cross_entropy_jr``: fairseq's cross entropy plus the equilibrium layer's JR term."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
+
+from .deq_terms import add_deq_terms, reduce_deq_metrics
+
+__all__ = ["CrossEntropyJRCriterion"]
+
+
+@register_criterion("cross_entropy_jr", dataclass=CrossEntropyCriterionConfig)
+class CrossEntropyJRCriterion(CrossEntropyCriterion):
+    """Token-level cross entropy (summed, as fairseq's ``cross_entropy``) + sample size x JR term;
+    logs the forward/backward solver steps and residuals and the JR estimate."""
+
+    def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
+        net_output = model(**sample["net_input"])
+        loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        loss = add_deq_terms(loss, net_output, sample_size, logging_output, "cross_entropy_jr", reduce)
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
+        CrossEntropyCriterion.reduce_metrics(logging_outputs)
+        reduce_deq_metrics(logging_outputs)

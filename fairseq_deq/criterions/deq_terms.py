@@ -1,0 +1,71 @@
+"""What the JR criterions add to fairseq's losses: the JR term and the solver metrics."""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+from fairseq import utils
+from fairseq.logging import metrics
+
+from deq_core import DEQStats
+
+__all__ = ["add_deq_terms", "reduce_deq_metrics"]
+
+# logging-output key -> metric name (averaged over "deq_calls")
+_FORWARD = {"deq_f_steps": "f_steps", "deq_f_abs_res": "f_abs_res", "deq_f_rel_res": "f_rel_res",
+            "deq_f_diverged": "f_diverged"}
+_BACKWARD = ("b_steps", "b_abs_res", "b_rel_res")
+
+
+def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sample_size: int,
+                  logging_output: Dict[str, Any], criterion: str, reduce: bool = True) -> torch.Tensor:
+    """Return ``loss + sample_size * stats.jr_loss`` and add the solver statistics to ``logging_output``
+    (an unreduced, per-token loss is returned as it is: JR is a term of the summed training loss).
+
+    fairseq's losses are sums over tokens (or sentences with ``--sentence-avg``) that the trainer
+    divides by the summed sample size, so the JR term is scaled by the sample size: after the
+    division the gradient is that of ``mean loss + gamma * JR`` (the paper's objective), also
+    across data-parallel workers. Values stay on the device; they are read when logged.
+    """
+    extra = net_output[1] if len(net_output) > 1 else None
+    stats = extra.get("deq_stats") if isinstance(extra, dict) else None
+    if not isinstance(stats, DEQStats):
+        raise ValueError(f"--criterion {criterion} needs a model whose decoder returns DEQ statistics "
+                         f"(--arch deq_transformer_lm*); use the criterion without _jr for other models")
+    out = logging_output
+    out["deq_calls"] = 1
+    out["deq_f_steps"] = stats.f_steps.float().mean().detach()
+    out["deq_f_abs_res"] = stats.f_abs_res.float().mean().detach()
+    out["deq_f_rel_res"] = stats.f_rel_res.float().mean().detach()
+    out["deq_f_diverged"] = stats.f_diverged.float().mean().detach()
+    backward = extra.get("deq_backward")
+    if backward is not None:
+        # Views of a vector the implicit backward pass fills in before the trainer reads them.
+        out["deq_b_calls"], out["deq_b_steps"], out["deq_b_abs_res"], out["deq_b_rel_res"] = backward.unbind(0)
+    if stats.jac_loss is not None:
+        out["deq_jr_calls"] = 1
+        out["deq_jr"] = stats.jac_loss.detach().float()
+        out["deq_jr_weight"] = float(stats.jac_weight)
+        if reduce:
+            loss = loss + stats.jr_loss * sample_size
+    return loss
+
+
+def reduce_deq_metrics(logging_outputs: Sequence[Dict[str, Any]]) -> None:
+    """Log averages of the solver statistics (summed over workers and micro-batches)."""
+    def total(key: str) -> float:
+        return float(utils.item(sum(log.get(key, 0) for log in logging_outputs)))
+
+    calls = total("deq_calls")
+    if calls > 0:
+        for key, name in _FORWARD.items():
+            metrics.log_scalar(name, total(key) / calls, calls, round=3)
+    b_calls = total("deq_b_calls")
+    if b_calls > 0:
+        for name in _BACKWARD:
+            metrics.log_scalar(name, total("deq_" + name) / b_calls, b_calls, round=3)
+    jr_calls = total("deq_jr_calls")
+    if jr_calls > 0:
+        metrics.log_scalar("jr", total("deq_jr") / jr_calls, jr_calls, round=4)
+        metrics.log_scalar("jr_weight", total("deq_jr_weight") / jr_calls, jr_calls, round=3)
+

@@ -1,0 +1,117 @@
+"""The DEQ-Transformer decoder: embeddings -> injection -> equilibrium of one weight-tied layer
+(with segment memory) -> final LayerNorm -> adaptive softmax or output projection."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from fairseq import utils
+from fairseq.models import FairseqDecoder
+from fairseq.modules import AdaptiveSoftmax, FairseqDropout
+from torch import nn
+
+from deq_core import DEQConfig, DEQLayer, apply_weight_norm
+
+from ..modules import DEQTransformerCell, SegmentMemory, relative_positions
+
+__all__ = ["DEQTransformerDecoder"]
+
+
+class DEQTransformerDecoder(FairseqDecoder):
+    """Decoder whose hidden states are the fixed point of :class:`DEQTransformerCell`.
+
+    ``forward(tokens, mem_key=None, mem_segment=None)``: when a streaming task passes the stream
+    key and segment index, the layer attends to the memory of the previous segment of the same
+    stream and the memory is updated (detached). The second output holds ``deq_stats`` (the
+    layer's :class:`~deq_core.DEQStats`) and ``deq_backward``, its ``backward_summary`` (ran,
+    steps, abs and rel residual of the implicit backward solve), filled in by ``backward()``.
+    """
+
+    def __init__(self, cfg: Any, dictionary, embed_tokens: nn.Module, deq_config: DEQConfig) -> None:
+        super().__init__(dictionary)
+        dim = cfg.decoder_embed_dim
+        self.embed_dim = dim
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(dim)
+        self.dropout_module = FairseqDropout(cfg.dropout, module_name=self.__class__.__name__)
+        self.injection = nn.Linear(dim, 2 * dim)
+        nn.init.normal_(self.injection.weight, std=cfg.init_std)
+        nn.init.zeros_(self.injection.bias)
+        cell = DEQTransformerCell(dim, cfg.decoder_attention_heads, cfg.decoder_ffn_embed_dim,
+                                  dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+                                  activation_dropout=cfg.activation_dropout,
+                                  normalize_before=cfg.decoder_normalize_before, init_std=cfg.init_std)
+        if not cfg.no_weight_norm:
+            apply_weight_norm(self.injection)
+            apply_weight_norm(cell)
+        self.deq = DEQLayer(cell, deq_config)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.memory = SegmentMemory(cfg.mem_len)
+        self.max_target_positions = cfg.max_target_positions
+        self._needs_epoch = deq_config.jac_stop_epoch is not None
+        self._epoch: Optional[int] = None
+        self.output_projection: Optional[nn.Module] = None
+        self._build_output(cfg, dictionary, embed_tokens)
+
+    def _build_output(self, cfg: Any, dictionary, embed_tokens: nn.Module) -> None:
+        if cfg.adaptive_softmax_cutoff is not None:
+            self.adaptive_softmax = AdaptiveSoftmax(
+                len(dictionary), self.embed_dim,
+                utils.eval_str_list(cfg.adaptive_softmax_cutoff, type=int),
+                dropout=cfg.adaptive_softmax_dropout,
+                adaptive_inputs=embed_tokens if cfg.tie_adaptive_weights else None,
+                factor=cfg.adaptive_softmax_factor, tie_proj=cfg.tie_adaptive_proj)
+        elif cfg.share_decoder_input_output_embed:
+            self.output_projection = nn.Linear(self.embed_dim, len(dictionary), bias=False)
+            self.output_projection.weight = embed_tokens.weight
+        else:
+            self.output_projection = nn.Linear(self.embed_dim, len(dictionary), bias=False)
+            nn.init.normal_(self.output_projection.weight, std=self.embed_dim ** -0.5)
+
+    # -- fairseq hooks ---------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the model's ``set_epoch`` (the streaming task calls it every epoch)."""
+        self._epoch = int(epoch)
+
+    def max_positions(self) -> int:
+        return self.max_target_positions
+
+    def reset_memory(self, training: Optional[bool] = None) -> None:
+        self.memory.reset(training)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, prev_output_tokens: torch.Tensor, src_lengths: Optional[torch.Tensor] = None,
+                mem_key: Optional[str] = None, mem_segment: Optional[int] = None,
+                features_only: bool = False, **unused: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        x, extra = self.extract_features(prev_output_tokens, mem_key=mem_key, mem_segment=mem_segment)
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    def extract_features(self, prev_output_tokens: torch.Tensor, mem_key: Optional[str] = None,
+                         mem_segment: Optional[int] = None, **unused: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        if self.training and self._needs_epoch and self._epoch is None:
+            raise ValueError("--jac-stop-epoch needs the epoch number, which fairseq's trainer only "
+                             "passes to models through the task: train with --task deq_language_modeling "
+                             "or use --jac-stop-step")
+        x = self.dropout_module(self.embed_scale * self.embed_tokens(prev_output_tokens))
+        u = self.injection(x)
+        u_attn, u_ffn = u.chunk(2, dim=-1)
+        mem = None if mem_key is None else self.memory.read(mem_key, int(mem_segment), x)
+        klen = x.shape[1] + (0 if mem is None else mem.shape[1])
+        pos = relative_positions(klen, self.embed_dim, x.device, x.dtype)
+        # The state has the model's dtype (under autocast the ops choose their own precision);
+        # the solvers keep their iterates in float32 whatever it is.
+        z, stats = self.deq(u_attn, u_ffn, pos, z0=x.new_zeros(x.shape), mem=mem)
+        if mem_key is not None:
+            with torch.no_grad():
+                current = self.deq.f.attention_input(z.detach(), u_attn.detach())
+            self.memory.write(mem_key, int(mem_segment), mem, current, self.training)
+        extra = {"attn": None, "deq_stats": stats, "deq_backward": stats.backward_summary}
+        return self.dropout_module(self.layer_norm(z)), extra
+
+    def output_layer(self, features: torch.Tensor, **unused: Any) -> torch.Tensor:
+        if self.adaptive_softmax is not None:
+            return features
+        return self.output_projection(features)

@@ -1,0 +1,221 @@
+"""``deq_transformer_lm``: the DEQ-Transformer language model (Bai, Koltun and Kolter, ICML 2021)
+registered with fairseq, and its named architectures."""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fairseq import utils
+from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.modules import AdaptiveInput
+from fairseq.utils import safe_getattr
+from omegaconf import II
+from torch import nn
+
+from ..options import DEQOptions, deq_config_from
+from .deq_transformer_decoder import DEQTransformerDecoder
+
+__all__ = ["DEQTransformerLanguageModel", "DEQTransformerLMConfig"]
+
+DEFAULT_MAX_TARGET_POSITIONS = 1024
+
+
+@dataclass
+class DEQTransformerLMConfig(DEQOptions):
+    """Model options; the equilibrium layer's options come from :class:`DEQOptions`."""
+
+    decoder_embed_dim: int = field(default=512, metadata={"help": "model dimension"})
+    decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "inner dimension of the FFN"})
+    decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads"})
+    decoder_normalize_before: bool = field(
+        default=False, metadata={"help": "pre-LN layer (default: post-LN as in Transformer-XL)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and output, and "
+                                                          "variational dropout inside the layer"})
+    attention_dropout: float = field(default=0.0, metadata={
+        "help": "variational dropout on the attention probabilities"})
+    activation_dropout: float = field(default=0.0, metadata={
+        "help": "variational dropout after the FFN activation"})
+    mem_len: int = field(default=0, metadata={
+        "help": "positions of previous segments kept as attention memory (used with "
+                "--task deq_language_modeling, which streams the corpus)"})
+    no_weight_norm: bool = field(default=False, metadata={
+        "help": "do not put DEQ weight normalization on the layer's and the injection's linears"})
+    no_scale_embedding: bool = field(default=False, metadata={"help": "do not scale embeddings by sqrt(d)"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal init of the layer's weights"})
+    share_decoder_input_output_embed: bool = field(default=False, metadata={
+        "help": "tie the output projection to the (plain) input embedding"})
+    adaptive_input: bool = field(default=False, metadata={"help": "use fairseq's AdaptiveInput"})
+    adaptive_input_factor: float = field(default=4, metadata={"help": "adaptive input dimension divisor"})
+    adaptive_input_cutoff: Optional[str] = field(default=None, metadata={
+        "help": "comma separated adaptive input cutoffs"})
+    adaptive_softmax_cutoff: Optional[str] = field(default=None, metadata={
+        "help": "comma separated adaptive softmax cutoffs (use with --criterion adaptive_loss_jr)"})
+    adaptive_softmax_dropout: float = field(default=0.0, metadata={
+        "help": "dropout in the adaptive softmax tail projections"})
+    adaptive_softmax_factor: float = field(default=4, metadata={"help": "adaptive softmax dimension divisor"})
+    tie_adaptive_weights: bool = field(default=False, metadata={
+        "help": "tie adaptive softmax and adaptive input weights"})
+    tie_adaptive_proj: bool = field(default=False, metadata={
+        "help": "tie adaptive softmax and adaptive input projections"})
+    # From other parts of the config.
+    tokens_per_sample: int = II("task.tokens_per_sample")
+    max_target_positions: Optional[int] = II("task.max_target_positions")
+
+
+@register_model("deq_transformer_lm", dataclass=DEQTransformerLMConfig)
+class DEQTransformerLanguageModel(FairseqLanguageModel):
+    """A language model whose single weight-tied Transformer-XL layer is solved to equilibrium."""
+
+    #: the streaming task checks this before feeding ``mem_key``/``mem_segment``.
+    supports_segment_memory = True
+
+    @classmethod
+    def build_model(cls, cfg: DEQTransformerLMConfig, task) -> "DEQTransformerLanguageModel":
+        deq_config = deq_config_from(cfg)
+        _check_model_options(cfg, len(task.source_dictionary))
+        if safe_getattr(cfg, "max_target_positions", None) is None:
+            cfg.max_target_positions = safe_getattr(cfg, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        dictionary = task.source_dictionary
+        dim = cfg.decoder_embed_dim
+        if cfg.adaptive_input:
+            embed_tokens: nn.Module = _adaptive_input(cfg, len(dictionary), dictionary.pad())
+        else:
+            embed_tokens = nn.Embedding(len(dictionary), dim, padding_idx=dictionary.pad())
+            nn.init.normal_(embed_tokens.weight, std=dim ** -0.5)
+            nn.init.zeros_(embed_tokens.weight[dictionary.pad()])
+        return cls(DEQTransformerDecoder(cfg, task.target_dictionary, embed_tokens, deq_config))
+
+    def reset_memory(self, training: Optional[bool] = None) -> None:
+        """Forget the segment memory (all streams, or those of training/eval mode)."""
+        self.decoder.reset_memory(training)
+
+
+def _adaptive_input(cfg: Any, vocab_size: int, pad: int) -> AdaptiveInput:
+    """fairseq's AdaptiveInput, with a non-zero initial embedding for every token but the pad.
+
+    AdaptiveInput zeroes row ``pad`` of every band, so tokens ``cutoff[i] + pad`` would start
+    with a zero embedding, hence a zero injection; at a position with no context (a segment start
+    without memory) ``z = 0`` is then a fixed point of f where LayerNorm's Jacobian is
+    ``1/sqrt(eps)``, and the first updates' gradients explode.
+    """
+    dim = cfg.decoder_embed_dim
+    embed = AdaptiveInput(vocab_size, pad, dim, cfg.adaptive_input_factor, dim,
+                          utils.eval_str_list(cfg.adaptive_input_cutoff, type=int))
+    for band in embed.embeddings[1:]:
+        weight = band[0].weight
+        nn.init.normal_(weight[pad], std=weight.shape[1] ** -0.5)
+    return embed
+
+
+def _check_model_options(cfg: Any, vocab_size: int) -> None:
+    """Reject option combinations that would fail later or silently do something else."""
+    dim, heads = cfg.decoder_embed_dim, cfg.decoder_attention_heads
+    if dim % heads or dim % 2:
+        raise ValueError(f"--decoder-embed-dim ({dim}) must be even and divisible by "
+                         f"--decoder-attention-heads ({heads})")
+    if cfg.mem_len < 0:
+        raise ValueError(f"--mem-len must be >= 0, got {cfg.mem_len}")
+    for flag, value in (("--adaptive-input-cutoff", cfg.adaptive_input_cutoff if cfg.adaptive_input else None),
+                        ("--adaptive-softmax-cutoff", cfg.adaptive_softmax_cutoff)):
+        if value is None:
+            continue
+        cut = utils.eval_str_list(value, type=int)
+        if not cut or any(b <= a for a, b in zip(cut, cut[1:])) or cut[0] <= 0 or cut[-1] >= vocab_size:
+            raise ValueError(f"{flag} must be increasing cutoffs between 0 and the vocabulary size "
+                             f"({vocab_size}), got {value!r}")
+    if cfg.adaptive_input and cfg.adaptive_input_cutoff is None:
+        raise ValueError("--adaptive-input needs --adaptive-input-cutoff")
+    if cfg.tie_adaptive_weights:
+        if not cfg.adaptive_input or cfg.adaptive_softmax_cutoff is None:
+            raise ValueError("--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
+        if (utils.eval_str_list(cfg.adaptive_input_cutoff, type=int)
+                != utils.eval_str_list(cfg.adaptive_softmax_cutoff, type=int)
+                or cfg.adaptive_input_factor != cfg.adaptive_softmax_factor):
+            raise ValueError("--tie-adaptive-weights needs equal --adaptive-input-cutoff/--adaptive-softmax-cutoff "
+                             "and --adaptive-input-factor/--adaptive-softmax-factor")
+    if cfg.tie_adaptive_proj and not cfg.tie_adaptive_weights:
+        raise ValueError("--tie-adaptive-proj needs --tie-adaptive-weights")
+    if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
+        raise ValueError("--share-decoder-input-output-embed ties a plain embedding to a plain softmax; "
+                         "with adaptive input/softmax use --tie-adaptive-weights")
+
+
+# -- architectures -------------------------------------------------------------------------------
+def _base_architecture(args: Any) -> None:
+    """Defaults shared by every architecture (applied after the architecture's own values)."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 512)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 2048)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 8)
+    args.decoder_normalize_before = safe_getattr(args, "decoder_normalize_before", False)
+    args.dropout = safe_getattr(args, "dropout", 0.1)
+    args.attention_dropout = safe_getattr(args, "attention_dropout", 0.0)
+    args.activation_dropout = safe_getattr(args, "activation_dropout", 0.0)
+    args.mem_len = safe_getattr(args, "mem_len", 0)
+    args.adaptive_input = safe_getattr(args, "adaptive_input", False)
+    args.tie_adaptive_weights = safe_getattr(args, "tie_adaptive_weights", False)
+    args.tie_adaptive_proj = safe_getattr(args, "tie_adaptive_proj", False)
+    args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", False)
+    # The paper's solver set-up: Anderson forward, Broyden backward, relative stop test.
+    args.f_solver = safe_getattr(args, "f_solver", "anderson")
+    args.b_solver = safe_getattr(args, "b_solver", "broyden")
+    args.f_stop_mode = safe_getattr(args, "f_stop_mode", "rel")
+    args.b_stop_mode = safe_getattr(args, "b_stop_mode", "rel")
+    args.jac_probes = safe_getattr(args, "jac_probes", 1)
+    deq_config_from(args)  # fail at argument parsing, before any data is loaded
+
+
+@register_model_architecture("deq_transformer_lm", "deq_transformer_lm_wt103")
+def deq_transformer_lm_wt103(args: Any) -> None:
+    """The paper's WikiText-103 DEQ-Transformer (post-LN): d 700, 10 heads, FFN 48000, adaptive
+    input/softmax 20000/40000/200000 with factor 4 (tied), memory 300, JR 1.9 (+0.1 every 35000
+    updates) at frequency 0.35, 32000 pretraining updates of a 2-layer unrolled stack, Anderson 12
+    (minus 0-2 at random) forward and Broyden 13 backward iterations."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 700)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 48000)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 10)
+    args.dropout = safe_getattr(args, "dropout", 0.06)
+    args.attention_dropout = safe_getattr(args, "attention_dropout", 0.01)
+    args.mem_len = safe_getattr(args, "mem_len", 300)
+    args.adaptive_input = safe_getattr(args, "adaptive_input", True)
+    args.adaptive_input_cutoff = safe_getattr(args, "adaptive_input_cutoff", "20000,40000,200000")
+    args.adaptive_input_factor = safe_getattr(args, "adaptive_input_factor", 4)
+    args.adaptive_softmax_cutoff = safe_getattr(args, "adaptive_softmax_cutoff", "20000,40000,200000")
+    args.adaptive_softmax_factor = safe_getattr(args, "adaptive_softmax_factor", 4)
+    args.tie_adaptive_weights = safe_getattr(args, "tie_adaptive_weights", True)
+    args.tie_adaptive_proj = safe_getattr(args, "tie_adaptive_proj", True)
+    args.f_max_iter = safe_getattr(args, "f_max_iter", 12)
+    args.f_max_iter_jitter = safe_getattr(args, "f_max_iter_jitter", 2)
+    args.b_max_iter = safe_getattr(args, "b_max_iter", 13)
+    args.jac_weight = safe_getattr(args, "jac_weight", 1.9)
+    args.jac_weight_increment = safe_getattr(args, "jac_weight_increment", 0.1)
+    args.jac_increment_every = safe_getattr(args, "jac_increment_every", 35000)
+    args.jac_freq = safe_getattr(args, "jac_freq", 0.35)
+    args.pretrain_steps = safe_getattr(args, "pretrain_steps", 32000)
+    args.unrolled_layers = safe_getattr(args, "unrolled_layers", 2)
+    _base_architecture(args)
+
+
+@register_model_architecture("deq_transformer_lm", "deq_transformer_lm_wt103_preln")
+def deq_transformer_lm_wt103_preln(args: Any) -> None:
+    """The paper's pre-LN variant of the WikiText-103 model (same sizes and JR schedule)."""
+    args.decoder_normalize_before = safe_getattr(args, "decoder_normalize_before", True)
+    deq_transformer_lm_wt103(args)
+
+
+@register_model_architecture("deq_transformer_lm", "deq_transformer_lm_tiny")
+def deq_transformer_lm_tiny(args: Any) -> None:
+    """A small model for tests and the CPU demo: d 64, 4 heads, FFN 256, memory 32, tied plain
+    softmax (unless adaptive input/softmax are asked for), Anderson 8 / Broyden 8 iterations,
+    JR 1.0 at frequency 0.35."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 256)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
+    args.dropout = safe_getattr(args, "dropout", 0.1)
+    args.mem_len = safe_getattr(args, "mem_len", 32)
+    plain_softmax = not (safe_getattr(args, "adaptive_input", False) or safe_getattr(args, "adaptive_softmax_cutoff"))
+    args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", plain_softmax)
+    args.f_max_iter = safe_getattr(args, "f_max_iter", 8)
+    args.f_max_iter_jitter = safe_getattr(args, "f_max_iter_jitter", 1)
+    args.b_max_iter = safe_getattr(args, "b_max_iter", 8)
+    args.jac_weight = safe_getattr(args, "jac_weight", 1.0)
+    args.jac_freq = safe_getattr(args, "jac_freq", 0.35)
+    _base_architecture(args)

@@ -1,0 +1,167 @@
+"""fairseq plugin end to end through the real command-line entry points on a generated corpus:
+fairseq-preprocess, fairseq-train (streaming task with JR, stock task, resume), fairseq-eval-lm,
+and the hub interface on the trained checkpoint."""
+import math
+import re
+import shutil
+
+import pytest
+
+pytest.importorskip("fairseq")
+
+import torch  # noqa: E402
+
+from tests._fairseq_helpers import (USER_DIR, cli, json_logs, parse_train_config, preprocess, run,  # noqa: E402
+                                    tiny_train_args, write_topic_corpus)
+
+# fairseq's config conversion goes through hydra's deprecated compose API, and its data loader
+# asks for pinned memory on CPU-only machines.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header"
+    r"|'pin_memory'):UserWarning")
+
+STREAM = ("--task", "deq_language_modeling", "--criterion", "cross_entropy_jr")
+# The JR weight grows by 0.5 every 100 updates after 20 pretraining updates (a 2-layer unrolled stack).
+SCHEDULE = ("--pretrain-steps", "20", "--jac-weight-increment", "0.5", "--jac-increment-every", "100")
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fairseq_cli")
+    write_topic_corpus(root / "raw", {"train": 400, "valid": 40, "test": 40})
+    preprocess(root / "raw", root / "data-bin")
+    return root / "data-bin"
+
+
+@pytest.fixture(scope="module")
+def trained(data_bin):
+    """300 updates of the tiny model with segment memory and JR; (checkpoint dir, log)."""
+    save = data_bin.parent / "stream"
+    proc = run(tiny_train_args(data_bin, save, *STREAM, *SCHEDULE, "--max-update", "300", "--log-interval", "10",
+                               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20"), cwd=data_bin.parent)
+    return save, proc.stdout
+
+
+def test_streaming_task_continues_every_row_and_resets_memory_per_epoch(data_bin):
+    from fairseq import tasks
+
+    cfg = parse_train_config(data_bin, "--arch", "deq_transformer_lm_tiny", "--task", "deq_language_modeling",
+                             "--tokens-per-sample", "16", "--batch-size", "8")
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    batches = list(task.get_batch_iterator(dataset, max_sentences=8).next_epoch_itr(shuffle=True))
+    assert sum(b["ntokens"] for b in batches) == sum(dataset.sizes)     # every token once
+    for s, (prev, cur) in enumerate(zip(batches, batches[1:])):
+        assert (cur["net_input"]["mem_key"], cur["net_input"]["mem_segment"]) == ("valid", s + 1)
+        rows = cur["target"].shape[0]
+        # Row b of the next batch starts where row b of this one stopped.
+        assert cur["net_input"]["src_tokens"][:, 0].equal(prev["target"][:rows, -1])
+
+    model = task.build_model(cfg.model).eval()
+    with torch.no_grad():
+        model(**batches[0]["net_input"])
+    net_input = dict(batches[1]["net_input"], mem_key="train")
+    model.train()
+    model(**net_input)
+    x = torch.zeros(8, 16, 64)
+    assert model.decoder.memory.read("valid", 1, x) is not None
+    task.begin_valid_epoch(1, model)                  # a validation starts its streams afresh
+    assert model.decoder.memory.read("valid", 1, x) is None
+    assert model.decoder.memory.read("train", 2, x) is not None
+    task.begin_epoch(2, model)                        # a new epoch forgets everything
+    assert model.decoder.memory.read("train", 2, x) is None
+
+
+def test_training_logs_jr_and_solver_metrics_and_switches_from_pretraining(trained):
+    _, log = trained
+    inner = json_logs(log, "train_inner")
+    assert [int(r["num_updates"]) for r in inner] == list(range(10, 301, 10))
+    pretraining = [r for r in inner if int(r["num_updates"]) <= 20]
+    assert all(float(r["f_steps"]) == 2 and "b_steps" not in r and "jr" not in r for r in pretraining)
+    solving = [r for r in inner if int(r["num_updates"]) > 20]
+    for r in solving:
+        assert 2 < float(r["f_steps"]) <= 8 and 1 <= float(r["b_steps"]) <= 8
+        assert math.isfinite(float(r["f_rel_res"])) and math.isfinite(float(r["b_rel_res"]))
+        assert float(r["jr"]) > 0 and float(r["jr_weight"]) in (1.0, 1.5, 2.0)
+    assert float(inner[-1]["loss"]) < float(inner[0]["loss"]) - 0.5
+    valid = json_logs(log, "valid")
+    assert len(valid) == 2                                     # end of epoch 1 and at --max-update
+    for r in valid:
+        assert 1 < float(r["valid_f_steps"]) <= 8 and math.isfinite(float(r["valid_ppl"]))
+    assert "train_jr" in json_logs(log, "train")[0]
+
+
+def test_resume_from_checkpoint_last_continues_the_update_count(trained, data_bin, tmp_path):
+    save, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(save, resumed)
+    proc = run(tiny_train_args(data_bin, resumed, *STREAM, *SCHEDULE,
+                               "--max-update", "303", "--log-interval", "1", "--jac-freq", "1"), cwd=tmp_path)
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch 2 @ 300 updates\)", proc.stdout)
+    inner = json_logs(proc.stdout, "train_inner")
+    assert [int(r["num_updates"]) for r in inner] == [301, 302, 303]
+    # Step 300 is past pretraining with the weight grown twice: the layer got the update count.
+    assert all(float(r["jr_weight"]) == 2.0 and float(r["f_steps"]) > 2 for r in inner)
+
+
+def test_stock_language_modeling_task_trains_with_adaptive_softmax(data_bin):
+    proc = run(tiny_train_args(
+        data_bin, data_bin.parent / "stock", "--task", "language_modeling", "--criterion", "adaptive_loss_jr",
+        "--ddp-backend", "legacy_ddp", "--adaptive-input", "--adaptive-input-cutoff", "12,24",
+        "--adaptive-softmax-cutoff", "12,24", "--tie-adaptive-weights", "--tie-adaptive-proj",
+        "--max-update", "8", "--log-interval", "4", "--jac-freq", "1"), cwd=data_bin.parent)
+    inner = json_logs(proc.stdout, "train_inner")
+    assert len(inner) == 2 and all("jr" in r and "b_steps" in r for r in inner)
+    (valid,) = json_logs(proc.stdout, "valid")
+    assert math.isfinite(float(valid["valid_loss"])) and "valid_f_steps" in valid
+
+
+def _eval_lm(data_bin, checkpoint, overrides: str) -> float:
+    proc = run(cli("fairseq-eval-lm") + [
+        str(data_bin), "--user-dir", USER_DIR, "--path", str(checkpoint), "--task", "deq_language_modeling",
+        "--tokens-per-sample", "16", "--batch-size", "8", "--gen-subset", "test", "--cpu",
+        "--model-overrides", overrides], cwd=data_bin.parent)
+    match = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", proc.stdout)
+    assert match, proc.stdout[-3000:]
+    return float(match.group(1))
+
+
+def test_eval_lm_with_iteration_limits_and_memory(trained, data_bin):
+    save, _ = trained
+    checkpoint = save / "checkpoint_last.pt"
+    full = _eval_lm(data_bin, checkpoint, "{}")
+    two_steps = _eval_lm(data_bin, checkpoint, "{'eval_max_iter': 2}")
+    no_memory = _eval_lm(data_bin, checkpoint, "{'mem_len': 0}")
+    assert all(math.isfinite(v) for v in (full, two_steps, no_memory))
+    assert abs(full - two_steps) > 0.01                         # the override changed the solve
+    # Words of a document come from its own small topic: context from the previous segment helps.
+    assert full < no_memory - 0.05
+
+
+def test_hub_interface_loads_the_checkpoint_and_samples_text(trained, data_bin):
+    from fairseq_deq.models import DEQTransformerLanguageModel
+
+    save, _ = trained
+    lm = DEQTransformerLanguageModel.from_pretrained(str(save), checkpoint_file="checkpoint_last.pt",
+                                                     data_name_or_path=str(data_bin), user_dir=USER_DIR)
+    lm.eval()
+    torch.manual_seed(0)
+    text = lm.sample("w1 w2", beam=1, sampling=True, sampling_topk=5, max_len_b=12)
+    words = text.split()
+    assert words[:2] == ["w1", "w2"] and len(words) > 4
+    assert all(re.fullmatch(r"w\d+", w) for w in words)
+    scores = lm.score("w1 w2 w1 w2")["positional_scores"]
+    assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--criterion", "adaptive_loss_jr", "--adaptive-softmax-cutoff", "12,24"), "--ddp-backend=legacy_ddp"),
+    (("--criterion", "cross_entropy_jr", "--f-max-iter", "0"),
+     "f_max_iter must be >= 1, got 0 (command-line flag --f-max-iter)"),
+])
+def test_bad_flag_combinations_fail_before_training(data_bin, tmp_path, flags, message):
+    proc = run(tiny_train_args(data_bin, tmp_path / "ck", "--task", "language_modeling", *flags), cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and message in proc.stdout
+    assert "begin training epoch" not in proc.stdout
