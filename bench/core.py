@@ -15,6 +15,7 @@ from typing import Callable, Dict, List
 import torch
 from torch.overrides import TorchFunctionMode
 
+from bench._memory import saved_activation_bytes
 from bench.cells import ConvCell, TransformerCell
 from deq_core import DEQLayer, anderson
 from deq_core.state import StateSpec
@@ -85,24 +86,13 @@ def jr_overhead(device: torch.device, repeats: int) -> List[str]:
     return rows
 
 
-def _saved_bytes(layer: DEQLayer, x: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return total
-
-
 def memory(device: torch.device) -> List[str]:
     rows = []
     for name, (f, x) in _cases(device).items():
-        implicit = _saved_bytes(DEQLayer(f, f_max_iter=12, f_tol=1e-12), x)
-        unrolled = _saved_bytes(DEQLayer(f, backward="unrolled", unrolled_layers=12), x)
+        params = list(f.parameters())
+        implicit = saved_activation_bytes(lambda: DEQLayer(f, f_max_iter=12, f_tol=1e-12)(x), params)[1]
+        unrolled = saved_activation_bytes(lambda: DEQLayer(f, backward="unrolled", unrolled_layers=12)(x),
+                                          params)[1]
         rows.append(f"| saved-for-backward bytes, implicit / unrolled at 12 iters, {name} | "
                     f"{implicit / unrolled:.3f} ({implicit / 2**20:.1f} MiB / {unrolled / 2**20:.1f} MiB) | <= 0.125 |")
     return rows

@@ -25,6 +25,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 import fairseq_deq
+from bench._memory import saved_activation_bytes
 
 USER_DIR = fairseq_deq.__path__[0]
 
@@ -104,24 +105,15 @@ def _sample(batch: int, seg: int, vocab: int, step: int, device: torch.device) -
 def _train_step(name: str, model, criterion, optimizer, sample: Dict, step: int) -> Tuple[Dict, int]:
     """One update; returns the logging output and the activation bytes autograd saved for
     backward (distinct storages that are not parameters)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     model.set_num_updates(step)
     net_input = sample["net_input"] if name == "deq" else {
         k: v for k, v in sample["net_input"].items() if not k.startswith("mem_")}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _, log = criterion(model, dict(sample, net_input=net_input))
+    (loss, _, log), saved = saved_activation_bytes(
+        lambda: criterion(model, dict(sample, net_input=net_input)), model.parameters())
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return log, sum(saved.values())
+    return log, saved
 
 
 def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> List[str]:

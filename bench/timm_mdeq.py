@@ -5,8 +5,9 @@
 For each model: median time of a full training step (forward, loss with JR when the step draws it,
 backward, SGD step), memory, and the forward/backward solver steps of the MDEQ. Steps of all
 models are interleaved so that machine noise hits them alike; ratios are to ``resnet50``.
-Memory is the CUDA peak allocation on a GPU; on CPU (no allocator statistics) it is the bytes
-autograd saves for backward in one step, which is where an implicit model saves.
+Memory is the CUDA peak allocation on a GPU; on CPU (no allocator statistics) it is the
+activation bytes autograd saves for backward in one step (parameters left out), which is where an
+implicit model saves.
 """
 import argparse
 import statistics
@@ -19,20 +20,8 @@ import torch.nn.functional as F
 
 import timm
 import timm_deq  # noqa: F401  (registers the MDEQ models)
+from bench._memory import saved_activation_bytes
 from timm_deq.task import deq_layers, set_deq_step
-
-
-def _saved_bytes(step) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return total
 
 
 def main(argv=None) -> None:
@@ -89,7 +78,7 @@ def main(argv=None) -> None:
             sync()
             memory[name] = torch.cuda.max_memory_allocated(device)
         else:
-            memory[name] = _saved_bytes(lambda: step(name))
+            memory[name] = saved_activation_bytes(lambda: step(name), models[name].parameters())[1]
     times: Dict[str, List[float]] = {name: [] for name in models}
     for _ in range(args.steps):
         for name in models:

@@ -1,6 +1,6 @@
 """timm training task for models holding deep equilibrium layers: the classification loss of
 timm's criterion plus the layers' Jacobian-regularization term."""
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
