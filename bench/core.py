@@ -165,12 +165,12 @@ def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
             t = _alternate({"ours": ours, "theirs": theirs}, repeats, device)
             res = ours()
             their_z, _, info = theirs()
+            their_res = float((fn(their_z) - their_z).norm(dim=1).max())
             reads = {}
             for key, fn_ in (("ours", ours), ("theirs", theirs)):
                 with _HostReads() as mode:
                     fn_()
                 reads[key] = mode.count
-        their_res = float((fn(their_z) - their_z).norm(dim=1).max())
         rows.append(f"| TorchDEQ time / ours, anderson to abs tol {tol:.1e}, {name} | "
                     f"{t['theirs'] / t['ours']:.2f}x (steps ours {int(res.steps.max())}, residual "
                     f"ours {float(res.abs_res.max()):.1e} / theirs {their_res:.1e}; host reads per solve "
