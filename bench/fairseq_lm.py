@@ -14,9 +14,11 @@ allocation per step on GPUs, and on every device the activations autograd saves 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq import options, utils
@@ -47,8 +49,11 @@ def _non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
-def build_pair(size: str, device: torch.device, dtype: torch.dtype):
-    """(name, model, criterion) for the DEQ model and its transformer_lm baseline."""
+def build_pair(size: str, device: torch.device, dtype: torch.dtype, baseline: Optional[str] = None):
+    """``([("deq", model, criterion), ("base", model, criterion)], segment length, vocabulary,
+    baseline label)``. The baseline is a transformer_lm of the DEQ's width with as many
+    parameters outside the embeddings, or, when ``baseline`` names a fairseq LM architecture
+    (e.g. ``transformer_lm_wiki103``), that architecture as fairseq defines it."""
     arch, vocab, seg, _, layers, extra = SIZES[size]
     dictionary = Dictionary()
     for i in range(vocab - len(dictionary)):
@@ -58,6 +63,19 @@ def build_pair(size: str, device: torch.device, dtype: torch.dtype):
     deq_cfg = _config([*common, "--arch", arch, "--pretrain-steps", "0", *criterion])
     task = LanguageModelingTask(deq_cfg.task, dictionary)
     deq = task.build_model(deq_cfg.model)
+    if baseline is None:
+        base_cfg, label = _matched_baseline(deq_cfg, deq, common, layers), f"transformer_lm ({layers} layers)"
+    else:
+        base_cfg, label = _named_baseline(baseline, common), baseline
+    base = task.build_model(base_cfg.model)
+    pairs = []
+    for name, cfg, model in (("deq", deq_cfg, deq), ("base", base_cfg, base)):
+        model = model.to(device=device, dtype=dtype).train()
+        pairs.append((name, model, task.build_criterion(cfg.criterion)))
+    return pairs, seg, vocab, label
+
+
+def _matched_baseline(deq_cfg, deq: torch.nn.Module, common: List[str], layers: int):
     m = deq_cfg.model
     shape = ["--decoder-embed-dim", str(m.decoder_embed_dim), "--decoder-input-dim", str(m.decoder_embed_dim),
              "--decoder-output-dim", str(m.decoder_embed_dim), "--decoder-attention-heads",
@@ -71,13 +89,15 @@ def build_pair(size: str, device: torch.device, dtype: torch.dtype):
     d = m.decoder_embed_dim
     per_layer = 4 * d * d + 4 * d + 4 * d + d    # attention + its biases, two LayerNorms, FFN out bias
     ffn = max(1, round((_non_embedding_params(deq) / layers - per_layer) / (2 * d + 1)))
-    base_cfg = _config([*common, "--arch", "transformer_lm", *shape, "--decoder-ffn-embed-dim", str(ffn)])
-    base = task.build_model(base_cfg.model)
-    pairs = []
-    for name, cfg, model in (("deq", deq_cfg, deq), ("transformer_lm", base_cfg, base)):
-        model = model.to(device=device, dtype=dtype).train()
-        pairs.append((name, model, task.build_criterion(cfg.criterion)))
-    return pairs, seg, vocab
+    return _config([*common, "--arch", "transformer_lm", *shape, "--decoder-ffn-embed-dim", str(ffn)])
+
+
+def _named_baseline(arch: str, common: List[str]):
+    """fairseq's own architecture ``arch``, with adaptive_loss when it has an adaptive softmax."""
+    cfg = _config([*common, "--arch", arch, "--criterion", "cross_entropy"])
+    if cfg.model.adaptive_softmax_cutoff:
+        cfg = _config([*common, "--arch", arch, "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"])
+    return cfg
 
 
 class _Counter:
@@ -116,8 +136,32 @@ def _train_step(name: str, model, criterion, optimizer, sample: Dict, step: int)
     return log, saved
 
 
-def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> List[str]:
-    pairs, seg, vocab = build_pair(size, device, dtype)
+@dataclass
+class PairCost:
+    """Training cost of the DEQ model ("deq") and its baseline ("base") over the timed updates; the
+    DEQ's mean solver steps, evaluations of f and (forward, backward) solver limits; whether every
+    loss was finite."""
+
+    label: str
+    batch: int
+    seg: int
+    tokens_per_s: Dict[str, float]
+    params: Dict[str, Tuple[int, int]]
+    saved: Dict[str, int]
+    peak: Dict[str, int]
+    f_steps: float
+    b_steps: float
+    f_evals: float
+    jr_updates: int
+    updates: int
+    limits: Tuple[int, int]
+    finite: bool
+
+
+def train_pair(size: str, device: torch.device, dtype: torch.dtype, steps: int,
+               baseline: Optional[str] = None) -> PairCost:
+    """Train both models of :func:`build_pair` for 2 warm-up and ``steps`` timed updates, alternately."""
+    pairs, seg, vocab, label = build_pair(size, device, dtype, baseline)
     batch = SIZES[size][3][device.type == "cuda"]
     counter = _Counter(pairs[0][1].decoder.deq.f)
     optims = {name: torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-4) for name, model, _ in pairs}
@@ -125,6 +169,7 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> 
     peak: Dict[str, int] = {name: 0 for name, _, _ in pairs}
     saved: Dict[str, int] = {name: 0 for name, _, _ in pairs}
     deq_logs = []
+    finite = True
     for step in range(-2, steps):              # two warm-up steps
         sample = _sample(batch, seg, vocab, step + 2, device)
         for name, model, criterion in pairs:
@@ -137,36 +182,49 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+            finite = finite and math.isfinite(float(log["loss"]))
             if step < 0:
                 continue
             times[name].append(time.perf_counter() - t0)
             saved[name] = max(saved[name], saved_bytes)
             if name == "deq":
                 deq_logs.append((counter.calls, {k: float(v) for k, v in log.items() if k.startswith("deq_")}))
-    tokens = batch * seg
-    tps = {name: tokens * len(t) / sum(t) for name, t in times.items()}
-    params = {name: (sum(p.numel() for p in m.parameters()), _non_embedding_params(m)) for name, m, _ in pairs}
-    jr_steps = sum(1 for _, log in deq_logs if "deq_jr" in log)
-    f_evals = statistics.mean(calls for calls, _ in deq_logs)
-    b_steps = statistics.mean(log.get("deq_b_steps", 0.0) for _, log in deq_logs)
-    f_steps = statistics.mean(log["deq_f_steps"] for _, log in deq_logs)
-    label = f"{size}, {batch}x{seg} tokens"
-    rows = [
+    return PairCost(
+        label=label, batch=batch, seg=seg,
+        tokens_per_s={name: batch * seg * len(t) / sum(t) for name, t in times.items()},
+        params={name: (sum(p.numel() for p in m.parameters()), _non_embedding_params(m)) for name, m, _ in pairs},
+        saved=saved, peak=peak,
+        f_steps=statistics.mean(log["deq_f_steps"] for _, log in deq_logs),
+        b_steps=statistics.mean(log.get("deq_b_steps", 0.0) for _, log in deq_logs),
+        f_evals=statistics.mean(calls for calls, _ in deq_logs),
+        jr_updates=sum(1 for _, log in deq_logs if "deq_jr" in log), updates=len(deq_logs),
+        limits=(pairs[0][1].decoder.deq.config.f_max_iter, pairs[0][1].decoder.deq.config.b_max_iter), finite=finite)
+
+
+def rows(cost: PairCost, size: str) -> List[str]:
+    """Markdown rows (measurement | result) of one :func:`train_pair` run."""
+    c, base = cost, cost.label
+    label = f"{size}, {c.batch}x{c.seg} tokens"
+    tps, saved, peak, params = c.tokens_per_s, c.saved, c.peak, c.params
+    out = [
         f"| parameters (all / outside embeddings), {label} | DEQ {params['deq'][0] / 1e6:.2f}M / "
-        f"{params['deq'][1] / 1e6:.2f}M, transformer_lm ({SIZES[size][4]} layers) "
-        f"{params['transformer_lm'][0] / 1e6:.2f}M / {params['transformer_lm'][1] / 1e6:.2f}M |",
-        f"| training tokens/s, {label} | DEQ {tps['deq']:.0f}, transformer_lm {tps['transformer_lm']:.0f}: "
-        f"DEQ / transformer_lm = {tps['deq'] / tps['transformer_lm']:.2f}x (time per token "
-        f"{tps['transformer_lm'] / tps['deq']:.2f}x) |",
-        f"| NFE per update, {label} | {f_steps:.2f} forward solver steps, {b_steps:.2f} backward solver steps; "
-        f"{f_evals:.2f} evaluations of f in all; JR in {jr_steps}/{len(deq_logs)} updates |",
-        f"| activations saved for backward per update, {label} | DEQ {saved['deq'] / 2**20:.1f} MiB, transformer_lm "
-        f"{saved['transformer_lm'] / 2**20:.1f} MiB: ratio {saved['deq'] / saved['transformer_lm']:.2f} |",
+        f"{params['deq'][1] / 1e6:.2f}M, {base} {params['base'][0] / 1e6:.2f}M / {params['base'][1] / 1e6:.2f}M |",
+        f"| training tokens/s, {label} | DEQ {tps['deq']:.0f}, {base} {tps['base']:.0f}: "
+        f"DEQ / baseline = {tps['deq'] / tps['base']:.2f}x (time per token {tps['base'] / tps['deq']:.2f}x) |",
+        f"| NFE per update, {label} | {c.f_steps:.2f} forward solver steps, {c.b_steps:.2f} backward solver steps; "
+        f"{c.f_evals:.2f} evaluations of f in all; JR in {c.jr_updates}/{c.updates} updates |",
+        f"| activations saved for backward per update, {label} | DEQ {saved['deq'] / 2**20:.1f} MiB, {base} "
+        f"{saved['base'] / 2**20:.1f} MiB: ratio {saved['deq'] / saved['base']:.2f} |",
     ]
-    if device.type == "cuda":
-        rows.append(f"| peak CUDA memory per update, {label} | DEQ {peak['deq'] / 2**30:.2f} GiB, transformer_lm "
-                    f"{peak['transformer_lm'] / 2**30:.2f} GiB: ratio {peak['deq'] / peak['transformer_lm']:.2f} |")
-    return rows
+    if peak["deq"] > 0:
+        out.append(f"| peak CUDA memory per update, {label} | DEQ {peak['deq'] / 2**30:.2f} GiB, {base} "
+                   f"{peak['base'] / 2**30:.2f} GiB: ratio {peak['deq'] / peak['base']:.2f} |")
+    return out
+
+
+def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> List[str]:
+    """:func:`rows` of :func:`train_pair` against the parameter-matched transformer_lm."""
+    return rows(train_pair(size, device, dtype, steps), size)
 
 
 def main(argv=None) -> None:

@@ -13,7 +13,8 @@ import argparse
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,30 +25,35 @@ from bench._memory import saved_activation_bytes
 from timm_deq.task import deq_layers, set_deq_step
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--models', nargs='+', default=['mdeq_small', 'resnet50', 'resnet101'])
-    parser.add_argument('--batch-size', type=int, default=None, help='default: 2 on CPU, 64 on CUDA')
-    parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--steps', type=int, default=3)
-    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
-    parser.add_argument('--jac-freq', type=float, default=None,
-                        help='JR frequency of the MDEQ (default: the model\'s, 0.08 for mdeq_small)')
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    batch = args.batch_size or (64 if device.type == 'cuda' else 2)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
+@dataclass
+class StepCost:
+    """What one model's training steps cost: parameters, median step time, memory (CUDA peak or
+    saved-for-backward bytes), mean forward/backward solver steps and their limits (DEQ models,
+    else None) and the last loss."""
 
+    params: int
+    step_time: float
+    memory: int
+    nfe: Optional[Tuple[float, float]]
+    limits: Optional[Tuple[int, int]]
+    loss: float
+
+
+def measure(names: Sequence[str], device: torch.device, batch: int, img_size: int = 224, steps: int = 3,
+            amp: bool = False, jac_freq: Optional[float] = None) -> Dict[str, StepCost]:
+    """Train every model of ``names`` for one untimed step (memory) and ``steps`` timed ones,
+    interleaved, on one random batch; bfloat16 autocast when ``amp``."""
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
     models, optims = {}, {}
-    for name in args.models:
-        kwargs = {} if args.jac_freq is None or not name.startswith('mdeq') else {'jac_freq': args.jac_freq}
+    for name in names:
+        kwargs = {} if jac_freq is None or not name.startswith('mdeq') else {'jac_freq': jac_freq}
         models[name] = timm.create_model(name, **kwargs).to(device).train()
         optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3, momentum=0.9)
-    nfe: Dict[str, List[float]] = {name: [] for name in models}
+    y = torch.randint(0, min(m.num_classes for m in models.values()), (batch,), device=device)
+    nfe: Dict[str, List[Tuple[float, float]]] = {name: [] for name in models}
+    losses: Dict[str, float] = {}
     step_no = {name: 0 for name in models}
 
     def step(name):
@@ -62,6 +68,7 @@ def main(argv=None) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        losses[name] = float(loss.detach())
         for layer in deq_layers(model):
             d = layer.stats.to_dict()
             nfe[name].append((d['f_steps'], d.get('b_steps', float('nan'))))
@@ -80,30 +87,58 @@ def main(argv=None) -> None:
         else:
             memory[name] = saved_activation_bytes(lambda: step(name), models[name].parameters())[1]
     times: Dict[str, List[float]] = {name: [] for name in models}
-    for _ in range(args.steps):
+    for _ in range(steps):
         for name in models:
             sync()
             t0 = time.perf_counter()
             step(name)
             sync()
             times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, model in models.items():
+        steps_done = nfe[name]
+        configs = [layer.config for layer in deq_layers(model)]
+        out[name] = StepCost(
+            params=sum(p.numel() for p in model.parameters()), step_time=statistics.median(times[name]),
+            memory=memory[name], loss=losses[name],
+            limits=None if not configs else (configs[0].f_max_iter, configs[0].b_max_iter),
+            nfe=None if not steps_done else (statistics.mean(s[0] for s in steps_done),
+                                             statistics.mean(s[1] for s in steps_done)))
+    return out
 
-    base = 'resnet50' if 'resnet50' in models else args.models[0]
-    t_base, m_base = statistics.median(times[base]), memory[base]
+
+def table(costs: Dict[str, StepCost], base: str, memory_kind: str) -> List[str]:
+    """Markdown rows: parameters, step time and memory of each model, and their ratios to ``base``."""
+    t_base, m_base = costs[base].step_time, costs[base].memory
+    rows = [f'| model | params | step time | vs {base} | {memory_kind} | vs {base} | NFE fwd / bwd |',
+            '|---|---|---|---|---|---|---|']
+    for name, c in costs.items():
+        nfe_txt = '-' if c.nfe is None else f'{c.nfe[0]:.1f} / {c.nfe[1]:.1f}'
+        rows.append(f'| {name} | {c.params / 1e6:.1f}M | {c.step_time:.3f}s | {c.step_time / t_base:.2f}x | '
+                    f'{c.memory / 2**20:.0f} MiB | {c.memory / m_base:.2f}x | {nfe_txt} |')
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--models', nargs='+', default=['mdeq_small', 'resnet50', 'resnet101'])
+    parser.add_argument('--batch-size', type=int, default=None, help='default: 2 on CPU, 64 on CUDA')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    parser.add_argument('--jac-freq', type=float, default=None,
+                        help='JR frequency of the MDEQ (default: the model\'s, 0.08 for mdeq_small)')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch_size or (64 if device.type == 'cuda' else 2)
+    costs = measure(args.models, device, batch, args.img_size, args.steps, args.amp, args.jac_freq)
+    base = 'resnet50' if 'resnet50' in costs else args.models[0]
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
-    mem_kind = 'peak CUDA memory' if device.type == 'cuda' else 'saved-for-backward'
     print(f'torch {torch.__version__}, timm {timm.__version__}, {where}; batch {batch} at {args.img_size}px'
           f'{", bf16 autocast" if args.amp else ""}')
-    print(f'| model | params | step time | vs {base} | {mem_kind} | vs {base} | NFE fwd / bwd |')
-    print('|---|---|---|---|---|---|---|')
-    for name, model in models.items():
-        t = statistics.median(times[name])
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        steps = nfe[name]
-        nfe_txt = '-' if not steps else (f'{statistics.mean(s[0] for s in steps):.1f} / '
-                                         f'{statistics.mean(s[1] for s in steps):.1f}')
-        print(f'| {name} | {params:.1f}M | {t:.3f}s | {t / t_base:.2f}x | {memory[name] / 2**20:.0f} MiB | '
-              f'{memory[name] / m_base:.2f}x | {nfe_txt} |')
+    for row in table(costs, base, 'peak CUDA memory' if device.type == 'cuda' else 'saved-for-backward'):
+        print(row)
 
 
 if __name__ == '__main__':

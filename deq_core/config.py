@@ -6,7 +6,7 @@ import ast
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from .solvers import list_solvers, validate_solver_options
 
@@ -16,6 +16,7 @@ __all__ = ["DEQConfig", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS", "
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 STOP_MODES = ("abs", "rel")
 PROBE_DISTRIBUTIONS = ("normal", "rademacher")
+DEFAULT_COMPILE_BACKEND = "inductor"
 
 
 def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Iterable[str]] = None,
@@ -70,6 +71,11 @@ class DEQConfig:
     divergence_factor: float = _opt(1e4, "a residual this many times the first one counts as divergence",
                                     low=1.0, low_open=True)
     check_finite: bool = _opt(True, "raise on non-finite inputs (one host read per forward)")
+    compile_f: bool = _opt(False, "run the forward solver's no-grad evaluations of f through "
+                           "torch.compile (the one differentiable call of f stays eager: JR needs "
+                           "double backward, which compiled graphs lack)")
+    compile_backend: str = _opt(DEFAULT_COMPILE_BACKEND, "torch.compile backend for compile_f",
+                                choices="compile_backends")
     # Jacobian regularization.
     jac_weight: float = _opt(0.0, "JR weight gamma", low=0.0)
     jac_freq: float = _opt(1.0, "probability that JR is computed in a training step", low=0.0, high=1.0)
@@ -165,6 +171,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
     choices = meta["choices"]
     if choices == "solvers":
         choices = list_solvers()
+    elif choices == "compile_backends":
+        choices = _compile_backends(value)
     if choices is not None and value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     if kind in (int, float):
@@ -178,6 +186,16 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
             hi = "" if high is None else f"<= {high}"
             raise ValueError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}")
     return value
+
+
+def _compile_backends(value: str) -> Tuple[str, ...]:
+    """torch.compile's registered backends; the default one is accepted without importing
+    torch._dynamo (a second or more of import time)."""
+    if value == DEFAULT_COMPILE_BACKEND:
+        return (value,)
+    import torch._dynamo
+
+    return tuple(torch._dynamo.list_backends(exclude_tags=()))
 
 
 def parse_solver_options(text: str) -> Dict[str, Any]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -40,16 +40,24 @@ def equilibrium_pass(f: nn.Module) -> Iterator[None]:
 
 
 class _FlatMap:
-    """f as a map on flat ``(B, D)`` solver states; checks f's output structure and dtype."""
+    """f as a map on flat ``(B, D)`` solver states; checks f's output structure and dtype.
 
-    def __init__(self, f: nn.Module, spec: StateSpec, inputs: Sequence[Any], kwargs: Mapping[str, Any]):
+    ``call`` evaluates f (f itself by default, or a compiled version of it)."""
+
+    def __init__(self, f: nn.Module, spec: StateSpec, inputs: Sequence[Any], kwargs: Mapping[str, Any],
+                 call: Optional[Callable[..., State]] = None):
         self.f, self.spec, self.inputs, self.kwargs = f, spec, inputs, kwargs
+        self.call = f if call is None else call
         self.f_dtype = spec.dtype
         self.state_dtype = state_dtype_for(spec.dtype)
         self._checked = False
 
+    def using(self, call: Callable[..., State]) -> "_FlatMap":
+        """The same map with f evaluated through ``call``."""
+        return _FlatMap(self.f, self.spec, self.inputs, self.kwargs, call)
+
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.f(self.spec.unpack(z, self.f_dtype), *self.inputs, **self.kwargs)
+        out = self.call(self.spec.unpack(z, self.f_dtype), *self.inputs, **self.kwargs)
         if not self._checked:
             self._check_dtype(out)
             self._checked = True
@@ -111,6 +119,15 @@ class DEQLayer(nn.Module):
     training, Jacobian regularization is computed when the step's Bernoulli(``jac_freq``) draw
     says so and the current JR weight is positive; add ``stats.jr_loss`` to the loss. The step
     counter is set by the training loop through :meth:`set_num_updates` (fairseq calls it itself).
+
+    With ``config.compile_f`` the solver's evaluations of f (all but one per forward pass, and
+    run under ``no_grad``) go through ``torch.compile(f, backend=config.compile_backend)``,
+    compiled on first use and kept on the layer (outside the state dict; copies and pickles of
+    the layer drop it and compile again). The single differentiable call of f at z*, through
+    which gradients and the JR term flow, and the pretraining/unrolled/phantom passes stay
+    eager: JR differentiates a vector-Jacobian product (double backward), which compiled graphs
+    do not support. Variational-dropout masks drawn inside a compiled call come from the
+    compiled code's random stream, so they differ from an eager run with the same seed.
     """
 
     def __init__(self, f: nn.Module, config: Union[DEQConfig, Mapping[str, Any], None] = None,
@@ -134,6 +151,11 @@ class DEQLayer(nn.Module):
         # evaluated checkpoint runs) in the right phase; the Python copies above are what
         # forward() reads, so no device value is read back per call.
         self.register_buffer("schedule_state", torch.tensor([0, -1], dtype=torch.int64))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled_f_cache", None)  # compiled code is rebuilt on demand, never copied
+        return state
 
     def extra_repr(self) -> str:
         c = self.config
@@ -224,8 +246,20 @@ class DEQLayer(nn.Module):
         raise ValueError("no initial state: pass z0=..., give f an init_state(*inputs) method, "
                          "or pass a floating-point tensor input shaped like the state")
 
-    def _solve(self, fn, z0: torch.Tensor, max_iter: int, tol: float) -> SolverResult:
+    def _compiled_f(self) -> Callable[..., State]:
+        """``torch.compile(f)``, built on first use and rebuilt when f or the backend changes."""
+        backend = self.config.compile_backend
+        cached = self.__dict__.get("_compiled_f_cache")
+        if cached is None or cached[0] is not self.f or cached[1] != backend:
+            cached = (self.f, backend, torch.compile(self.f, backend=backend))
+            self.__dict__["_compiled_f_cache"] = cached  # not a submodule: stays out of the state dict
+        return cached[2]
+
+    def _solve(self, fn: _FlatMap, z0: torch.Tensor, max_iter: int, tol: float) -> SolverResult:
+        """The no-grad forward solve (through the compiled f when ``compile_f`` is on)."""
         cfg = self.config
+        if cfg.compile_f:
+            fn = fn.using(self._compiled_f())
         return get_solver(cfg.f_solver)(fn, z0, max_iter=max_iter, tol=tol, stop_mode=cfg.f_stop_mode,
                                         check_every=cfg.check_every,
                                         divergence_factor=cfg.divergence_factor, **cfg.f_solver_options)

@@ -6,6 +6,30 @@ import torch
 torch.backends.mkldnn.enabled = False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the tests that take the `device` fixture (the solver and layer-gradient "
+                          "tests): cpu (default), cuda or cuda:N")
+
+
+def pytest_configure(config):
+    name = config.getoption("--device")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {name} was given but CUDA is not available to torch {torch.__version__}")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device named by ``--device``."""
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from deq_core import (DEQLayer, DEQStats, VariationalDropout, anderson, apply_weight_norm,
-                      register_solver, remove_weight_norm)
+from deq_core import DEQLayer, DEQStats, VariationalDropout, apply_weight_norm, remove_weight_norm
+from tests._dtype_spy import register_dtype_spy
 from tests._maps import TanhCell
 
 
@@ -48,28 +48,9 @@ def test_implicit_memory_does_not_grow_with_iterations_unrolled_grows_linearly()
     assert implicit[1] * 8 <= unrolled[2]
 
 
-class _DtypeSpy:
-    """A user solver (through the public registry) that records the state and map dtypes."""
-
-    def __init__(self):
-        self.state, self.outputs = set(), set()
-
-    def __call__(self, f, z0, **kw):
-        self.state.add(z0.dtype)
-
-        def watched(z):
-            out = f(z)
-            self.outputs.add(out.dtype)
-            return out
-
-        return anderson(watched, z0, **kw)
-
-
 @pytest.fixture(scope="module")
 def dtype_spy():
-    spy = _DtypeSpy()
-    register_solver("dtype_spy", {}, overwrite=True)(spy)
-    return spy
+    return register_dtype_spy()
 
 
 def test_bf16_autocast_keeps_solver_state_float32_and_gradients_close(dtype_spy):

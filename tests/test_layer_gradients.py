@@ -17,7 +17,7 @@ def _exact_grads(f, x, z_star, weight, flatten, unflatten):
         zb = flatten(z_star)[b:b + 1].detach()
         jac = torch.autograd.functional.jacobian(lambda z: flatten(f(unflatten(z), x[b:b + 1])), zb)
         jac = jac.reshape(zb.shape[1], zb.shape[1])
-        eye = torch.eye(jac.shape[0], dtype=jac.dtype)
+        eye = torch.eye(jac.shape[0], dtype=jac.dtype, device=jac.device)
         us.append(torch.linalg.solve((eye - jac).T, weight[b]))
     u = torch.stack(us)
     x_leaf = x.detach().requires_grad_()
@@ -42,10 +42,10 @@ def _single(z):
 
 
 @pytest.mark.parametrize("b_solver", ["broyden", "anderson", "fixed_point"])
-def test_implicit_gradient_matches_dense_solve(b_solver):
-    f = TanhCell(8, 5)
-    x = torch.randn(3, 5, dtype=torch.float64)
-    weight = torch.randn(3, 8, dtype=torch.float64)
+def test_implicit_gradient_matches_dense_solve(b_solver, device):
+    f = TanhCell(8, 5).to(device)
+    x = torch.randn(3, 5, dtype=torch.float64).to(device)
+    weight = torch.randn(3, 8, dtype=torch.float64).to(device)
     layer = DEQLayer(f, **{**TIGHT, "b_solver": b_solver})
     grads, z, stats = _layer_grads(layer, x, weight, _single)
     exact = _exact_grads(f, x, z, weight, _single, _single)
@@ -54,10 +54,10 @@ def test_implicit_gradient_matches_dense_solve(b_solver):
     assert float(stats.b_rel_res.max()) <= 1e-12  # the default backward stop mode is rel
 
 
-def test_implicit_gradient_for_a_structured_state():
-    f = TwoScaleCell()
-    x = torch.randn(4, 6, dtype=torch.float64)
-    weight = torch.randn(4, 9, dtype=torch.float64)
+def test_implicit_gradient_for_a_structured_state(device):
+    f = TwoScaleCell().to(device)
+    x = torch.randn(4, 6, dtype=torch.float64).to(device)
+    weight = torch.randn(4, 9, dtype=torch.float64).to(device)
     flatten = lambda z: torch.cat([z[0].reshape(z[0].shape[0], -1), z[1]], dim=1)  # noqa: E731
     unflatten = lambda v: [v[:, :6].reshape(-1, 2, 3), v[:, 6:]]  # noqa: E731
     layer = DEQLayer(f, **TIGHT)
@@ -67,16 +67,16 @@ def test_implicit_gradient_for_a_structured_state():
     assert _rel_err(grads, exact) < 1e-5
 
 
-def test_gradcheck_on_a_small_layer():
-    layer = DEQLayer(TanhCell(4, 3), **TIGHT)
-    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_on_a_small_layer(device):
+    layer = DEQLayer(TanhCell(4, 3), **TIGHT).to(device)
+    x = torch.randn(2, 3, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda inp: layer(inp)[0], (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_phantom_gradient_approaches_the_implicit_one():
-    f = TanhCell(8, 5, scale=0.6)
-    x = torch.randn(3, 5, dtype=torch.float64)
-    weight = torch.randn(3, 8, dtype=torch.float64)
+def test_phantom_gradient_approaches_the_implicit_one(device):
+    f = TanhCell(8, 5, scale=0.6).to(device)
+    x = torch.randn(3, 5, dtype=torch.float64).to(device)
+    weight = torch.randn(3, 8, dtype=torch.float64).to(device)
     implicit, _, _ = _layer_grads(DEQLayer(f, **TIGHT), x, weight, _single)
     errors = []
     for k in (1, 3, 10, 40):
@@ -86,10 +86,10 @@ def test_phantom_gradient_approaches_the_implicit_one():
     assert errors[-1] < 1e-4
 
 
-def test_jacobian_free_gradient_is_one_phantom_step():
-    f = TanhCell(6, 4)
-    x = torch.randn(2, 4, dtype=torch.float64)
-    weight = torch.randn(2, 6, dtype=torch.float64)
+def test_jacobian_free_gradient_is_one_phantom_step(device):
+    f = TanhCell(6, 4).to(device)
+    x = torch.randn(2, 4, dtype=torch.float64).to(device)
+    weight = torch.randn(2, 6, dtype=torch.float64).to(device)
     layer = DEQLayer(f, **TIGHT, backward="phantom", phantom_steps=1, phantom_damping=1.0)
     grads, z, _ = _layer_grads(layer, x, weight, _single)
     x_leaf = x.detach().requires_grad_()
@@ -97,10 +97,10 @@ def test_jacobian_free_gradient_is_one_phantom_step():
     assert _rel_err(grads, ref) < 1e-12
 
 
-def test_unrolled_mode_is_ordinary_backprop_through_a_weight_tied_stack():
-    f = TanhCell(6, 4)
-    x = torch.randn(2, 4, dtype=torch.float64)
-    weight = torch.randn(2, 6, dtype=torch.float64)
+def test_unrolled_mode_is_ordinary_backprop_through_a_weight_tied_stack(device):
+    f = TanhCell(6, 4).to(device)
+    x = torch.randn(2, 4, dtype=torch.float64).to(device)
+    weight = torch.randn(2, 6, dtype=torch.float64).to(device)
     layer = DEQLayer(f, backward="unrolled", unrolled_layers=4)
     grads, z, stats = _layer_grads(layer, x, weight, _single)
     x_leaf = x.detach().requires_grad_()
@@ -112,10 +112,10 @@ def test_unrolled_mode_is_ordinary_backprop_through_a_weight_tied_stack():
     assert stats.mode == "unrolled" and stats.f_steps.tolist() == [4, 4]
 
 
-def test_eval_mode_stays_differentiable_and_no_grad_returns_the_fixed_point():
-    f = TanhCell(6, 4)
-    x = torch.randn(2, 4, dtype=torch.float64)
-    weight = torch.randn(2, 6, dtype=torch.float64)
+def test_eval_mode_stays_differentiable_and_no_grad_returns_the_fixed_point(device):
+    f = TanhCell(6, 4).to(device)
+    x = torch.randn(2, 4, dtype=torch.float64).to(device)
+    weight = torch.randn(2, 6, dtype=torch.float64).to(device)
     layer = DEQLayer(f, **TIGHT)
     train_grads, _, _ = _layer_grads(layer, x, weight, _single)
     layer.eval()

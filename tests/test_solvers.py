@@ -8,16 +8,16 @@ from tests._maps import contraction
 SOLVERS = ("fixed_point", "anderson", "broyden")
 
 
-def _linear_problem(batch=3, dim=40, radius=0.95):
-    a = contraction(dim, radius)
-    b = torch.randn(batch, dim, dtype=torch.float64)
-    exact = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - a, b.T).T
+def _linear_problem(device, batch=3, dim=40, radius=0.95):
+    a = contraction(dim, radius).to(device)
+    b = torch.randn(batch, dim, dtype=torch.float64).to(device)
+    exact = torch.linalg.solve(torch.eye(dim, dtype=torch.float64, device=device) - a, b.T).T
     return (lambda z: z @ a.T + b), b, exact
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_solvers_reach_the_fixed_point(name):
-    f, b, exact = _linear_problem()
+def test_solvers_reach_the_fixed_point(name, device):
+    f, b, exact = _linear_problem(device)
     res = get_solver(name)(f, torch.zeros_like(b), max_iter=1000, tol=1e-8)
     assert isinstance(res, SolverResult)
     assert bool(res.converged.all()) and not bool(res.diverged.any())
@@ -26,8 +26,8 @@ def test_solvers_reach_the_fixed_point(name):
     assert res.steps.shape == (3,) and res.abs_res.shape == (3,) and res.rel_res.shape == (3,)
 
 
-def test_acceleration_needs_far_fewer_iterations_on_a_contraction():
-    f, b, _ = _linear_problem(radius=0.95)
+def test_acceleration_needs_far_fewer_iterations_on_a_contraction(device):
+    f, b, _ = _linear_problem(device, radius=0.95)
     steps = {}
     for name in SOLVERS:
         res = get_solver(name)(f, torch.zeros_like(b), max_iter=2000, tol=1e-6)
@@ -38,11 +38,11 @@ def test_acceleration_needs_far_fewer_iterations_on_a_contraction():
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_easy_samples_stop_early_and_stay_frozen(name):
+def test_easy_samples_stop_early_and_stay_frozen(name, device):
     dim = 20
-    mats = torch.stack([contraction(dim, 0.1, seed=1), contraction(dim, 0.9, seed=2)])  # easy, hard
-    b = torch.ones(2, dim, dtype=torch.float64)
-    exact_easy = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - mats[0], b[0])
+    mats = torch.stack([contraction(dim, 0.1, seed=1), contraction(dim, 0.9, seed=2)]).to(device)  # easy, hard
+    b = torch.ones(2, dim, dtype=torch.float64, device=device)
+    exact_easy = torch.linalg.solve(torch.eye(dim, dtype=torch.float64, device=device) - mats[0], b[0])
     calls = []
 
     def f(z):
@@ -60,9 +60,9 @@ def test_easy_samples_stop_early_and_stay_frozen(name):
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_divergence_is_reported_and_the_best_iterate_returned(name):
+def test_divergence_is_reported_and_the_best_iterate_returned(name, device):
     # z = z + 1 + z^2 has no real fixed point; the residual 1 + z^2 is smallest at z = 0.
-    z0 = torch.zeros(2, 5, dtype=torch.float64)
+    z0 = torch.zeros(2, 5, dtype=torch.float64, device=device)
     res = get_solver(name)(lambda z: z + 1 + z * z, z0, max_iter=100, tol=1e-6, trace=True)
     assert bool(res.diverged.all()) and not bool(res.converged.any())
     best = res.trace.argmin(dim=0)
@@ -73,21 +73,21 @@ def test_divergence_is_reported_and_the_best_iterate_returned(name):
         assert int(res.steps.max()) < 100
 
 
-def test_non_finite_values_stop_a_sample_without_touching_the_others():
+def test_non_finite_values_stop_a_sample_without_touching_the_others(device):
     def f(z):
         out = 0.5 * z + 1
         out[1] = out[1] / 0.0 * z[1]  # NaN/inf for sample 1 only
         return out
 
-    res = get_solver("anderson")(f, torch.zeros(2, 4), max_iter=50, tol=1e-5)
+    res = get_solver("anderson")(f, torch.zeros(2, 4, device=device), max_iter=50, tol=1e-5)
     assert res.converged.tolist() == [True, False]
     assert res.diverged.tolist() == [False, True]
-    assert torch.allclose(res.z[0], torch.full((4,), 2.0), atol=1e-4)
+    assert torch.allclose(res.z[0], torch.full((4,), 2.0, device=device), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_host_reads_follow_the_check_interval(name):
-    f, b, _ = _linear_problem(radius=0.5)
+def test_host_reads_follow_the_check_interval(name, device):
+    f, b, _ = _linear_problem(device, radius=0.5)
     every = get_solver(name)(f, torch.zeros_like(b), max_iter=60, tol=1e-6, check_every=1)
     sparse = get_solver(name)(f, torch.zeros_like(b), max_iter=60, tol=1e-6, check_every=5)
     never = get_solver(name)(f, torch.zeros_like(b), max_iter=60, tol=1e-6, check_every=0)
@@ -103,10 +103,10 @@ def test_host_reads_follow_the_check_interval(name):
 
 @pytest.mark.parametrize("name", SOLVERS)
 @pytest.mark.parametrize("stop_mode", ["abs", "rel"])
-def test_state_dtype_and_stop_modes(name, stop_mode):
+def test_state_dtype_and_stop_modes(name, stop_mode, device):
     f = lambda z: 0.5 * z + 1  # noqa: E731
     for dtype in (torch.float32, torch.float64):
-        res = get_solver(name)(f, torch.zeros(2, 3, dtype=dtype), max_iter=100, tol=1e-5, stop_mode=stop_mode)
+        res = get_solver(name)(f, torch.zeros(2, 3, dtype=dtype, device=device), max_iter=100, tol=1e-5, stop_mode=stop_mode)
         assert res.z.dtype == dtype and res.abs_res.dtype == dtype
         assert bool(res.converged.all())
         assert float((res.rel_res if stop_mode == "rel" else res.abs_res).max()) <= 1e-5
@@ -140,8 +140,8 @@ def test_solver_option_validation():
         validate_solver_options("broyden", {"memory": "x"})
 
 
-def test_broyden_with_short_memory_still_converges():
-    f, b, exact = _linear_problem(radius=0.8)
+def test_broyden_with_short_memory_still_converges(device):
+    f, b, exact = _linear_problem(device, radius=0.8)
     res = get_solver("broyden")(f, torch.zeros_like(b), max_iter=300, tol=1e-7, memory=4)
     assert bool(res.converged.all())
     assert torch.allclose(res.z, exact, atol=1e-5)

@@ -3,7 +3,7 @@ import logging
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,15 @@ def _reduced(meter: DEQStatsMeter, distributed: bool) -> Dict[str, float]:
     return meter.summary(state)
 
 
+def _mean_over_ranks(values: Sequence[Union[torch.Tensor, float]], distributed: bool) -> List[float]:
+    """The mean of each scalar over all processes (itself when not distributed), one all-reduce."""
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in values])
+    if distributed:
+        dist.all_reduce(vec)
+        vec /= dist.get_world_size()
+    return vec.tolist()
+
+
 def train_one_epoch(
         epoch: int,
         task: DEQClassificationTask,
@@ -44,8 +53,12 @@ def train_one_epoch(
     """Train for one epoch; returns the epoch's metrics and the new update count.
 
     Before each step every equilibrium layer (and its EMA copy) is told the update count, which
-    drives the pretraining switch, the JR schedule and the per-step random decisions.
+    drives the pretraining switch, the JR schedule and the per-step random decisions. In a
+    distributed run the logged losses and solver statistics are means over all processes, and
+    only the primary process logs.
     """
+    distributed = getattr(args, 'distributed', False)
+    primary = not distributed or dist.get_rank() == 0
     if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup_fn.mixup_enabled = False
     task.train()
@@ -99,16 +112,19 @@ def train_one_epoch(
         update_idx = batch_idx // accum
         if last_batch or update_idx % args.log_interval == 0:
             lr = optimizer.param_groups[0]['lr']
-            deq = deq_meter.summary()
-            _logger.info(
-                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
-                f'({100. * update_idx / max(updates_per_epoch - 1, 1):>3.0f}%)]  '
-                f'Loss: {float(losses.val):#.3g} ({float(losses.avg):#.3g})  '
-                f'NFE fwd/bwd: {deq.get("f_steps", 0):.1f}/{deq.get("b_steps", 0):.1f}  '
-                f'JR: {deq.get("jac_loss", float("nan")):#.3g}  '
-                f'Time: {batch_time.val:.3f}s  LR: {lr:.3e}')
-    metrics = OrderedDict(loss=float(losses.avg), task_loss=float(task_losses.avg))
-    metrics.update(_reduced(deq_meter, getattr(args, 'distributed', False)))
+            deq = _reduced(deq_meter, distributed)
+            loss_val, loss_avg = _mean_over_ranks([losses.val, losses.avg], distributed)
+            if primary:
+                _logger.info(
+                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                    f'({100. * update_idx / max(updates_per_epoch - 1, 1):>3.0f}%)]  '
+                    f'Loss: {loss_val:#.3g} ({loss_avg:#.3g})  '
+                    f'NFE fwd/bwd: {deq.get("f_steps", 0):.1f}/{deq.get("b_steps", 0):.1f}  '
+                    f'JR: {deq.get("jac_loss", float("nan")):#.3g}  '
+                    f'Time: {batch_time.val:.3f}s  LR: {lr:.3e}')
+    loss_avg, task_loss_avg = _mean_over_ranks([losses.avg, task_losses.avg], distributed)
+    metrics = OrderedDict(loss=loss_avg, task_loss=task_loss_avg)
+    metrics.update(_reduced(deq_meter, distributed))
     return metrics, num_updates
 
 
@@ -122,7 +138,9 @@ def evaluate(
         log_interval: int = 50,
         log_suffix: str = '',
 ) -> Dict[str, float]:
-    """Loss, top-1/top-5 (timm's evaluator) and mean forward solver statistics."""
+    """Loss, top-1/top-5 (timm's evaluator) and mean forward solver statistics (over all
+    processes when ``distributed``; only the primary process logs)."""
+    primary = not distributed or dist.get_rank() == 0
     model.eval()
     evaluator = ClassificationEvaluator(device=device, max_samples=evaluation_sample_limit(loader))
     deq_meter = DEQStatsMeter()
@@ -135,7 +153,7 @@ def evaluate(
         for layer in deq_layers(model):
             if layer.stats is not None:
                 deq_meter.update(layer.stats)
-        if batch_idx == last_idx or batch_idx % log_interval == 0:
+        if (batch_idx == last_idx or batch_idx % log_interval == 0) and primary:
             running = evaluator.summary()
             _logger.info(f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  Loss: {running["loss"]:#.4g}  '
                          f'Acc@1: {running["top1"]:>7.3f}  Acc@5: {running["top5"]:>7.3f}')

@@ -6,6 +6,7 @@
 Flags follow timm's ``train.py`` names wherever timm has the flag (data, augmentation, optimizer,
 scheduler, EMA, AMP, checkpoints); the equilibrium-layer flags are those of ``deq_core.DEQConfig``
 (``--f-max-iter``, ``--jac-weight``, ``--pretrain-steps``, ...) and override the model's defaults.
+``--torchcompile [BACKEND]`` sets the layers' ``compile_f``/``compile_backend``.
 """
 import argparse
 import logging
@@ -29,11 +30,11 @@ from timm import utils
 from deq_core import DEQConfig, add_deq_args
 
 from .engine import evaluate, train_one_epoch
-from .task import DEQClassificationTask, set_deq_step
+from .task import DEQClassificationTask, deq_layers, set_deq_step
 
 _logger = logging.getLogger('train')
 
-__all__ = ['build_parser', 'setup', 'train', 'main', 'Training']
+__all__ = ['build_parser', 'setup', 'train', 'main', 'Training', 'check_compilable', 'check_sync_bn']
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                       help='compile f of the equilibrium layers with this torch.compile backend (default: '
+                            'inductor) for the solver\'s no-grad evaluations; the differentiable call of f (JR '
+                            'needs double backward) and the rest of the model stay eager')
 
     group = parser.add_argument_group('Optimizer parameters')
     group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER')
@@ -138,15 +143,37 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str)
 
     # Only explicit DEQ flags override the model's defaults; the layer's seed (its per-step random
-    # decisions, identical on every process) is the training --seed.
-    add_deq_args(parser, suppress_defaults=True, exclude=('seed',))
+    # decisions, identical on every process) is the training --seed, and compilation is timm's
+    # --torchcompile flag.
+    add_deq_args(parser, suppress_defaults=True, exclude=('seed', 'compile_f', 'compile_backend'))
     return parser
 
 
 def _deq_overrides(args: argparse.Namespace) -> dict:
     overrides = {name: getattr(args, name) for name in DEQConfig.field_names() if hasattr(args, name)}
     overrides['seed'] = args.seed
+    if args.torchcompile:
+        try:
+            DEQConfig(compile_f=True, compile_backend=args.torchcompile)
+        except ValueError as err:
+            raise ValueError(f'--torchcompile: {err}') from None
+        overrides.update(compile_f=True, compile_backend=args.torchcompile)
     return overrides
+
+
+def check_compilable(model: torch.nn.Module, backend: Optional[str]) -> None:
+    """``--torchcompile`` compiles the f of the model's equilibrium layers; refuse a model with none."""
+    if backend and not deq_layers(model):
+        raise SystemExit(f'error: --torchcompile {backend} compiles the function f of the equilibrium layers, '
+                         f'and {type(model).__name__} has no DEQLayer; train it without --torchcompile '
+                         '(or with timm\'s own train.py)')
+
+
+def check_sync_bn(args: argparse.Namespace, device: torch.device) -> None:
+    """``--sync-bn`` in a distributed run needs CUDA: torch's SyncBatchNorm has no CPU kernel."""
+    if args.sync_bn and args.distributed and device.type != 'cuda':
+        raise SystemExit(f'error: --sync-bn needs CUDA devices (torch\'s SyncBatchNorm has no {device.type} '
+                         'implementation); train without it on this device')
 
 
 def _amp(args, device: torch.device) -> Tuple[object, Optional[utils.NativeScaler]]:
@@ -190,6 +217,7 @@ def setup(argv: Optional[List[str]] = None) -> Training:
     if args.grad_accum_steps < 1:
         raise SystemExit(f'error: --grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
     device = utils.init_distributed_device(args)
+    check_sync_bn(args, device)
     primary = utils.is_primary(args)
     utils.random_seed(args.seed, args.rank)
     amp_autocast, loss_scaler = _amp(args, device)
@@ -200,6 +228,7 @@ def setup(argv: Optional[List[str]] = None) -> Training:
     model = create_model(
         args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
         global_pool=args.gp, **factory_kwargs, **_deq_overrides(args), **args.model_kwargs)
+    check_compilable(model, args.torchcompile)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)

@@ -1,0 +1,177 @@
+"""torch.compile of f inside the equilibrium layer (config ``compile_f``): the compiled solver path
+matches eager, does not recompile from step to step, and stays out of state dicts and copies."""
+import copy
+import itertools
+import pickle
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+
+from deq_core import DEQConfig, DEQLayer, VariationalDropout, apply_weight_norm
+
+_names = itertools.count()
+
+
+class Cell(nn.Module):
+    """f(z, x) = LayerNorm(z + dropout(W2 relu(W1 z)) + x)."""
+
+    def __init__(self, dim=8, hidden=16, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = VariationalDropout.features1d(dropout)
+
+    def forward(self, z, x):
+        return self.norm(z + self.drop(self.fc2(torch.relu(self.fc1(z)))) + x)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def counter():
+    """A torch.compile backend (registered under a fresh name) that counts compiled graphs."""
+    count = CompileCounter()
+    name = f"deq_test_counter_{next(_names)}"
+    torch._dynamo.register_backend(count, name=name)
+    return name, count
+
+
+def _grads(layer, x, weight):
+    torch.manual_seed(1)  # the same JR probe in every run
+    x_leaf = x.clone().requires_grad_()
+    z, stats = layer(x_leaf)
+    loss = (z * weight).sum() + stats.jr_loss
+    return z, torch.autograd.grad(loss, list(layer.f.parameters()) + [x_leaf]), stats
+
+
+def test_compiled_f_matches_eager_with_inductor():
+    torch.manual_seed(0)
+    f = apply_weight_norm(Cell())
+    x, weight = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    opts = dict(f_max_iter=15, f_tol=1e-9, b_max_iter=15, b_tol=1e-9, jac_weight=1.0, jac_freq=1.0)
+    z_ref, g_ref, s_ref = _grads(DEQLayer(f, **opts), x, weight)
+    z, g, stats = _grads(DEQLayer(f, **opts, compile_f=True, compile_backend="inductor"), x, weight)
+    assert stats.f_steps.tolist() == s_ref.f_steps.tolist() == [15, 15, 15]
+    assert stats.jac_loss is not None and torch.isfinite(stats.jac_loss)
+    # float32 kernels fused differently agree to ~1e-6 relative; 1e-4 leaves room for the solver.
+    assert torch.allclose(z, z_ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(stats.jac_loss, s_ref.jac_loss, rtol=1e-4)
+    for a, b in zip(g, g_ref):
+        assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+def test_no_recompilation_across_training_steps(counter):
+    name, count = counter
+    torch.manual_seed(0)
+    f = apply_weight_norm(Cell(dropout=0.2))
+    layer = DEQLayer(f, compile_f=True, compile_backend=name, f_max_iter=6, f_max_iter_jitter=4, f_tol=1e-9,
+                     b_max_iter=4, jac_weight=0.5, jac_freq=0.5, seed=3)
+    opt = torch.optim.SGD(f.parameters(), lr=0.05)
+    x = torch.randn(4, 5, 8)
+    graphs, limits, jr = [], set(), set()
+    for step in range(8):
+        layer.set_num_updates(step)
+        z, stats = layer(x)
+        (z.pow(2).mean() + stats.jr_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        graphs.append(count.frame_count)
+        limits.add(stats.f_max_iter)
+        jr.add(stats.jac_loss is not None)
+    assert len(limits) > 1 and jr == {True, False}   # the steps did vary
+    # Two graphs in the first step (the call that draws the dropout mask and the calls that
+    # reuse it), none after.
+    assert graphs == [2] * 8
+    assert count.op_count > 0
+
+
+def test_compiled_state_stays_out_of_state_dicts_copies_and_pickles(counter):
+    name, count = counter
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    layer = DEQLayer(Cell(), compile_f=True, compile_backend=name, f_max_iter=5)
+    keys = set(DEQLayer(Cell()).state_dict())
+    z, _ = layer(x)
+    assert count.frame_count == 1 and set(layer.state_dict()) == keys
+    clone = copy.deepcopy(layer)
+    unpickled = pickle.loads(pickle.dumps(layer))
+    for other in (clone, unpickled):
+        assert "_compiled_f_cache" not in other.__dict__ and set(other.state_dict()) == keys
+        assert torch.allclose(other(x)[0], z)      # compiles its own f on first use
+        assert other.__dict__["_compiled_f_cache"][0] is other.f
+    layer.f = Cell()                                # a new f is compiled anew
+    layer(x)
+    assert layer.__dict__["_compiled_f_cache"][0] is layer.f
+
+
+def test_compile_options_are_validated():
+    assert DEQConfig().compile_f is False and DEQConfig().compile_backend == "inductor"
+    assert DEQConfig(compile_f=True, compile_backend="aot_eager").compile_backend == "aot_eager"
+    with pytest.raises(ValueError, match=r"compile_backend must be one of \[.*'inductor'.*\], got 'inductr'"):
+        DEQConfig(compile_backend="inductr")
+    with pytest.raises(TypeError, match=r"compile_f must be bool, got 'yes'"):
+        DEQConfig(compile_f="yes")
+
+
+@pytest.mark.filterwarnings(
+    r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header):UserWarning")
+def test_fairseq_flags_carry_the_compile_options(tmp_path):
+    pytest.importorskip("fairseq")
+    from tests._fairseq_helpers import build, write_dictionary
+
+    data = write_dictionary(tmp_path)
+    tiny = ("--arch", "deq_transformer_lm_tiny", "--task", "language_modeling", "--tokens-per-sample", "16")
+    _, _, model = build(data, *tiny)
+    assert model.decoder.deq.config.compile_f is False
+    _, _, model = build(data, *tiny, "--compile-f", "--compile-backend", "eager")
+    cfg = model.decoder.deq.config
+    assert cfg.compile_f is True and cfg.compile_backend == "eager"
+    with pytest.raises(ValueError, match=r"compile_backend must be one of .* \(command-line flag --compile-backend\)"):
+        build(data, *tiny, "--compile-backend", "nope")
+
+
+def test_timm_train_torchcompile_compiles_f_without_recompiling(counter, tmp_path):
+    pytest.importorskip("timm")
+    from timm_deq import shapes, train
+
+    name, count = counter
+    data = shapes.make_shapes(str(tmp_path / "data"), train_per_class=2, val_per_class=1, size=16)
+    run = train.setup([data, "--model", "mdeq_tiny_cifar", "--img-size", "16", "-b", "10", "-j", "0",
+                       "--no-aug", "--epochs", "2", "--f-max-iter", "4", "--f-max-iter-jitter", "2",
+                       "--b-max-iter", "3", "--jac-freq", "0.5", "--model-ema", "--torchcompile", name,
+                       "--output", str(tmp_path), "--experiment", "compiled", "--log-interval", "10"])
+    layer = run.task.get_trainable_module().deq
+    assert layer.config.compile_f and layer.config.compile_backend == name
+    run.num_epochs = 1
+    train.train(run)
+    after_first = count.frame_count
+    run.start_epoch, run.num_epochs = 1, 2
+    metrics = train.train(run)
+    assert after_first > 0 and count.frame_count == after_first   # the second epoch compiled nothing
+    assert "top1" in metrics and "_compiled_f_cache" in layer.__dict__
+
+
+def test_timm_torchcompile_flag_mirrors_timm_and_rejects_what_it_cannot_compile(tmp_path):
+    pytest.importorskip("timm")
+    from timm_deq import train
+
+    parser = train.build_parser()
+    assert parser.parse_args(["--torchcompile"]).torchcompile == "inductor"
+    assert parser.parse_args(["--torchcompile", "aot_eager"]).torchcompile == "aot_eager"
+    assert parser.parse_args([]).torchcompile is None
+    with pytest.raises(SystemExit, match="--torchcompile inductor compiles the function f of the equilibrium "
+                                         "layers, and Linear has no DEQLayer"):
+        train.check_compilable(nn.Linear(2, 2), "inductor")
+    train.check_compilable(nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match=r"--torchcompile: compile_backend must be one of .*got 'nope'"):
+        train.setup([str(tmp_path), "--torchcompile", "nope"])
