@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from deq_core import VariationalDropout
+
 
 def contraction(dim: int, radius: float, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
     """A random (dim, dim) matrix with spectral radius ``radius``."""
@@ -49,3 +51,17 @@ class TwoScaleCell(nn.Module):
         n1 = torch.tanh(self.a(flat1) + self.b(z2) + x)
         n2 = torch.tanh(self.c(flat1) + z2 * 0.3)
         return [n1.reshape(-1, 2, 3), n2]
+
+
+class MLPCell(nn.Module):
+    """f(z, x) = LayerNorm(z + W2 relu(W1 z) + x): a small residual block with a norm."""
+
+    def __init__(self, dim=16, hidden=32, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = VariationalDropout.features1d(dropout)
+
+    def forward(self, z, x):
+        return self.norm(z + self.drop(self.fc2(torch.relu(self.fc1(z)))) + x)

@@ -10,31 +10,12 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
-from deq_core import DEQConfig, DEQLayer, VariationalDropout, apply_weight_norm
+from deq_core import DEQConfig, DEQLayer, apply_weight_norm
+from tests._maps import MLPCell
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 _names = itertools.count()
-
-
-class Cell(nn.Module):
-    """f(z, x) = LayerNorm(z + dropout(W2 relu(W1 z)) + x)."""
-
-    def __init__(self, dim=8, hidden=16, dropout=0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.drop = VariationalDropout.features1d(dropout)
-
-    def forward(self, z, x):
-        return self.norm(z + self.drop(self.fc2(torch.relu(self.fc1(z)))) + x)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -56,7 +37,7 @@ def _grads(layer, x, weight):
 
 def test_compiled_f_matches_eager_with_inductor():
     torch.manual_seed(0)
-    f = apply_weight_norm(Cell())
+    f = apply_weight_norm(MLPCell(dim=8, hidden=16))
     x, weight = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
     opts = dict(f_max_iter=15, f_tol=1e-9, b_max_iter=15, b_tol=1e-9, jac_weight=1.0, jac_freq=1.0)
     z_ref, g_ref, s_ref = _grads(DEQLayer(f, **opts), x, weight)
@@ -73,7 +54,7 @@ def test_compiled_f_matches_eager_with_inductor():
 def test_no_recompilation_across_training_steps(counter):
     name, count = counter
     torch.manual_seed(0)
-    f = apply_weight_norm(Cell(dropout=0.2))
+    f = apply_weight_norm(MLPCell(dim=8, hidden=16, dropout=0.2))
     layer = DEQLayer(f, compile_f=True, compile_backend=name, f_max_iter=6, f_max_iter_jitter=4, f_tol=1e-9,
                      b_max_iter=4, jac_weight=0.5, jac_freq=0.5, seed=3)
     opt = torch.optim.SGD(f.parameters(), lr=0.05)
@@ -99,8 +80,8 @@ def test_compiled_state_stays_out_of_state_dicts_copies_and_pickles(counter):
     name, count = counter
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
-    layer = DEQLayer(Cell(), compile_f=True, compile_backend=name, f_max_iter=5)
-    keys = set(DEQLayer(Cell()).state_dict())
+    layer = DEQLayer(MLPCell(dim=8, hidden=16), compile_f=True, compile_backend=name, f_max_iter=5)
+    keys = set(DEQLayer(MLPCell(dim=8, hidden=16)).state_dict())
     z, _ = layer(x)
     assert count.frame_count == 1 and set(layer.state_dict()) == keys
     clone = copy.deepcopy(layer)
@@ -109,7 +90,7 @@ def test_compiled_state_stays_out_of_state_dicts_copies_and_pickles(counter):
         assert "_compiled_f_cache" not in other.__dict__ and set(other.state_dict()) == keys
         assert torch.allclose(other(x)[0], z)      # compiles its own f on first use
         assert other.__dict__["_compiled_f_cache"][0] is other.f
-    layer.f = Cell()                                # a new f is compiled anew
+    layer.f = MLPCell(dim=8, hidden=16)                                # a new f is compiled anew
     layer(x)
     assert layer.__dict__["_compiled_f_cache"][0] is layer.f
 

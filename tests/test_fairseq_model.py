@@ -19,18 +19,10 @@ from tests._fairseq_helpers import (USER_DIR, VOCAB, build, parse_train_config, 
                                     write_dictionary)
 
 # fairseq's config conversion goes through hydra's deprecated compose API.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header):UserWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
+    r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header):UserWarning")]
 
 TINY = ("--arch", "deq_transformer_lm_tiny", "--task", "language_modeling", "--tokens-per-sample", "16")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ from fairseq_deq.data import stream_batches  # noqa: E402
 from fairseq_deq.modules import (DEQTransformerCell, RelativeMultiheadAttention, SegmentMemory,  # noqa: E402
                                  rel_shift, relative_positions)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rel_shift_matches_explicit_indexing():

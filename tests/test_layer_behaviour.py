@@ -7,21 +7,7 @@ from torch import nn
 
 from deq_core import DEQLayer, DEQStats, VariationalDropout, apply_weight_norm, remove_weight_norm
 from tests._dtype_spy import register_dtype_spy
-from tests._maps import TanhCell
-
-
-class MLPCell(nn.Module):
-    """f(z, x) = LayerNorm(z + W2 relu(W1 z) + x): a small residual block with a norm."""
-
-    def __init__(self, dim=16, hidden=32, dropout=0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.drop = VariationalDropout.features1d(dropout)
-
-    def forward(self, z, x):
-        return self.norm(z + self.drop(self.fc2(torch.relu(self.fc1(z)))) + x)
+from tests._maps import MLPCell, TanhCell
 
 
 def _saved_bytes(layer, x):

@@ -8,16 +8,10 @@ import torch
 
 from tests._dtype_spy import register_dtype_spy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPY = "dtype_spy_mixed_precision"
 SPY_OPTS = dict(f_solver=SPY, f_solver_options={}, b_solver=SPY, b_solver_options={})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
