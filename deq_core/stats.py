@@ -71,30 +71,37 @@ class DEQStats:
         flag = self.f_diverged.any()
         return flag | self.b_diverged.any() if self.b_diverged is not None else flag
 
-    def to_dict(self) -> Dict[str, float]:
-        """Summary as Python floats: batch means, max steps, converged/diverged fractions."""
-        keys, values = [], []
+    def means(self) -> Dict[str, torch.Tensor]:
+        """Batch means as detached 0-d float32 tensors on the stats' device (no host read), for
+        loggers that accumulate on the device: forward steps and residuals, the diverged and
+        converged fractions, the backward ones once the backward solve ran, and ``jac_loss`` when
+        JR ran. :meth:`to_dict` reads the same values (and a few more) to the host."""
+        out: Dict[str, torch.Tensor] = {}
 
-        def add(key: str, t: torch.Tensor) -> None:
-            keys.append(key)
-            values.append(t.detach().float().reshape(()))
+        def add(key: str, t: Optional[torch.Tensor]) -> None:
+            if t is not None:
+                out[key] = t.detach().float().mean().reshape(())
 
-        add("f_steps", self.f_steps.float().mean())
-        add("f_steps_max", self.f_steps.float().max())
-        add("f_abs_res", self.f_abs_res.mean())
-        add("f_rel_res", self.f_rel_res.mean())
-        add("f_diverged", self.f_diverged.float().mean())
-        if self.f_converged is not None:
-            add("f_converged", self.f_converged.float().mean())
+        add("f_steps", self.f_steps)
+        add("f_abs_res", self.f_abs_res)
+        add("f_rel_res", self.f_rel_res)
+        add("f_diverged", self.f_diverged)
+        add("f_converged", self.f_converged)
         if self.b_steps is not None:
-            add("b_steps", self.b_steps.float().mean())
-            add("b_abs_res", self.b_abs_res.mean())
-            add("b_rel_res", self.b_rel_res.mean())
-            add("b_diverged", self.b_diverged.float().mean())
-            add("b_converged", self.b_converged.float().mean())
-        if self.jac_loss is not None:
-            add("jac_loss", self.jac_loss)
-        out = dict(zip(keys, torch.stack(values).tolist()))
+            add("b_steps", self.b_steps)
+            add("b_abs_res", self.b_abs_res)
+            add("b_rel_res", self.b_rel_res)
+            add("b_diverged", self.b_diverged)
+            add("b_converged", self.b_converged)
+        add("jac_loss", self.jac_loss)
+        return out
+
+    def to_dict(self) -> Dict[str, float]:
+        """Summary as Python floats (one host read): :meth:`means`, the largest step count, the
+        forward limit used and the JR weight."""
+        means = self.means()
+        means["f_steps_max"] = self.f_steps.detach().float().max()
+        out = dict(zip(means, torch.stack(list(means.values())).tolist()))
         out["f_max_iter"] = float(self.f_max_iter)
         out["jac_weight"] = float(self.jac_weight)
         return out

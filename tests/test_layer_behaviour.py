@@ -155,6 +155,11 @@ def test_stats_to_dict_and_detached_copies():
                       "b_steps", "b_abs_res", "jac_loss", "jac_weight", "f_max_iter"}
     assert all(isinstance(v, float) for v in d.values())
     assert d["f_steps"] == float(stats.f_steps.double().mean())
+    means = stats.means()
+    assert all(t.dim() == 0 and t.dtype == torch.float32 and not t.requires_grad for t in means.values())
+    assert {k: float(v) for k, v in means.items()} == {k: d[k] for k in means}
+    _, fresh = layer(x)
+    assert "b_steps" not in fresh.means() and "f_steps" in fresh.means()  # before its backward
     assert isinstance(stats, DEQStats) and layer.stats is stats
     clone = copy.deepcopy(layer)  # stats hold a graph; copying the module still works
     assert clone.stats.jac_loss.grad_fn is None

@@ -63,18 +63,10 @@ class DEQStatsMeter:
         self._counts: Optional[torch.Tensor] = None
 
     def update(self, stats: DEQStats) -> None:
-        zero = stats.f_abs_res.new_zeros(())
-        values = [
-            stats.f_steps.float().mean(), stats.f_abs_res.mean(), stats.f_rel_res.mean(),
-            zero if stats.b_steps is None else stats.b_steps.float().mean(),
-            zero if stats.b_abs_res is None else stats.b_abs_res.mean(),
-            zero if stats.b_rel_res is None else stats.b_rel_res.mean(),
-            zero if stats.jac_loss is None else stats.jac_loss.detach().float(),
-        ]
-        ones = [1.0, 1.0, 1.0, float(stats.b_steps is not None), float(stats.b_steps is not None),
-                float(stats.b_steps is not None), float(stats.jac_loss is not None)]
-        vec = torch.stack([v.float() for v in values])
-        cnt = torch.tensor(ones, device=vec.device)
+        means = stats.means()
+        zero = stats.f_abs_res.new_zeros((), dtype=torch.float32)
+        vec = torch.stack([means.get(k, zero) for k in self._KEYS])
+        cnt = torch.tensor([float(k in means) for k in self._KEYS], device=vec.device)
         if self._sums is None:
             self._sums, self._counts = vec, cnt
         else:

@@ -33,18 +33,16 @@ def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sa
         raise ValueError(f"--criterion {criterion} needs a model whose decoder returns DEQ statistics "
                          f"(--arch deq_transformer_lm*); use the criterion without _jr for other models")
     out = logging_output
+    means = stats.means()
     out["deq_calls"] = 1
-    out["deq_f_steps"] = stats.f_steps.float().mean().detach()
-    out["deq_f_abs_res"] = stats.f_abs_res.float().mean().detach()
-    out["deq_f_rel_res"] = stats.f_rel_res.float().mean().detach()
-    out["deq_f_diverged"] = stats.f_diverged.float().mean().detach()
+    out.update({key: means[name] for key, name in _FORWARD.items()})
     backward = extra.get("deq_backward")
     if backward is not None:
         # Views of a vector the implicit backward pass fills in before the trainer reads them.
         out["deq_b_calls"], out["deq_b_steps"], out["deq_b_abs_res"], out["deq_b_rel_res"] = backward.unbind(0)
     if stats.jac_loss is not None:
         out["deq_jr_calls"] = 1
-        out["deq_jr"] = stats.jac_loss.detach().float()
+        out["deq_jr"] = means["jac_loss"]
         out["deq_jr_weight"] = float(stats.jac_weight)
         if reduce:
             loss = loss + stats.jr_loss * sample_size
