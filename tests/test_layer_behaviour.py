@@ -158,12 +158,12 @@ def test_stats_to_dict_and_detached_copies():
     means = stats.means()
     assert all(t.dim() == 0 and t.dtype == torch.float32 and not t.requires_grad for t in means.values())
     assert {k: float(v) for k, v in means.items()} == {k: d[k] for k in means}
-    _, fresh = layer(x)
-    assert "b_steps" not in fresh.means() and "f_steps" in fresh.means()  # before its backward
     assert isinstance(stats, DEQStats) and layer.stats is stats
     clone = copy.deepcopy(layer)  # stats hold a graph; copying the module still works
     assert clone.stats.jac_loss.grad_fn is None
     assert not bool(stats.diverged)
+    _, fresh = layer(x)
+    assert "b_steps" not in fresh.means() and "f_steps" in fresh.means()  # before its backward
 
 
 def test_backward_summary_is_filled_in_place_by_backward():
