@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from .config import DEQConfig
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
 from .solvers import SolverResult, get_solver
+from .solvers._tracking import residuals
 from .state import State, StateSpec, state_dtype_for
 from .stats import DEQStats
 
@@ -292,8 +293,7 @@ class DEQLayer(nn.Module):
         prev = z
         for _ in range(n):
             prev, z = z, fn(z)
-        diff = torch.linalg.vector_norm((z - prev).detach(), dim=1)
-        rel = diff / (torch.linalg.vector_norm(z.detach(), dim=1) + 1e-8)
+        diff, rel = residuals(prev.detach(), z.detach())
         stats = DEQStats(mode="unrolled", f_steps=torch.full_like(diff, n, dtype=torch.int32),
                          f_abs_res=diff, f_rel_res=rel, f_diverged=~torch.isfinite(diff), f_max_iter=n)
         if jac_on:

@@ -54,9 +54,10 @@ class DEQStats:
         self.b_converged = result.converged
         self.host_reads += result.host_reads
         if self.backward_summary is not None:
+            means = self.means()
             self.backward_summary.copy_(torch.stack([
-                torch.ones((), device=result.steps.device), result.steps.float().mean(),
-                result.abs_res.float().mean(), result.rel_res.float().mean()]))
+                torch.ones((), device=self.backward_summary.device), means["b_steps"], means["b_abs_res"],
+                means["b_rel_res"]]))
 
     @property
     def jr_loss(self) -> Union[torch.Tensor, float]:

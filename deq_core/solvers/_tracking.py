@@ -11,6 +11,13 @@ STOP_MODES = ("abs", "rel")
 _REL_EPS = 1e-8
 
 
+def residuals(z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None):
+    """Per-sample absolute ``||f(z) - z||`` and relative ``||f(z) - z|| / ||f(z)||`` residuals of
+    ``(B, D)`` iterates (``g = fz - z`` when the caller has it already)."""
+    abs_res = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
+    return abs_res, abs_res / (torch.linalg.vector_norm(fz, dim=1) + _REL_EPS)
+
+
 def resolve_check_every(check_every: Optional[int], device: torch.device) -> int:
     """``None`` picks the interval between host reads: every step on CPU (a read is free there),
     every 4th on accelerators (a read stalls the device queue)."""
@@ -63,9 +70,7 @@ class Tracker:
         keep their best iterate and stop counting steps.
         """
         self.iteration += 1
-        diff = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
-        abs_res = diff
-        rel_res = diff / (torch.linalg.vector_norm(fz, dim=1) + _REL_EPS)
+        abs_res, rel_res = residuals(z, fz, g)
         res = rel_res if self.rel else abs_res
         if self.first_res is None:
             self.first_res = res.clone()
