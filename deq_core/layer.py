@@ -301,15 +301,30 @@ class DEQLayer(nn.Module):
         return z, stats
 
     # -- diagnostics ---------------------------------------------------------------------------
+    def _equilibrium(self, inputs, kwargs, z0) -> Tuple[_FlatMap, torch.Tensor]:
+        """The flat map and its no-grad fixed point at the evaluation limits (for diagnostics)."""
+        _, fn, z0_flat = self._prepare(inputs, kwargs, z0)
+        cfg = self.config
+        with torch.no_grad():
+            z = self._solve(fn, z0_flat, cfg.eval_max_iter or cfg.f_max_iter, cfg.eval_tol or cfg.f_tol).z
+        return fn, z
+
     def spectral_radius(self, *inputs: Any, z0: Optional[State] = None, n_iter: int = 20,
                         **kwargs: Any) -> torch.Tensor:
         """Per-sample power-method estimate of rho(J_f(z*)) at this layer's fixed point."""
         with equilibrium_pass(self.f):
-            _, fn, z0_flat = self._prepare(inputs, kwargs, z0)
-            cfg = self.config
-            with torch.no_grad():
-                z = self._solve(fn, z0_flat, cfg.eval_max_iter or cfg.f_max_iter, cfg.eval_tol or cfg.f_tol).z
+            fn, z = self._equilibrium(inputs, kwargs, z0)
             return spectral_radius(fn, z, n_iter=n_iter)
+
+    def jacobian_frobenius(self, *inputs: Any, z0: Optional[State] = None, n_probes: int = 8,
+                           **kwargs: Any) -> torch.Tensor:
+        """Per-sample Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` at this layer's fixed point:
+        the quantity JR penalizes, measured without keeping a graph (a training diagnostic)."""
+        with equilibrium_pass(self.f), torch.enable_grad():
+            fn, z = self._equilibrium(inputs, kwargs, z0)
+            z_in = z.detach().requires_grad_()
+            return jac_frobenius_estimate(fn(z_in), z_in, n_probes, self.config.jac_probe,
+                                          create_graph=False).detach()
 
 
 def _check_finite(inputs: Sequence[Any], kwargs: Mapping[str, Any], z0: Optional[State]) -> None:

@@ -152,6 +152,19 @@ def test_layer_spectral_radius_matches_the_exact_jacobian():
         assert float(rho[b]) == pytest.approx(float(exact), rel=0.05)
 
 
+def test_layer_jacobian_frobenius_matches_the_exact_norm_at_the_fixed_point():
+    f = TanhCell(8, 5, scale=0.9)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    layer = DEQLayer(f, f_max_iter=200, f_tol=1e-12)
+    torch.manual_seed(0)
+    est = layer.jacobian_frobenius(x.repeat_interleave(2000, dim=0), n_probes=2)
+    assert est.shape == (4000,) and not est.requires_grad
+    z = _fixed_point(f, x)
+    for b in range(2):
+        exact = _exact_jac_norm(f, z[b:b + 1], x[b:b + 1])
+        assert float(est[b * 2000:(b + 1) * 2000].mean()) == pytest.approx(float(exact), rel=0.03)
+
+
 def test_schedule_state_travels_with_the_state_dict():
     layer = DEQLayer(TanhCell(4, 3), pretrain_steps=5)
     layer.set_num_updates(7)
