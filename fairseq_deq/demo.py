@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -45,6 +46,12 @@ _TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
 
 def stdlib_paragraphs() -> List[str]:
     """Tokenized docstring paragraphs (lower case, punctuation split off) of STDLIB_MODULES."""
+    with warnings.catch_warnings():  # reading some modules' attributes warns (typing.io, typing.re)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _stdlib_paragraphs()
+
+
+def _stdlib_paragraphs() -> List[str]:
     docs = []
     for name in STDLIB_MODULES:
         try:
@@ -66,10 +73,12 @@ def stdlib_paragraphs() -> List[str]:
     return [" ".join(_TOKEN.findall(p.lower())) for p in paragraphs if len(p.split()) >= 5]
 
 
-def write_corpus(directory: Path) -> Dict[str, int]:
-    """train/valid/test text files (every 20th paragraph to valid, the next to test); token counts."""
+def write_corpus(directory: Path, limit: int = 0) -> Dict[str, int]:
+    """train/valid/test text files (every 20th paragraph to valid, the next to test) from the first
+    ``limit`` paragraphs (0: all); token counts."""
     splits: Dict[str, List[str]] = {"train": [], "valid": [], "test": []}
-    for i, paragraph in enumerate(stdlib_paragraphs()):
+    paragraphs = stdlib_paragraphs()
+    for i, paragraph in enumerate(paragraphs[:limit] if limit else paragraphs):
         splits["valid" if i % 20 == 0 else "test" if i % 20 == 1 else "train"].append(paragraph)
     directory.mkdir(parents=True, exist_ok=True)
     for split, lines in splits.items():
@@ -77,7 +86,7 @@ def write_corpus(directory: Path) -> Dict[str, int]:
     return {split: sum(len(line.split()) + 1 for line in lines) for split, lines in splits.items()}
 
 
-def _tool(name: str) -> List[str]:
+def fairseq_tool(name: str) -> List[str]:
     """The console script (e.g. ``fairseq-train``) of this interpreter's environment."""
     script = Path(sys.executable).parent / name
     if script.exists():
@@ -94,7 +103,8 @@ def _run(args: Sequence[str], log: Path) -> str:
     return proc.stdout
 
 
-def _records(output: str, tag: str) -> List[dict]:
+def log_records(output: str, tag: str) -> List[dict]:
+    """The JSON records of fairseq's ``--log-format json`` lines tagged ``| tag |``."""
     return [json.loads(line.split(f"| {tag} | ", 1)[1]) for line in output.splitlines()
             if f"| {tag} | " in line and line.rstrip().endswith("}")]
 
@@ -120,28 +130,28 @@ def main(argv: Sequence[str] = ()) -> None:
           f"from Python {sys.version.split()[0]} standard-library docstrings, in {work}")
     data, ckpt = work / "data-bin", work / "checkpoints"
     shutil.rmtree(data, ignore_errors=True)
-    _run(_tool("fairseq-preprocess") + [
+    _run(fairseq_tool("fairseq-preprocess") + [
         "--only-source", "--trainpref", str(work / "raw/train.txt"), "--validpref", str(work / "raw/valid.txt"),
         "--testpref", str(work / "raw/test.txt"), "--destdir", str(data), "--nwordssrc", "5000",
         "--workers", "1"], work / "preprocess.log")
     stream = ["--user-dir", USER_DIR, "--task", "deq_language_modeling", "--tokens-per-sample", "32", "--cpu"]
-    train = _run(_tool("fairseq-train") + [
+    train = _run(fairseq_tool("fairseq-train") + [
         str(data), *stream, "--arch", "deq_transformer_lm_tiny", "--criterion", "cross_entropy_jr",
         "--batch-size", "16", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.003",
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--clip-norm", "0.5",
         "--pretrain-steps", "100", "--max-update", str(args.max_update), "--log-format", "json",
         "--log-interval", "100", "--save-dir", str(ckpt), "--no-epoch-checkpoints", "--num-workers", "0",
         "--seed", "1"], work / "train.log")
-    evaluate = _tool("fairseq-eval-lm") + [str(data), *stream, "--path", str(ckpt / "checkpoint_last.pt"),
+    evaluate = fairseq_tool("fairseq-eval-lm") + [str(data), *stream, "--path", str(ckpt / "checkpoint_last.pt"),
                                            "--batch-size", "16", "--gen-subset", "test"]
     ppl = _perplexity(_run(evaluate, work / "eval.log"))
     ppl_4 = _perplexity(_run(evaluate + ["--model-overrides", "{'eval_max_iter': 4}"], work / "eval_4.log"))
-    validate = _run(_tool("fairseq-validate") + [
+    validate = _run(fairseq_tool("fairseq-validate") + [
         str(data), *stream, "--path", str(ckpt / "checkpoint_last.pt"), "--batch-size", "16",
         "--valid-subset", "test"], work / "validate.log")
     steps = re.search(r"\| f_steps ([\d.]+)", validate)
 
-    last_train, last_valid = _records(train, "train")[-1], _records(train, "valid")[-1]
+    last_train, last_valid = log_records(train, "train")[-1], log_records(train, "valid")[-1]
     print(f"\nDEQ-Transformer demo: deq_transformer_lm_tiny, {args.max_update} updates "
           f"(100 pretraining updates of a 2-layer unrolled stack, then Anderson <= 8 forward / "
           f"Broyden <= 8 backward iterations, JR weight 1.0 at frequency 0.35)")

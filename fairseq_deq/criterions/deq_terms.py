@@ -17,6 +17,11 @@ _FORWARD = {"deq_f_steps": "f_steps", "deq_f_abs_res": "f_abs_res", "deq_f_rel_r
 _BACKWARD = ("b_steps", "b_abs_res", "b_rel_res")
 
 
+def _decimals(name: str) -> int:
+    """Residuals (often 1e-4 or below) keep 6 decimals in the logs, counts and fractions 3."""
+    return 6 if name.endswith("_res") else 3
+
+
 def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sample_size: int,
                   logging_output: Dict[str, Any], criterion: str, reduce: bool = True) -> torch.Tensor:
     """Return ``loss + sample_size * stats.jr_loss`` and add the solver statistics to ``logging_output``
@@ -57,11 +62,11 @@ def reduce_deq_metrics(logging_outputs: Sequence[Dict[str, Any]]) -> None:
     calls = total("deq_calls")
     if calls > 0:
         for key, name in _FORWARD.items():
-            metrics.log_scalar(name, total(key) / calls, calls, round=3)
+            metrics.log_scalar(name, total(key) / calls, calls, round=_decimals(name))
     b_calls = total("deq_b_calls")
     if b_calls > 0:
         for name in _BACKWARD:
-            metrics.log_scalar(name, total("deq_" + name) / b_calls, b_calls, round=3)
+            metrics.log_scalar(name, total("deq_" + name) / b_calls, b_calls, round=_decimals(name))
     jr_calls = total("deq_jr_calls")
     if jr_calls > 0:
         metrics.log_scalar("jr", total("deq_jr") / jr_calls, jr_calls, round=4)
