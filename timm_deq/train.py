@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -317,8 +317,15 @@ def setup(argv: Optional[List[str]] = None) -> Training:
     return run
 
 
-def train(run: Training) -> Dict[str, float]:
-    """Train from ``run.start_epoch`` to ``run.num_epochs``; returns the last eval metrics."""
+EpochCallback = Callable[[Training, int, Dict[str, float], Dict[str, float]], None]
+
+
+def train(run: Training, on_epoch_end: Optional[EpochCallback] = None) -> Dict[str, float]:
+    """Train from ``run.start_epoch`` to ``run.num_epochs``; returns the last eval metrics.
+
+    ``on_epoch_end(run, epoch, train_metrics, eval_metrics)``, when given, is called on every
+    process after each epoch's evaluation and checkpoint (for extra diagnostics or logging).
+    """
     args, task = run.args, run.task
     primary = utils.is_primary(args)
     eval_metrics: Dict[str, float] = {}
@@ -344,6 +351,8 @@ def train(run: Training) -> Dict[str, float]:
                                  filename=os.path.join(run.output_dir, 'summary.csv'),
                                  lr=run.optimizer.param_groups[0]['lr'])
             run.saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+        if on_epoch_end is not None:
+            on_epoch_end(run, epoch, train_metrics, eval_metrics)
         run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
     return eval_metrics
 
