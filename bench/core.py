@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -93,16 +93,23 @@ def jr_overhead(device: torch.device, repeats: int) -> List[str]:
             for name, ratio in jr_overhead_ratios(device, repeats).items()]
 
 
-def memory(device: torch.device) -> List[str]:
-    rows = []
+def memory_bytes(device: torch.device) -> Dict[str, Tuple[int, int]]:
+    """Per case: activation bytes saved for backward by the implicit layer (12 forward
+    iterations) and by an unrolled stack of the same depth."""
+    out = {}
     for name, (f, x) in _cases(device).items():
         params = list(f.parameters())
         implicit = saved_activation_bytes(lambda: DEQLayer(f, f_max_iter=12, f_tol=1e-12)(x), params)[1]
         unrolled = saved_activation_bytes(lambda: DEQLayer(f, backward="unrolled", unrolled_layers=12)(x),
                                           params)[1]
-        rows.append(f"| saved-for-backward bytes, implicit / unrolled at 12 iters, {name} | "
-                    f"{implicit / unrolled:.3f} ({implicit / 2**20:.1f} MiB / {unrolled / 2**20:.1f} MiB) | <= 0.125 |")
-    return rows
+        out[name] = (implicit, unrolled)
+    return out
+
+
+def memory(device: torch.device) -> List[str]:
+    return [f"| saved-for-backward bytes, implicit / unrolled at 12 iters, {name} | "
+            f"{implicit / unrolled:.3f} ({implicit / 2**20:.1f} MiB / {unrolled / 2**20:.1f} MiB) | <= 0.125 |"
+            for name, (implicit, unrolled) in memory_bytes(device).items()]
 
 
 def _flat_map(f, x):
@@ -114,8 +121,9 @@ def _flat_map(f, x):
     return fn, spec.zeros(torch.float32)
 
 
-def solver_overhead(device: torch.device, repeats: int) -> List[str]:
-    rows = []
+def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, float]:
+    """Per case: the share of an Anderson solve (m=5, 30 iterations) spent outside f."""
+    out = {}
     for name, (f, x) in _cases(device).items():
         fn, z0 = _flat_map(f, x)
         inside = [0.0]
@@ -123,10 +131,10 @@ def solver_overhead(device: torch.device, repeats: int) -> List[str]:
         def timed(z):
             _sync(device)
             t0 = time.perf_counter()
-            out = fn(z)
+            result = fn(z)
             _sync(device)
             inside[0] += time.perf_counter() - t0
-            return out
+            return result
 
         shares = []
         with torch.no_grad():
@@ -138,17 +146,23 @@ def solver_overhead(device: torch.device, repeats: int) -> List[str]:
                 _sync(device)
                 total = time.perf_counter() - t0
                 shares.append(1 - inside[0] / total)
-        rows.append(f"| solver time outside f / solve time, anderson m=5, 30 iters, {name} | "
-                    f"{statistics.median(shares):.1%} | <= 10% |")
-    return rows
+        out[name] = statistics.median(shares)
+    return out
 
 
-def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
+def solver_overhead(device: torch.device, repeats: int) -> List[str]:
+    return [f"| solver time outside f / solve time, anderson m=5, 30 iters, {name} | {share:.1%} | <= 10% |"
+            for name, share in solver_overhead_shares(device, repeats).items()]
+
+
+def torchdeq_comparison(device: torch.device, repeats: int) -> Optional[Dict[str, Dict[str, float]]]:
+    """Per case: TorchDEQ 0.1.0's Anderson time over ours to the same absolute tolerance, with
+    the steps, final residuals and host reads per solve; None when torchdeq is not installed."""
     try:
         from torchdeq.solver.anderson import anderson_solver
     except ImportError:
-        return ["| TorchDEQ comparison | skipped: `pip install torchdeq==0.1.0` | |"]
-    rows = []
+        return None
+    out = {}
     cases = dict(_cases(device))
     torch.manual_seed(0)
     cases["small MLP (64x64)"] = (torch.nn.Sequential(), None)
@@ -178,11 +192,20 @@ def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
                 with _HostReads() as mode:
                     fn_()
                 reads[key] = mode.count
-        rows.append(f"| TorchDEQ time / ours, anderson to abs tol {tol:.1e}, {name} | "
-                    f"{t['theirs'] / t['ours']:.2f}x (steps ours {int(res.steps.max())}, residual "
-                    f"ours {float(res.abs_res.max()):.1e} / theirs {their_res:.1e}; host reads per solve "
-                    f"ours {reads['ours']} / theirs {reads['theirs']}) | >= 1.2x |")
-    return rows
+        out[name] = dict(tol=tol, ratio=t["theirs"] / t["ours"], steps=int(res.steps.max()),
+                         res_ours=float(res.abs_res.max()), res_theirs=their_res, reads_ours=reads["ours"],
+                         reads_theirs=reads["theirs"])
+    return out
+
+
+def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
+    cases = torchdeq_comparison(device, repeats)
+    if cases is None:
+        return ["| TorchDEQ comparison | skipped: `pip install torchdeq==0.1.0` | |"]
+    return [f"| TorchDEQ time / ours, anderson to abs tol {c['tol']:.1e}, {name} | "
+            f"{c['ratio']:.2f}x (steps ours {c['steps']}, residual ours {c['res_ours']:.1e} / theirs "
+            f"{c['res_theirs']:.1e}; host reads per solve ours {c['reads_ours']} / theirs {c['reads_theirs']}) "
+            f"| >= 1.2x |" for name, c in cases.items()]
 
 
 def main(argv=None) -> None:

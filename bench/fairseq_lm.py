@@ -55,14 +55,8 @@ def build_pair(size: str, device: torch.device, dtype: torch.dtype, baseline: Op
     parameters outside the embeddings, or, when ``baseline`` names a fairseq LM architecture
     (e.g. ``transformer_lm_wiki103``), that architecture as fairseq defines it."""
     arch, vocab, seg, _, layers, extra = SIZES[size]
-    dictionary = Dictionary()
-    for i in range(vocab - len(dictionary)):
-        dictionary.add_symbol(f"w{i}")
     common = ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"]
-    criterion = extra or ("--criterion", "cross_entropy_jr")
-    deq_cfg = _config([*common, "--arch", arch, "--pretrain-steps", "0", *criterion])
-    task = LanguageModelingTask(deq_cfg.task, dictionary)
-    deq = task.build_model(deq_cfg.model)
+    task, deq_cfg, deq = _build_deq(size, common)
     if baseline is None:
         base_cfg, label = _matched_baseline(deq_cfg, deq, common, layers), f"transformer_lm ({layers} layers)"
     else:
@@ -75,11 +69,31 @@ def build_pair(size: str, device: torch.device, dtype: torch.dtype, baseline: Op
     return pairs, seg, vocab, label
 
 
+def _build_deq(size: str, common: List[str]):
+    """(task, config, model) of the DEQ architecture of ``SIZES[size]`` on a dummy vocabulary."""
+    arch, vocab, _, _, _, extra = SIZES[size]
+    dictionary = Dictionary()
+    for i in range(vocab - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    deq_cfg = _config([*common, "--arch", arch, "--pretrain-steps", "0",
+                       *(extra or ("--criterion", "cross_entropy_jr"))])
+    task = LanguageModelingTask(deq_cfg.task, dictionary)
+    return task, deq_cfg, task.build_model(deq_cfg.model)
+
+
 def _matched_baseline(deq_cfg, deq: torch.nn.Module, common: List[str], layers: int):
+    return _config([*common, *matched_baseline_flags(deq_cfg, deq, layers)])
+
+
+def matched_baseline_flags(deq_cfg, deq: torch.nn.Module, layers: int) -> List[str]:
+    """fairseq-train flags of a ``layers``-layer transformer_lm with the DEQ's width, heads,
+    dropout and embedding/softmax, and as many parameters outside the embeddings (its FFN width
+    is chosen to match)."""
     m = deq_cfg.model
-    shape = ["--decoder-embed-dim", str(m.decoder_embed_dim), "--decoder-input-dim", str(m.decoder_embed_dim),
-             "--decoder-output-dim", str(m.decoder_embed_dim), "--decoder-attention-heads",
-             str(m.decoder_attention_heads), "--decoder-layers", str(layers), "--dropout", str(m.dropout)]
+    shape = ["--arch", "transformer_lm", "--decoder-embed-dim", str(m.decoder_embed_dim),
+             "--decoder-input-dim", str(m.decoder_embed_dim), "--decoder-output-dim", str(m.decoder_embed_dim),
+             "--decoder-attention-heads", str(m.decoder_attention_heads), "--decoder-layers", str(layers),
+             "--dropout", str(m.dropout)]
     if m.adaptive_input:
         shape += ["--adaptive-input", "--adaptive-input-cutoff", m.adaptive_input_cutoff,
                   "--adaptive-softmax-cutoff", m.adaptive_softmax_cutoff, "--tie-adaptive-weights",
@@ -89,7 +103,14 @@ def _matched_baseline(deq_cfg, deq: torch.nn.Module, common: List[str], layers: 
     d = m.decoder_embed_dim
     per_layer = 4 * d * d + 4 * d + 4 * d + d    # attention + its biases, two LayerNorms, FFN out bias
     ffn = max(1, round((_non_embedding_params(deq) / layers - per_layer) / (2 * d + 1)))
-    return _config([*common, "--arch", "transformer_lm", *shape, "--decoder-ffn-embed-dim", str(ffn)])
+    return shape + ["--decoder-ffn-embed-dim", str(ffn)]
+
+
+def baseline_flags(size: str) -> List[str]:
+    """:func:`matched_baseline_flags` for the DEQ architecture of ``SIZES[size]`` (on CPU)."""
+    seg, layers = SIZES[size][2], SIZES[size][4]
+    _, deq_cfg, deq = _build_deq(size, ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"])
+    return matched_baseline_flags(deq_cfg, deq, layers)
 
 
 def _named_baseline(arch: str, common: List[str]):
