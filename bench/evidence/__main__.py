@@ -1,0 +1,150 @@
+"""Regenerate the evidence report: ``python -m bench.evidence --quick`` (CPU, about half an hour).
+
+Runs the four experiments of ``docs/RESULTS.md`` (vision NFE growth with and without JR, hard
+stopping, language stability and speed against ``transformer_lm``, cost), then writes the report,
+its PNG figures and the raw results (``results/results.json`` next to the report). Without
+``--quick`` the full settings run (one CUDA GPU, several hours). ``--only`` reruns some
+experiments and keeps the others' results from the previous ``results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .settings import PRESETS, Settings
+
+_logger = logging.getLogger("evidence")
+EXPERIMENTS = ("vision", "language", "cost")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.evidence", description=__doc__.splitlines()[0])
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="the CPU settings (about 30 minutes on 2 cores)")
+    preset.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
+                        help="a smoke run of every experiment in under a minute (figures mean nothing)")
+    parser.set_defaults(preset="full")
+    parser.add_argument("--output", type=Path, default=Path("docs"), help="folder of RESULTS.md (default: docs)")
+    parser.add_argument("--work", type=Path, default=Path("output/evidence"),
+                        help="folder for data, checkpoints and logs (default: output/evidence)")
+    parser.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these experiments")
+    parser.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
+    parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    parser.add_argument("--epochs", type=int, default=None, help="override the vision epochs")
+    parser.add_argument("--lm-seconds", type=float, default=None, help="override the language time budget")
+    parser.add_argument("--jobs", type=int, default=None, help="override the concurrent CPU runs")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    s = PRESETS[args.preset].override(device=args.device, seeds=args.seeds, epochs=args.epochs,
+                                      lm_seconds=args.lm_seconds, jobs=args.jobs)
+    for name in ("seeds", "epochs", "jobs"):
+        if getattr(s, name) < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(s, name)}")
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: the {s.name} settings run on {s.device!r} and this machine has no CUDA device; "
+                         "use --quick on a CPU (or --device cpu to force these settings)")
+    return s
+
+
+def _hardware(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical CPUs"
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.get_device_name(torch.device(device))}"
+    else:
+        text += ", no GPU used"
+    return text
+
+
+def _versions() -> str:
+    import timm
+    import fairseq
+    import deq_core
+    out = [f"Python {platform.python_version()}", f"torch {torch.__version__}", f"timm {timm.__version__}",
+           f"fairseq {fairseq.__version__}", f"deq-jr {deq_core.__version__}"]
+    return ", ".join(out)
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent, check=True).stdout.strip()
+        return f"`{rev}`" + (" with uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    """Run the experiments, write the report; returns the results."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    s = _settings(args)
+    missing = [name for name in ("matplotlib", "sklearn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"error: the evidence suite needs {' and '.join(missing)}; "
+                         "install them with `pip install -e \".[bench]\"`")
+    from .cost import run_cost
+    from .language import run_language
+    from .plots import language_figure, vision_figures
+    from .report import write_report
+    from .vision import run_vision
+
+    start = time.perf_counter()
+    img_dir = args.output / "results"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    saved = img_dir / "results.json"
+    results: Dict[str, object] = {}
+    if args.only and saved.exists():
+        results = {k: v for k, v in json.loads(saved.read_text()).items() if k in EXPERIMENTS}
+    for name in args.only or EXPERIMENTS:
+        _logger.info(f"{name}: starting ({s.name} settings)")
+        t0 = time.perf_counter()
+        if name == "vision":
+            results[name] = run_vision(s, args.work / "vision")
+        elif name == "language":
+            results[name] = run_language(s, args.work / "language")
+        else:
+            results[name] = run_cost(s)
+        _logger.info(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+        saved.write_text(json.dumps(dict(results, settings=dataclasses.asdict(s)), indent=1))
+    figures: Dict[str, object] = {}
+    if "vision" in results:
+        figures["vision"] = vision_figures(results["vision"], s.probe_max_iter, img_dir)
+    if "language" in results:
+        figures["language"] = language_figure(results["language"], img_dir)
+    meta = dict(command=shlex.join(["python", "-m", "bench.evidence", *argv]), date=date.today().isoformat(),
+                minutes=(time.perf_counter() - start) / 60, hardware=_hardware(s.device), versions=_versions(),
+                commit=_commit(), settings=dataclasses.asdict(s))
+    report = args.output / "RESULTS.md"
+    write_report(report, img_dir.name, results, figures, meta)
+    _logger.info(f"wrote {report} and its figures in {img_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main()

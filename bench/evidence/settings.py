@@ -1,0 +1,58 @@
+"""The experiment settings: a seconds-long smoke setting, the CPU ``--quick`` run and the full GPU run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Tuple
+
+__all__ = ["Settings", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that sizes the evidence run. Vision: ``mdeq_tiny_cifar`` on scikit-learn's
+    digits upscaled to ``img_size``; language: ``deq_transformer_lm_tiny`` and a matched
+    ``transformer_lm`` on the standard-library docstring corpus, each for ``lm_seconds`` of
+    training; cost: the core benchmark's cases with ``cost_repeats`` timed repetitions."""
+
+    name: str
+    device: str = "cpu"
+    seeds: int = 3
+    jobs: int = 2                     # concurrent single-threaded runs (CPU); 1 runs them in this process
+    # vision
+    img_size: int = 16
+    epochs: int = 10
+    batch_size: int = 64
+    digits_limit: int = 0             # use only the first N digit images (0: all 1797)
+    jac_weight: float = 0.4
+    jac_freq: float = 0.5
+    f_max_iter: int = 8               # training forward limit
+    b_max_iter: int = 7               # training backward limit
+    probe_images: int = 128           # held-out images the per-epoch stability probe uses
+    probe_max_iter: int = 40          # the probe's solver limit (steps needed to reach the tolerance)
+    hard_stop_limits: Tuple[int, ...] = (1, 2, 4, 6, 8, 12)
+    # language
+    lm_seconds: float = 120.0         # training wall-clock budget per run (fairseq --stop-time-hours)
+    lm_max_update: int = 0            # also stop at this many updates (0: time budget only)
+    lm_validate_every: int = 100      # updates between validations (and training log records)
+    lm_paragraphs: int = 0            # corpus size in docstring paragraphs (0: all)
+    lm_pretrain_steps: int = 100
+    # cost
+    cost_repeats: int = 3
+
+    def override(self, **changes) -> "Settings":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS = {
+    # End to end in well under a minute: for tests of the experiment code, not for reading.
+    "tiny": Settings(name="tiny", seeds=1, jobs=1, img_size=16, epochs=1, batch_size=32, digits_limit=200,
+                     probe_images=16, probe_max_iter=10, hard_stop_limits=(1, 4), lm_seconds=0.0,
+                     lm_max_update=12, lm_validate_every=6, lm_paragraphs=300, lm_pretrain_steps=4,
+                     cost_repeats=1),
+    # The CPU run (2 cores, about half an hour).
+    "quick": Settings(name="quick"),
+    # The GPU run (one GPU, several hours): larger images, longer training, more seeds.
+    "full": Settings(name="full", device="cuda", seeds=5, jobs=1, img_size=32, epochs=60, batch_size=128,
+                     probe_images=256, probe_max_iter=60, lm_seconds=1800.0, lm_validate_every=500,
+                     lm_pretrain_steps=1000, cost_repeats=10),
+}

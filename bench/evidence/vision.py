@@ -1,0 +1,122 @@
+"""Experiments 1 and 2: an MDEQ trained on digits with and without JR (same budget), its solver
+stability over training, and its accuracy when the forward solver is hard-stopped."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from timm_deq import train as timm_train
+from timm_deq import validate as timm_validate
+from timm_deq.task import deq_layers
+
+from ._jobs import log_to, run_jobs
+from .digits import write_digits
+from .settings import Settings
+
+__all__ = ["probe", "run_vision"]
+
+MODEL = "mdeq_tiny_cifar"
+
+
+def _train_args(s: Settings, data: Path, out: Path, jr: bool, seed: int) -> List[str]:
+    return [
+        str(data), "--model", MODEL, "--img-size", str(s.img_size), "--epochs", str(s.epochs),
+        "-b", str(s.batch_size), "-j", "0", "--device", s.device, "--seed", str(seed),
+        "--opt", "adamw", "--lr", "2e-3", "--weight-decay", "0.01", "--sched", "cosine",
+        "--warmup-epochs", "1", "--warmup-lr", "2e-4",
+        # digits: no flips (a mirrored 2 is not a 2), mild scale/aspect jitter only
+        "--hflip", "0", "--scale", "0.8", "1", "--ratio", "0.9", "1.1", "--color-jitter", "0", "--smoothing", "0",
+        "--f-max-iter", str(s.f_max_iter), "--b-max-iter", str(s.b_max_iter),
+        "--jac-weight", str(s.jac_weight if jr else 0.0), "--jac-freq", str(s.jac_freq),
+        "--output", str(out), "--experiment", "train", "--checkpoint-hist", "1", "--log-interval", "1000",
+    ]
+
+
+def probe(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, max_iter: int) -> Dict[str, float]:
+    """Solver stability of ``model``'s equilibrium layer on a fixed batch, in eval mode: forward
+    and backward steps needed to reach the layer's tolerances (at most ``max_iter``), the residuals
+    reached, ``||J_f(z*)||_F^2 / d`` and the spectral radius of ``J_f(z*)``."""
+    (layer,) = deq_layers(model)
+    base, was_training = layer.config, model.training
+    captured: Dict[str, Any] = {}
+
+    def keep_inputs(module, args, kwargs, output):
+        captured.update(args=tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs=kwargs)
+
+    handle = layer.register_forward_hook(keep_inputs, with_kwargs=True)
+    layer.config = base.replace(eval_max_iter=max_iter, eval_tol=None, b_max_iter=max_iter)
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(images), targets)
+            params = [p for p in model.parameters() if p.requires_grad]
+            torch.autograd.grad(loss, params, allow_unused=True)  # runs the implicit backward solve
+        stats = layer.stats.to_dict()
+        jac = layer.jacobian_frobenius(*captured["args"], **captured["kwargs"])
+        rho = layer.spectral_radius(*captured["args"], **captured["kwargs"], n_iter=20)
+    finally:
+        handle.remove()
+        layer.config = base
+        model.train(was_training)
+    return dict(f_steps=stats["f_steps"], f_rel_res=stats["f_rel_res"], f_converged=stats["f_converged"],
+                b_steps=stats["b_steps"], b_rel_res=stats["b_rel_res"], b_converged=stats["b_converged"],
+                jac_fro=float(jac.mean()), spectral_radius=float(rho.mean()))
+
+
+def _probe_batch(loader, n: int, device: torch.device):
+    images, targets = [], []
+    for x, y in loader:
+        images.append(x)
+        targets.append(y)
+        if sum(len(t) for t in targets) >= n:
+            break
+    return torch.cat(images)[:n].to(device), torch.cat(targets)[:n].to(device)
+
+
+def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int) -> Dict[str, Any]:
+    """Train one model through ``timm_deq.train`` (the CLI's code path), probing after every
+    epoch, then evaluate its last checkpoint at the hard-stop limits through ``timm_deq.validate``."""
+    name = f"{'jr' if jr else 'nojr'}_seed{seed}"
+    out = work / name
+    with log_to(out / "log.txt"):
+        run = timm_train.setup(_train_args(s, data, out, jr, seed))
+        images, targets = _probe_batch(run.loader_eval, s.probe_images, run.device)
+        model = run.task.get_trainable_module()
+        epochs = [dict(epoch=0, **probe(model, images, targets, s.probe_max_iter))]
+        clock = [time.perf_counter(), 0.0]
+
+        def on_epoch_end(run, epoch, train_metrics, eval_metrics):
+            clock[1] += time.perf_counter() - clock[0]  # training + evaluation time, probes left out
+            record = dict(epoch=epoch + 1, seconds=clock[1], top1=eval_metrics["top1"],
+                          eval_f_steps=eval_metrics.get("f_steps"), eval_f_rel_res=eval_metrics.get("f_rel_res"),
+                          **{f"train_{k}": v for k, v in train_metrics.items()},
+                          **probe(model, images, targets, s.probe_max_iter))
+            epochs.append(record)
+            clock[0] = time.perf_counter()
+
+        timm_train.train(run, on_epoch_end)
+        checkpoint = Path(run.output_dir) / "last.pth.tar"
+        hard_stop = timm_validate.main([
+            str(data), "--model", MODEL, "--img-size", str(s.img_size), "--checkpoint", str(checkpoint),
+            "-b", "256", "-j", "0", "--device", s.device,
+            "--eval-max-iter", *map(str, s.hard_stop_limits)])
+    result = dict(name=name, jr=jr, seed=seed, epochs=epochs,
+                  hard_stop=[{k: r[k] for k in ("f_limit", "top1", "f_steps", "f_rel_res")} for r in hard_stop])
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_vision(s: Settings, work: Path) -> Dict[str, Any]:
+    """Both models for every seed; JR and no-JR runs of a seed are paired so that they run side by side."""
+    data = work / "digits"
+    shutil.rmtree(data, ignore_errors=True)  # always written for these settings (it takes a second)
+    counts = write_digits(data, s.img_size, limit=s.digits_limit)
+    jobs = [(s, data, work, jr, seed) for seed in range(s.seeds) for jr in (False, True)]
+    runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "vision runs")
+    return dict(model=MODEL, images=counts, runs=runs)
