@@ -85,6 +85,11 @@ def test_bad_settings_are_refused(argv, message):
         evidence.main(argv)
 
 
+def test_report_without_saved_results_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="run the experiments first"):
+        evidence.main(["--report", "--output", str(tmp_path)])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_full_settings_need_a_gpu():
     with pytest.raises(SystemExit, match="no CUDA device; use --quick"):
@@ -102,7 +107,7 @@ def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
         assert f"](results/{name})" in report
         assert (out / "results" / name).read_bytes()[:8] == PNG
     raw = json.loads((out / "results" / "results.json").read_text())
-    assert set(raw) == {"vision", "language", "cost", "settings"}
+    assert set(raw) == {"vision", "language", "cost", "settings", "meta"}
     vision = results["vision"]
     assert sorted((r["jr"], r["seed"]) for r in vision["runs"]) == [(False, 0), (True, 0)]
     for run in vision["runs"]:
@@ -116,6 +121,11 @@ def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
         assert all(v["seconds"] is not None and math.isfinite(v["ppl"]) for v in run["valid"])
     assert {r["model"]: r["params"] for r in language["runs"]}["transformer"] == pytest.approx(
         {r["model"]: r["params"] for r in language["runs"]}["deq_jr"], rel=0.05)
+
+    # The report is rebuilt from the saved results alone.
+    (out / "RESULTS.md").unlink()
+    evidence.main(["--report", "--output", str(out)])
+    assert (out / "RESULTS.md").read_text() == report
 
     # Rerunning one experiment keeps the others' results in the report.
     evidence.main(["--tiny", "--output", str(out), "--work", str(work), "--only", "cost"])

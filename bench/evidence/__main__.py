@@ -4,7 +4,8 @@ Runs the four experiments of ``docs/RESULTS.md`` (vision NFE growth with and wit
 stopping, language stability and speed against ``transformer_lm``, cost), then writes the report,
 its PNG figures and the raw results (``results/results.json`` next to the report). Without
 ``--quick`` the full settings run (one CUDA GPU, several hours). ``--only`` reruns some
-experiments and keeps the others' results from the previous ``results.json``.
+experiments and keeps the others' results from the previous ``results.json``; ``--report``
+only rewrites the report and figures from it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("docs"), help="folder of RESULTS.md (default: docs)")
     parser.add_argument("--work", type=Path, default=Path("output/evidence"),
                         help="folder for data, checkpoints and logs (default: output/evidence)")
-    parser.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these experiments")
+    parser.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None,
+                        help="run only these experiments (the others' results come from the saved results.json)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: rewrite RESULTS.md and the figures from the saved results.json")
     parser.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--epochs", type=int, default=None, help="override the vision epochs")
@@ -98,28 +102,50 @@ def _commit() -> str:
         return "unknown (not a git checkout)"
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    """Run the experiments, write the report; returns the results."""
+def _write_report(output: Path, results: Dict[str, Any]) -> None:
+    """Figures and ``RESULTS.md`` from ``results`` (experiments, ``settings`` and ``meta``)."""
+    from .plots import language_figure, vision_figures
+    from .report import write_report
+
+    img_dir = output / "results"
+    figures: Dict[str, Any] = {}
+    if "vision" in results:
+        figures["vision"] = vision_figures(results["vision"], results["settings"]["probe_max_iter"], img_dir)
+    if "language" in results:
+        figures["language"] = language_figure(results["language"], img_dir)
+    write_report(output / "RESULTS.md", img_dir.name, results, figures)
+    _logger.info(f"wrote {output / 'RESULTS.md'} and its figures in {img_dir}")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the experiments (or, with ``--report``, reuse the saved results) and write the report;
+    returns the results."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    s = _settings(args)
     missing = [name for name in ("matplotlib", "sklearn") if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"error: the evidence suite needs {' and '.join(missing)}; "
                          "install them with `pip install -e \".[bench]\"`")
+    img_dir = args.output / "results"
+    saved = img_dir / "results.json"
+    if args.report:
+        if not saved.exists():
+            raise SystemExit(f"error: --report rewrites the report from {saved}, which does not exist; "
+                             "run the experiments first")
+        results = json.loads(saved.read_text())
+        _write_report(args.output, results)
+        return results
+    s = _settings(args)
     from .cost import run_cost
     from .language import run_language
-    from .plots import language_figure, vision_figures
-    from .report import write_report
     from .vision import run_vision
 
-    start = time.perf_counter()
-    img_dir = args.output / "results"
+    start, commit = time.perf_counter(), _commit()  # the code that runs, before anyone edits it
     img_dir.mkdir(parents=True, exist_ok=True)
-    saved = img_dir / "results.json"
-    results: Dict[str, object] = {}
+    results: Dict[str, Any] = {}
     if args.only and saved.exists():
         results = {k: v for k, v in json.loads(saved.read_text()).items() if k in EXPERIMENTS}
+    results["settings"] = json.loads(json.dumps(dataclasses.asdict(s)))  # as --report will read it
     for name in args.only or EXPERIMENTS:
         _logger.info(f"{name}: starting ({s.name} settings)")
         t0 = time.perf_counter()
@@ -130,18 +156,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         else:
             results[name] = run_cost(s)
         _logger.info(f"{name}: done in {time.perf_counter() - t0:.0f} s")
-        saved.write_text(json.dumps(dict(results, settings=dataclasses.asdict(s)), indent=1))
-    figures: Dict[str, object] = {}
-    if "vision" in results:
-        figures["vision"] = vision_figures(results["vision"], s.probe_max_iter, img_dir)
-    if "language" in results:
-        figures["language"] = language_figure(results["language"], img_dir)
-    meta = dict(command=shlex.join(["python", "-m", "bench.evidence", *argv]), date=date.today().isoformat(),
-                minutes=(time.perf_counter() - start) / 60, hardware=_hardware(s.device), versions=_versions(),
-                commit=_commit(), settings=dataclasses.asdict(s))
-    report = args.output / "RESULTS.md"
-    write_report(report, img_dir.name, results, figures, meta)
-    _logger.info(f"wrote {report} and its figures in {img_dir}")
+        saved.write_text(json.dumps(results, indent=1))
+    results["meta"] = dict(
+        command=shlex.join(["python", "-m", "bench.evidence", *argv]), date=date.today().isoformat(),
+        minutes=(time.perf_counter() - start) / 60, hardware=_hardware(s.device), versions=_versions(),
+        commit=commit)
+    saved.write_text(json.dumps(results, indent=1))
+    _write_report(args.output, results)
     return results
 
 

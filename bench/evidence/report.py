@@ -71,11 +71,13 @@ def _vision(v: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_d
     lines += ["At the last epoch (mean ± sd over seeds):", ""] + _table(header, rows) + [""]
     f_no, f_jr = mean_sd(_last(by[False], "f_steps"))[0], mean_sd(_last(by[True], "f_steps"))[0]
     f0_no = mean_sd(r["epochs"][0]["f_steps"] for r in by[False])[0]
+    low = {jr: mean_sd(min(e["f_steps"] for e in r["epochs"]) for r in by[jr])[0] for jr in (False, True)}
     b_no, b_jr = mean_sd(_last(by[False], "b_steps"))[0], mean_sd(_last(by[True], "b_steps"))[0]
     acc_no, acc_jr = mean_sd(_last(by[False], "top1"))[0], mean_sd(_last(by[True], "top1"))[0]
     lines += [
         f"Read from the table: without JR the probe needed {f_no:.1f} forward steps at the end "
-        f"({f0_no:.1f} at initialization), with JR {f_jr:.1f}: no JR / JR = {_ratio(f_no, f_jr)} forward and "
+        f"({f0_no:.1f} at initialization, {low[False]:.1f} at its lowest), with JR {f_jr:.1f} (lowest "
+        f"{low[True]:.1f}): no JR / JR = {_ratio(f_no, f_jr)} forward and "
         f"{_ratio(b_no, b_jr)} backward; top-1 {acc_no:.2f}% without JR and {acc_jr:.2f}% with it "
         f"({acc_jr - acc_no:+.2f} points).",
         "",
@@ -98,7 +100,10 @@ def _hard_stop(v: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List
         "",
         "The last checkpoint of each run of section 1 evaluated by `timm_deq.validate --eval-max-iter` with the "
         "forward solver stopped after at most the given number of iterations (it stops earlier at the tolerance), "
-        "the shape of the paper's Table 3. Mean ± sd over seeds, full validation split.",
+        "the shape of the paper's Table 3. Mean ± sd over seeds, full validation split. A limit of k "
+        "iterations is k evaluations of f, and the solver returns the lowest-residual iterate among those "
+        "it evaluated: at limit 1 that is the initial state z0 = 0, hence chance accuracy (evaluation "
+        "without gradients returns z* itself; training returns f(z*), one evaluation more).",
         "",
     ] + _table(["forward limit", "no JR: top-1 (%)", "no JR: rel. residual", "JR: top-1 (%)", "JR: rel. residual"],
                rows) + ["", f"![accuracy against the forward limit]({img_dir}/{figures['hard_stop']})", ""]
@@ -149,7 +154,22 @@ def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str
     lines += ["Mean ± sd over seeds at the end of the budget:", ""]
     lines += _table(["model", "params (M)", "valid ppl", "updates", "train tokens/s", "valid fwd steps",
                      "valid fwd rel. residual", "train fwd steps (last interval)"], rows) + [""]
+    ppl = {m: mean_sd(_final(r, "ppl") for r in lang["runs"] if r["model"] == m)[0] for m in MODELS}
+    growth = {m: mean_sd(_residual_growth(r, s["lm_pretrain_steps"]) for r in lang["runs"] if r["model"] == m)[0]
+              for m in ("deq_nojr", "deq_jr")}
+    lines += [
+        f"Read from the table: at the end of the budget the validation perplexity is {ppl['deq_nojr']:.1f} without "
+        f"JR, {ppl['deq_jr']:.1f} with JR and {ppl['transformer']:.1f} for transformer_lm. The training forward "
+        "residual at the end over its lowest value after pretraining (growth of the solver's error over "
+        f"training at a fixed limit): {growth['deq_nojr']:.2f}x without JR, {growth['deq_jr']:.2f}x with JR.",
+        "",
+    ]
     return lines
+
+
+def _residual_growth(run: Dict[str, Any], pretrain_steps: int) -> Optional[float]:
+    values = [t["f_rel_res"] for t in run["train"] if t["updates"] > pretrain_steps and t["f_rel_res"]]
+    return values[-1] / min(values) if values else None
 
 
 def _cost(cost: Dict[str, Any], v: Optional[Dict[str, Any]], lang: Optional[Dict[str, Any]]) -> List[str]:
@@ -190,11 +210,10 @@ def _cost(cost: Dict[str, Any], v: Optional[Dict[str, Any]], lang: Optional[Dict
             "figures: from sections 1 and 3.", ""] + _table(["measurement", "result", "target / paper"], rows) + [""]
 
 
-def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dict[str, Any],
-                 meta: Dict[str, Any]) -> None:
-    """Write ``path`` from the experiments' ``results`` (those present), the figure file names
-    (relative to ``img_dir``, itself relative to the report) and the run's ``meta``."""
-    s = meta["settings"]
+def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dict[str, Any]) -> None:
+    """Write ``path`` from ``results`` (the experiments present, their ``settings`` and the run's
+    ``meta``) and the figure file names (relative to ``img_dir``, itself relative to the report)."""
+    s, meta = results["settings"], results["meta"]
     lines = [
         "# Results: Jacobian regularization at small scale",
         "",
