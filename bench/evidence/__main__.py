@@ -122,10 +122,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     returns the results."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    missing = [name for name in ("matplotlib", "sklearn") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("timm", "fairseq", "matplotlib", "sklearn") if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"error: the evidence suite needs {' and '.join(missing)}; "
-                         "install them with `pip install -e \".[bench]\"`")
+        raise SystemExit(f"error: the evidence suite needs {', '.join(missing)} (not installed); install them "
+                         "with `pip install -e \".[timm,fairseq,bench]\"`")
     img_dir = args.output / "results"
     saved = img_dir / "results.json"
     if args.report:

@@ -41,7 +41,8 @@ def vision_figures(vision: Dict[str, Any], probe_max_iter: int, out: Path) -> Di
                 continue
             epochs = [e["epoch"] for e in runs[0]["epochs"]]
             mean, low, high = curve([[e.get(key) for e in r["epochs"]] for r in runs])
-            ax.plot(epochs, mean, marker="o", ms=3, color=_COLORS[jr], label=f"{_VISION_LABELS[jr]} ({len(runs)} seed{'' if len(runs) == 1 else 's'})")
+            seeds = f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
+            ax.plot(epochs, mean, marker="o", ms=3, color=_COLORS[jr], label=f"{_VISION_LABELS[jr]} ({seeds})")
             ax.fill_between(epochs, low, high, color=_COLORS[jr], alpha=0.2, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")

@@ -22,6 +22,12 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def _concurrency(s: Dict[str, Any]) -> str:
+    if s["device"] == "cpu" and s["jobs"] > 1:
+        return f"Runs are single-threaded processes, {s['jobs']} at a time, in the order of the seeds."
+    return "Runs go one after another."
+
+
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -37,6 +43,7 @@ def _ratio(a: float, b: float) -> str:
 def _vision(v: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
     by = {jr: [r for r in v["runs"] if r["jr"] == jr] for jr in (False, True)}
     seeds = len(by[True])
+    c, cj = by[False][0]["config"], by[True][0]["config"]  # the equilibrium layers' settings as trained
     p = s["probe_max_iter"]
     lines = [
         "## 1. Vision: solver steps over training",
@@ -46,10 +53,10 @@ def _vision(v: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_d
         f"images upscaled bilinearly to {s['img_size']}x{s['img_size']}; {v['images']['train']} training and "
         f"{v['images']['validation']} validation images, every 5th image of a class held out), "
         f"{_n(s['epochs'], 'epoch')}, batch {s['batch_size']}, AdamW 2e-3 with cosine decay, "
-        f"training forward/backward limits {s['f_max_iter']}/{s['b_max_iter']} (Broyden, relative tolerance "
-        f"1e-3 forward, 1e-4 backward). The JR model adds weight {s['jac_weight']} at frequency {s['jac_freq']}; "
-        f"everything else, seeds included, is the same. {_n(seeds, 'seed')} per model; the JR and no-JR run of a seed "
-        "train side by side.",
+        f"training forward/backward limits {c['f_max_iter']}/{c['b_max_iter']} ({c['f_solver']}/{c['b_solver']}, "
+        f"{c['f_stop_mode']}. tolerance {c['f_tol']:g} forward, {c['b_stop_mode']}. {c['b_tol']:g} backward). "
+        f"The JR model adds weight {cj['jac_weight']:g} at frequency {cj['jac_freq']:g}; "
+        f"everything else, seeds included, is the same. {_n(seeds, 'seed')} per model. {_concurrency(s)}",
         "",
         f"After every epoch a fixed batch of {s['probe_images']} validation images is probed in eval mode with "
         f"the solver limits raised to {p}: the forward and backward solver steps needed to reach the tolerances "
@@ -135,7 +142,7 @@ def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str
         f"{s['lm_pretrain_steps']} pretraining updates of a 2-layer unrolled stack and then solve with Anderson "
         "(<= 8 forward) and Broyden (<= 8 backward); the baseline is fairseq's `transformer_lm` with 2 layers "
         "of the same width and heads and as many parameters outside the embeddings, on the stock "
-        "`language_modeling` task (no memory). On CPU every run is single-threaded, two runs at a time.",
+        f"`language_modeling` task (no memory). {_concurrency(s)}",
         "",
         f"![validation perplexity against wall-clock]({img_dir}/{figure})",
         "",

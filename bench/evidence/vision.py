@@ -106,7 +106,7 @@ def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int) -> Dict[
             str(data), "--model", MODEL, "--img-size", str(s.img_size), "--checkpoint", str(checkpoint),
             "-b", "256", "-j", "0", "--device", s.device,
             "--eval-max-iter", *map(str, s.hard_stop_limits)])
-    result = dict(name=name, jr=jr, seed=seed, epochs=epochs,
+    result = dict(name=name, jr=jr, seed=seed, config=deq_layers(model)[0].config.to_dict(), epochs=epochs,
                   hard_stop=[{k: r[k] for k in ("f_limit", "top1", "f_steps", "f_rel_res")} for r in hard_stop])
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
