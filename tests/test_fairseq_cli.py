@@ -85,6 +85,11 @@ def test_training_logs_jr_and_solver_metrics_and_switches_from_pretraining(train
         assert math.isfinite(float(r["f_rel_res"])) and math.isfinite(float(r["b_rel_res"]))
         assert float(r["jr"]) > 0 and float(r["jr_weight"]) in (1.0, 1.5, 2.0)
     assert float(inner[-1]["loss"]) < float(inner[0]["loss"]) - 0.5
+    # Residuals keep 6 decimals (small ones would read 0 at fairseq's usual 3), step counts 3.
+    residuals = [r[k] for r in solving for k in ("f_rel_res", "b_rel_res")]
+    assert all(len(v.partition(".")[2]) <= 6 for v in residuals)
+    assert any(len(v.partition(".")[2]) > 3 for v in residuals)
+    assert all(len(r["f_steps"].partition(".")[2]) <= 3 for r in solving)
     valid = json_logs(log, "valid")
     assert len(valid) == 2                                     # end of epoch 1 and at --max-update
     for r in valid:
