@@ -116,6 +116,11 @@ def _hard_stop(v: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List
                rows) + ["", f"![accuracy against the forward limit]({img_dir}/{figures['hard_stop']})", ""]
 
 
+def _tokens_per_s(run: Dict[str, Any]) -> float:
+    """A language run's mean training tokens/s over its logging intervals (fairseq's ``wps``)."""
+    return mean_sd(t["wps"] for t in run["train"])[0]
+
+
 def _final(run: Dict[str, Any], key: str) -> Optional[float]:
     points = [v for v in run["valid"] if v.get(key) is not None]
     return points[-1][key] if points else None
@@ -151,7 +156,7 @@ def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str
     for model, label in MODELS.items():
         runs = [r for r in lang["runs"] if r["model"] == model]
         deq = model != "transformer"
-        wps = [mean_sd(t["wps"] for t in r["train"])[0] for r in runs]
+        wps = [_tokens_per_s(r) for r in runs]
         rows.append([label, fmt([r["params"] / 1e6 if r["params"] else None for r in runs], 3),
                      fmt([_final(r, "ppl") for r in runs], 1), fmt([r["updates"] for r in runs], 0),
                      fmt(wps, 0),
@@ -206,9 +211,9 @@ def _cost(cost: Dict[str, Any], v: Optional[Dict[str, Any]], lang: Optional[Dict
                          f"{c['ratio']:.2f}x (ours {c['steps']} steps; host reads {c['reads_ours']} / "
                          f"{c['reads_theirs']})", ">= 1.2x"])
     if lang:
-        base = [mean_sd(t["wps"] for t in r["train"])[0] for r in lang["runs"] if r["model"] == "transformer"]
+        base = [_tokens_per_s(r) for r in lang["runs"] if r["model"] == "transformer"]
         for model in ("deq_nojr", "deq_jr"):
-            wps = [mean_sd(t["wps"] for t in r["train"])[0] for r in lang["runs"] if r["model"] == model]
+            wps = [_tokens_per_s(r) for r in lang["runs"] if r["model"] == model]
             rows.append([f"language training tokens/s, {MODELS[model]} / transformer_lm",
                          _ratio(mean_sd(wps)[0], mean_sd(base)[0]), _PAPER_SPEED[model]])
     return ["## 4. Cost", "",
