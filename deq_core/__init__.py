@@ -6,7 +6,7 @@ from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
 from .layer import DEQLayer, equilibrium_pass
 from .norm import apply_weight_norm, remove_weight_norm
 from .solvers import (SolverOption, SolverResult, anderson, broyden, fixed_point, get_solver,
-                      list_solvers, register_solver)
+                      list_solvers, register_solver, unregister_solver)
 from .state import StateSpec
 from .stats import DEQStats
 
@@ -17,6 +17,6 @@ __all__ = [
     "DEQLayer", "DEQStats", "equilibrium_pass", "StateSpec",
     "VariationalDropout", "apply_weight_norm", "remove_weight_norm",
     "JRSchedule", "jac_frobenius_estimate", "spectral_radius",
-    "SolverResult", "SolverOption", "register_solver", "get_solver", "list_solvers",
+    "SolverResult", "SolverOption", "register_solver", "unregister_solver", "get_solver", "list_solvers",
     "anderson", "broyden", "fixed_point",
 ]

@@ -7,6 +7,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .solvers.precision import AutocastBoundary
+from .state import state_dtype_for
+
 __all__ = ["jac_frobenius_estimate", "spectral_radius", "JRSchedule"]
 
 
@@ -22,21 +25,31 @@ def jac_frobenius_estimate(f_out: torch.Tensor, z_in: torch.Tensor, n_probes: in
                            distribution: str = "normal", create_graph: bool = True) -> torch.Tensor:
     """Per-sample Hutchinson estimate of ``||J||_F^2 / d`` with ``J = d f_out / d z_in``.
 
-    ``f_out`` and ``z_in`` are ``(B, d)`` with ``f_out`` computed from ``z_in``. Each probe costs
-    one vector-Jacobian product, ``E ||eps^T J||^2 = ||J||_F^2`` for probes with identity
-    covariance. With ``create_graph`` the estimate is differentiable (for the JR loss).
+    Args:
+        f_out: ``(B, d)`` values computed from ``z_in``.
+        z_in: the ``(B, d)`` input that ``f_out`` depends on.
+        n_probes: probes averaged; each costs one vector-Jacobian product
+            (``E ||eps^T J||^2 = ||J||_F^2`` for probes with identity covariance).
+        distribution: ``"normal"`` or ``"rademacher"`` probes.
+        create_graph: keep the estimate differentiable (for the JR loss).
+
+    Returns:
+        a ``(B,)`` tensor. The squares and sums run outside autocast in the state dtype of
+        ``z_in`` (float32, float64 for float64), whatever precision f ran in.
     """
     if f_out.dim() != 2 or f_out.shape != z_in.shape:
         raise ValueError(f"f_out and z_in must both be (batch, dim), got {tuple(f_out.shape)} "
                          f"and {tuple(z_in.shape)}")
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
-    total = f_out.new_zeros(f_out.shape[0])
-    for i in range(n_probes):
-        eps = _probe(f_out, distribution)
-        (vjp,) = torch.autograd.grad(f_out, z_in, eps, retain_graph=True, create_graph=create_graph)
-        total = total + vjp.float().pow(2).sum(dim=1).to(total.dtype)
-    return total / (n_probes * f_out.shape[1])
+    dtype = state_dtype_for(z_in.dtype)
+    with AutocastBoundary(f_out.device.type).outside():
+        total = f_out.new_zeros(f_out.shape[0], dtype=dtype)
+        for i in range(n_probes):
+            eps = _probe(f_out, distribution)
+            (vjp,) = torch.autograd.grad(f_out, z_in, eps, retain_graph=True, create_graph=create_graph)
+            total = total + vjp.to(dtype).pow(2).sum(dim=1)
+        return total / (n_probes * f_out.shape[1])
 
 
 def spectral_radius(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, n_iter: int = 20,
@@ -47,10 +60,21 @@ def spectral_radius(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, 
     Iterates ``v <- v J / ||v J||`` with vector-Jacobian products (``J^T`` has the spectrum of
     ``J``); the growth factor ``||v J||`` of the last iteration is returned. For a dominant complex
     pair the estimate oscillates around the modulus.
+
+    Args:
+        f: the flat map; it runs under the caller's autocast, the iteration outside it.
+        z: ``(B, d)`` points at which the Jacobian is taken.
+        n_iter: power iterations.
+        generator: random generator of the start vector.
+
+    Returns:
+        a detached ``(B,)`` tensor in ``z``'s dtype.
     """
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-    with torch.enable_grad():
+    boundary = AutocastBoundary(z.device.type)
+    f = boundary.inside(f)
+    with torch.enable_grad(), boundary.outside():
         z_in = z.detach().requires_grad_()
         f_out = f(z_in)
         v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)

@@ -6,13 +6,13 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, T
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from .config import DEQConfig
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
 from .solvers import SolverResult, get_solver
 from .solvers._tracking import residuals
+from .solvers.precision import REDUCED_PRECISION, AutocastBoundary, lower_precision
 from .state import State, StateSpec, state_dtype_for
 from .stats import DEQStats
 
@@ -43,19 +43,22 @@ def equilibrium_pass(f: nn.Module) -> Iterator[None]:
 class _FlatMap:
     """f as a map on flat ``(B, D)`` solver states; checks f's output structure and dtype.
 
-    ``call`` evaluates f (f itself by default, or a compiled version of it)."""
+    f runs under the caller's autocast state captured in ``boundary`` (the layer's own arithmetic
+    runs outside it); ``precision`` is the dtype f's values are computed in. ``call`` evaluates f
+    (f itself by default, or a compiled version of it)."""
 
     def __init__(self, f: nn.Module, spec: StateSpec, inputs: Sequence[Any], kwargs: Mapping[str, Any],
-                 call: Optional[Callable[..., State]] = None):
-        self.f, self.spec, self.inputs, self.kwargs = f, spec, inputs, kwargs
-        self.call = f if call is None else call
+                 boundary: AutocastBoundary, call: Optional[Callable[..., State]] = None):
+        self.f, self.spec, self.inputs, self.kwargs, self.boundary = f, spec, inputs, kwargs, boundary
+        self.call = boundary.inside(f if call is None else call)
         self.f_dtype = spec.dtype
         self.state_dtype = state_dtype_for(spec.dtype)
+        self.precision = lower_precision(boundary.compute_dtype, spec.dtype)
         self._checked = False
 
     def using(self, call: Callable[..., State]) -> "_FlatMap":
         """The same map with f evaluated through ``call``."""
-        return _FlatMap(self.f, self.spec, self.inputs, self.kwargs, call)
+        return _FlatMap(self.f, self.spec, self.inputs, self.kwargs, self.boundary, call)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         out = self.call(self.spec.unpack(z, self.f_dtype), *self.inputs, **self.kwargs)
@@ -66,10 +69,9 @@ class _FlatMap:
 
     def _check_dtype(self, out: State) -> None:
         tensors = out if isinstance(out, (list, tuple)) else (out,)
-        dev = self.spec.device.type
         allowed = {self.f_dtype}
-        if torch.is_autocast_enabled(dev):
-            allowed.add(torch.get_autocast_dtype(dev))
+        if self.boundary.enabled:
+            allowed.add(self.boundary.dtype)
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.dtype not in allowed:
                 raise TypeError(f"f returned dtype {t.dtype} for a state of dtype {self.f_dtype}; "
@@ -80,31 +82,47 @@ class _FlatMap:
 class _ImplicitGrad(torch.autograd.Function):
     """Identity on ``f_out = f(z*)`` whose backward replaces the incoming gradient g by the
     solution u of ``u = u J_f(z*) + g`` (implicit function theorem); autograd then carries u
-    through f to its parameters and inputs, giving ``g (I - J)^-1 df/dtheta``."""
+    through f to its parameters and inputs, giving ``g (I - J)^-1 df/dtheta``.
+
+    The backward solve uses the config and precision of its forward call. Non-finite entries of
+    g reach u unchanged, and when f runs in float16/bfloat16 a sample whose vector-Jacobian
+    products overflowed gets a NaN gradient: a loss scaler must see an overflow to skip the step.
+    """
 
     @staticmethod
-    def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, layer: "DEQLayer", stats: DEQStats):
+    def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, config: DEQConfig,
+                precision: torch.dtype, stats: DEQStats):
         ctx.save_for_backward(f_out, z_in)
-        ctx.layer, ctx.stats = layer, stats
+        ctx.config, ctx.precision, ctx.stats = config, precision, stats
         return f_out.detach().clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "backward='implicit' does not support higher-order gradients (a backward with "
+                "create_graph=True through a DEQLayer): its gradient comes from a linear solve that is "
+                "not itself differentiated. Use backward='phantom' or backward='unrolled', whose "
+                "gradients are ordinary autograd graphs and can be differentiated again")
         f_out, z_in = ctx.saved_tensors
-        cfg = ctx.layer.config
+        cfg = ctx.config
         grad = grad.to(f_out.dtype)
+        overflow = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+        reduced = ctx.precision in REDUCED_PRECISION
 
         def linear_map(u: torch.Tensor) -> torch.Tensor:
             (vjp,) = torch.autograd.grad(f_out, z_in, u, retain_graph=True)
+            if reduced:
+                overflow.logical_or_(~torch.isfinite(vjp).all(dim=1))
             return vjp + grad
 
         result = get_solver(cfg.b_solver)(
             linear_map, torch.zeros_like(grad), max_iter=cfg.b_max_iter, tol=cfg.b_tol,
             stop_mode=cfg.b_stop_mode, check_every=cfg.check_every,
-            divergence_factor=cfg.divergence_factor, **cfg.b_solver_options)
+            divergence_factor=cfg.divergence_factor, precision=ctx.precision, **cfg.b_solver_options)
         ctx.stats.record_backward(result)
-        return result.z, None, None, None
+        u = result.z.masked_fill(overflow[:, None], float("nan")) if reduced else result.z
+        return torch.where(torch.isfinite(grad), u, grad), None, None, None, None
 
 
 class DEQLayer(nn.Module):
@@ -205,6 +223,21 @@ class DEQLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *inputs: Any, z0: Optional[State] = None, **kwargs: Any) -> Tuple[State, DEQStats]:
+        """Solve for the equilibrium of f given ``inputs`` and attach its gradient.
+
+        Args:
+            *inputs: the inputs of f after the state (``f(z, *inputs, **kwargs)``).
+            z0: the initial state (default: ``f.init_state(*inputs, **kwargs)`` or zeros shaped
+                like the first floating-point input).
+            **kwargs: keyword inputs of f.
+
+        Returns:
+            ``(z, stats)``: the equilibrium state in the structure and dtype of ``z0``, and the
+            :class:`DEQStats` of this pass (also kept as ``self.stats``).
+
+        Under autocast only f runs in reduced precision; the solvers, the backward solve and JR's
+        reduction run in the state dtype (float32, or float64 for float64 states).
+        """
         cfg = self.config
         if cfg.check_finite:
             _check_finite(inputs, kwargs, z0)
@@ -214,27 +247,29 @@ class DEQLayer(nn.Module):
         jac_on = jac_on and grad and jac_weight > 0.0
         with equilibrium_pass(self.f):
             spec, fn, z0_flat = self._prepare(inputs, kwargs, z0)
-            if self.pretraining or cfg.backward == "unrolled":
-                z, stats = self._unrolled(fn, z0_flat, jac_on)
-            else:
-                max_iter = cfg.f_max_iter - cut if self.training else (cfg.eval_max_iter or cfg.f_max_iter)
-                tol = cfg.f_tol if self.training else (cfg.eval_tol or cfg.f_tol)
-                with torch.no_grad():
-                    result = self._solve(fn, z0_flat, max_iter, tol)
-                stats = DEQStats.from_solve(cfg.backward, result, max_iter)
-                z = result.z
-                if grad:
-                    z = self._attach_gradient(fn, z, stats, jac_on)
+            with fn.boundary.outside():
+                if self.pretraining or cfg.backward == "unrolled":
+                    z, stats = self._unrolled(fn, z0_flat, jac_on)
+                else:
+                    max_iter = cfg.f_max_iter - cut if self.training else (cfg.eval_max_iter or cfg.f_max_iter)
+                    tol = cfg.f_tol if self.training else (cfg.eval_tol or cfg.f_tol)
+                    with torch.no_grad():
+                        result = self._solve(fn, z0_flat, max_iter, tol)
+                    stats = DEQStats.from_solve(cfg.backward, result, max_iter)
+                    z = result.z
+                    if grad:
+                        z = self._attach_gradient(fn, z, stats, jac_on)
+                out = spec.unpack(z, spec.dtype)
         if stats.jac_loss is not None:
             stats.jac_weight = jac_weight
         self.stats = stats
-        return spec.unpack(z, spec.dtype), stats
+        return out, stats
 
     def _prepare(self, inputs, kwargs, z0) -> Tuple[StateSpec, _FlatMap, torch.Tensor]:
         if z0 is None:
             z0 = self._initial_state(inputs, kwargs)
         spec = StateSpec(z0, "z0")
-        fn = _FlatMap(self.f, spec, inputs, kwargs)
+        fn = _FlatMap(self.f, spec, inputs, kwargs, AutocastBoundary(spec.device.type))
         return spec, fn, spec.pack(z0, fn.state_dtype).detach()
 
     def _initial_state(self, inputs, kwargs) -> State:
@@ -262,8 +297,8 @@ class DEQLayer(nn.Module):
         if cfg.compile_f:
             fn = fn.using(self._compiled_f())
         return get_solver(cfg.f_solver)(fn, z0, max_iter=max_iter, tol=tol, stop_mode=cfg.f_stop_mode,
-                                        check_every=cfg.check_every,
-                                        divergence_factor=cfg.divergence_factor, **cfg.f_solver_options)
+                                        check_every=cfg.check_every, divergence_factor=cfg.divergence_factor,
+                                        precision=fn.precision, **cfg.f_solver_options)
 
     def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -277,7 +312,7 @@ class DEQLayer(nn.Module):
             if jac_on:
                 stats.jac_loss = self._jac(f_out, z_in)
             stats.backward_summary = torch.zeros(4, device=z_in.device)
-            return _ImplicitGrad.apply(f_out, z_in, self, stats)
+            return _ImplicitGrad.apply(f_out, z_in, cfg, fn.precision, stats)
         # Phantom gradient: k damped steps from z*, differentiated by ordinary backprop.
         z = z_star.detach().requires_grad_(jac_on)
         for i in range(cfg.phantom_steps):
@@ -305,26 +340,44 @@ class DEQLayer(nn.Module):
         """The flat map and its no-grad fixed point at the evaluation limits (for diagnostics)."""
         _, fn, z0_flat = self._prepare(inputs, kwargs, z0)
         cfg = self.config
-        with torch.no_grad():
+        with torch.no_grad(), fn.boundary.outside():
             z = self._solve(fn, z0_flat, cfg.eval_max_iter or cfg.f_max_iter, cfg.eval_tol or cfg.f_tol).z
         return fn, z
 
     def spectral_radius(self, *inputs: Any, z0: Optional[State] = None, n_iter: int = 20,
                         **kwargs: Any) -> torch.Tensor:
-        """Per-sample power-method estimate of rho(J_f(z*)) at this layer's fixed point."""
+        """Per-sample power-method estimate of rho(J_f(z*)) at this layer's fixed point.
+
+        Args:
+            *inputs, z0, **kwargs: as for :meth:`forward`.
+            n_iter: power iterations (one vector-Jacobian product each).
+
+        Returns:
+            a ``(B,)`` tensor in the state dtype.
+        """
         with equilibrium_pass(self.f):
             fn, z = self._equilibrium(inputs, kwargs, z0)
-            return spectral_radius(fn, z, n_iter=n_iter)
+            with fn.boundary.outside():
+                return spectral_radius(fn, z, n_iter=n_iter)
 
     def jacobian_frobenius(self, *inputs: Any, z0: Optional[State] = None, n_probes: int = 8,
                            **kwargs: Any) -> torch.Tensor:
         """Per-sample Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` at this layer's fixed point:
-        the quantity JR penalizes, measured without keeping a graph (a training diagnostic)."""
+        the quantity JR penalizes, measured without keeping a graph (a training diagnostic).
+
+        Args:
+            *inputs, z0, **kwargs: as for :meth:`forward`.
+            n_probes: Hutchinson probes (one vector-Jacobian product each).
+
+        Returns:
+            a detached ``(B,)`` tensor in the state dtype.
+        """
         with equilibrium_pass(self.f), torch.enable_grad():
             fn, z = self._equilibrium(inputs, kwargs, z0)
-            z_in = z.detach().requires_grad_()
-            return jac_frobenius_estimate(fn(z_in), z_in, n_probes, self.config.jac_probe,
-                                          create_graph=False).detach()
+            with fn.boundary.outside():
+                z_in = z.detach().requires_grad_()
+                return jac_frobenius_estimate(fn(z_in), z_in, n_probes, self.config.jac_probe,
+                                              create_graph=False).detach()
 
 
 def _check_finite(inputs: Sequence[Any], kwargs: Mapping[str, Any], z0: Optional[State]) -> None:

@@ -32,6 +32,7 @@ class DEQStats:
     f_diverged: torch.Tensor
     f_max_iter: int
     f_converged: Optional[torch.Tensor] = None
+    f_stalled: Optional[torch.Tensor] = None
     host_reads: int = 0
     jac_loss: Optional[torch.Tensor] = None
     jac_weight: float = 0.0
@@ -40,18 +41,19 @@ class DEQStats:
     b_rel_res: Optional[torch.Tensor] = None
     b_diverged: Optional[torch.Tensor] = None
     b_converged: Optional[torch.Tensor] = None
+    b_stalled: Optional[torch.Tensor] = None
     backward_summary: Optional[torch.Tensor] = None
 
     @classmethod
     def from_solve(cls, mode: str, result: SolverResult, max_iter: int) -> "DEQStats":
         return cls(mode=mode, f_steps=result.steps, f_abs_res=result.abs_res, f_rel_res=result.rel_res,
-                   f_diverged=result.diverged, f_converged=result.converged, f_max_iter=max_iter,
-                   host_reads=result.host_reads)
+                   f_diverged=result.diverged, f_converged=result.converged, f_stalled=result.stalled,
+                   f_max_iter=max_iter, host_reads=result.host_reads)
 
     def record_backward(self, result: SolverResult) -> None:
         self.b_steps, self.b_abs_res = result.steps, result.abs_res
         self.b_rel_res, self.b_diverged = result.rel_res, result.diverged
-        self.b_converged = result.converged
+        self.b_converged, self.b_stalled = result.converged, result.stalled
         self.host_reads += result.host_reads
         if self.backward_summary is not None:
             means = self.means()
@@ -74,8 +76,9 @@ class DEQStats:
 
     def means(self) -> Dict[str, torch.Tensor]:
         """Batch means as detached 0-d float32 tensors on the stats' device (no host read), for
-        loggers that accumulate on the device: forward steps and residuals, the diverged and
-        converged fractions, the backward ones once the backward solve ran, and ``jac_loss`` when
+        loggers that accumulate on the device: forward steps and residuals, the diverged,
+        converged and stalled (at the precision floor) fractions, the backward ones once the
+        backward solve ran, and ``jac_loss`` when
         JR ran. :meth:`to_dict` reads the same values (and a few more) to the host."""
         out: Dict[str, torch.Tensor] = {}
 
@@ -88,12 +91,14 @@ class DEQStats:
         add("f_rel_res", self.f_rel_res)
         add("f_diverged", self.f_diverged)
         add("f_converged", self.f_converged)
+        add("f_stalled", self.f_stalled)
         if self.b_steps is not None:
             add("b_steps", self.b_steps)
             add("b_abs_res", self.b_abs_res)
             add("b_rel_res", self.b_rel_res)
             add("b_diverged", self.b_diverged)
             add("b_converged", self.b_converged)
+            add("b_stalled", self.b_stalled)
         add("jac_loss", self.jac_loss)
         return out
 

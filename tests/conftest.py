@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from deq_core import list_solvers, unregister_solver
+
 # oneDNN compiles a kernel the first time it meets each convolution shape (seconds per shape on
 # these CPUs); the tests build many small models once each, so the native kernels are faster here.
 torch.backends.mkldnn.enabled = False
@@ -34,6 +36,15 @@ def device(request) -> torch.device:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _solver_registry():
+    """Solvers a test module registers are gone after it, so no module sees another's."""
+    before = set(list_solvers())
+    yield
+    for name in set(list_solvers()) - before:
+        unregister_solver(name)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,17 @@
-"""bfloat16 autocast through the training steps of both plugins: finite loss, gradients and JR,
-f computed in bfloat16 while the solvers (forward and implicit backward) stay in float32."""
+"""Mixed precision through the equilibrium layer and both plugins: only f runs in reduced
+precision (forward solve, backward solve and JR stay in the state dtype), solves end at the
+precision floor and say so, and loss scaling neither changes gradients nor hides an overflow."""
 import csv
 import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+from bench.cells import TransformerCell
+from deq_core import DEQLayer, anderson
 from tests._dtype_spy import register_dtype_spy
+from tests._maps import MLPCell
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,3 +100,144 @@ def test_timm_cli_trains_an_epoch_with_bf16_amp(tmp_path):
     for key in ("train_loss", "train_task_loss", "train_jac_loss", "train_f_steps", "train_b_steps", "eval_loss"):
         assert math.isfinite(float(row[key])), key
     assert float(row["train_jac_steps"]) == 1.0 and float(row["train_jac_loss"]) > 0
+
+
+_ARITHMETIC = {"bmm", "mm", "matmul", "__matmul__", "solve_ex", "solve", "vector_norm", "norm", "sum", "mean",
+               "pow", "mul", "sub", "add", "lerp", "where", "dot", "einsum"}
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+class _ArithmeticSpy(TorchFunctionMode):
+    """Records (name, dtype) of every floating-point result of the listed torch functions that is
+    computed outside f (f's own forward is tracked with hooks; its VJPs run in autograd's C++ and
+    are never seen here)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.depth, self.outside = 0, []
+        f.register_forward_pre_hook(lambda *a: self._enter())
+        f.register_forward_hook(lambda *a: self._leave())
+
+    def _enter(self):
+        self.depth += 1
+
+    def _leave(self):
+        self.depth -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "").replace("linalg_", "")
+        if self.depth == 0 and name.rstrip("_") in _ARITHMETIC:
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.outside.append((name, t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("b_solver", ["broyden", "anderson"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_no_reduced_precision_arithmetic_outside_f_in_a_training_step(dtype, b_solver):
+    torch.manual_seed(0)
+    f = TransformerCell(d_model=32, heads=2, d_ffn=64)
+    layer = DEQLayer(f, f_solver="anderson", f_max_iter=12, b_solver=b_solver, b_max_iter=12, jac_weight=1.0,
+                     jac_freq=1.0)
+    x = torch.randn(2, 16, 32)
+    spy = _ArithmeticSpy(f)
+    with spy:
+        with torch.autocast("cpu", dtype=dtype):
+            z, stats = layer(x)
+            loss = z.pow(2).mean() + stats.jr_loss
+        loss.backward()
+        radius = layer.spectral_radius(x, n_iter=3)
+    names = {name for name, _ in spy.outside}
+    assert {"bmm", "solve_ex", "vector_norm", "sum"} <= names   # the spy saw the solvers and JR
+    assert [(n, d) for n, d in spy.outside if d in _REDUCED] == []
+    assert stats.b_steps is not None and stats.jac_loss.dtype == torch.float32
+    assert radius.dtype == torch.float32 and bool(torch.isfinite(radius).all())
+    assert all(bool(torch.isfinite(p.grad).all()) for p in f.parameters())
+
+
+def test_bfloat16_solve_with_default_tolerances_ends_at_the_floor_and_says_so():
+    torch.manual_seed(0)
+    f, x = TransformerCell(d_model=64, heads=4, d_ffn=128), torch.randn(2, 64, 64)
+    layer = DEQLayer(f)  # defaults: Anderson, 30 iterations, absolute tolerance 1e-3
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, stats = layer(x)
+    summary = stats.to_dict()
+    assert summary["f_stalled"] == 1.0 and summary["f_converged"] == 0.0 and summary["f_diverged"] == 0.0
+    assert summary["f_steps_max"] < layer.config.f_max_iter
+    assert summary["f_rel_res"] < 2 * 2 ** -8
+    # float32: no floor, no stall; the layer solves exactly as the bare solver implementation does.
+    with torch.no_grad():
+        z32, stats32 = layer(x)
+        raw = anderson.__wrapped__(lambda z: f(z.view_as(x), x).reshape(2, -1), torch.zeros(2, x[0].numel()),
+                                   max_iter=30, tol=1e-3)
+    assert stats32.f_steps.tolist() == raw.steps.tolist() and not bool(stats32.f_stalled.any())
+    assert torch.equal(z32.reshape(2, -1), raw.z)
+
+
+def _step_grads(layer, x, scale=1.0, dtype=torch.float16, inject=False):
+    """Parameter gradients of ``scale * loss`` under autocast (None: float32), divided by ``scale``;
+    ``scale`` may be a GradScaler, which then scales the loss."""
+    layer.zero_grad()
+    torch.manual_seed(3)  # the same JR probe in every run
+    with torch.autocast("cpu", dtype=dtype or torch.float16, enabled=dtype is not None):
+        z, stats = layer(x)
+        if inject:  # one overflowed entry in the gradient that reaches the layer's output
+            z.register_hook(lambda g: g.index_put((torch.tensor([0]), torch.tensor([1]), torch.tensor([2])),
+                                                  torch.tensor(float("inf"))))
+        loss = (z.float() - 0.5).pow(2).mean() + stats.jr_loss
+    if isinstance(scale, torch.amp.GradScaler):
+        scale.scale(loss).backward()
+        scale = scale.get_scale()
+    else:
+        (loss * scale).backward()
+    return [p.grad / scale for p in layer.f.parameters()], stats
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_loss_scaling_leaves_gradients_unchanged(backward):
+    torch.manual_seed(0)
+    layer = DEQLayer(MLPCell(dim=16, hidden=32), backward=backward, f_max_iter=40, f_tol=1e-6,
+                     b_max_iter=40, jac_weight=0.5, jac_freq=1.0)
+    x = torch.randn(4, 8, 16)
+    reference, _ = _step_grads(layer, x, dtype=None)
+    unscaled, stats = _step_grads(layer, x)
+    scaled, scaled_stats = _step_grads(layer, x, scale=2.0 ** 14)
+    assert stats.jac_loss is not None and scaled_stats.jac_loss is not None
+    for a, b, ref in zip(scaled, unscaled, reference):
+        assert float((a - b).norm() / b.norm()) < 2e-3       # the scale itself changes nothing
+        assert float((a - ref).norm() / ref.norm()) < 3e-2   # float16 against float32
+    if backward == "implicit":
+        assert scaled_stats.b_steps.tolist() == stats.b_steps.tolist()  # rel. stop: scale-free
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_overflow_in_the_incoming_gradient_reaches_the_parameters(backward):
+    torch.manual_seed(0)
+    f = MLPCell(dim=16, hidden=32)
+    layer = DEQLayer(f, backward=backward, f_max_iter=20, b_max_iter=20, jac_weight=0.5, jac_freq=1.0)
+    opt = torch.optim.SGD(f.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    before = [p.detach().clone() for p in f.parameters()]
+    grads, _ = _step_grads(layer, torch.randn(4, 8, 16), scale=scaler, inject=True)
+    assert not all(bool(torch.isfinite(g).all()) for g in grads)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0 ** 10                                  # the scaler saw the overflow
+    assert all(torch.equal(p, q) for p, q in zip(f.parameters(), before))  # and skipped the step
+
+
+def test_overflowing_float16_vector_jacobian_products_are_not_solved_away():
+    # The incoming gradient is finite (float32), but at this scale f's float16 backward overflows
+    # inside the backward solve; the overflow must reach the parameters, not a best finite iterate.
+    torch.manual_seed(0)
+    f = MLPCell(dim=16, hidden=32)
+    layer = DEQLayer(f, f_max_iter=20, b_max_iter=20)
+    x = torch.randn(4, 8, 16)
+    grads, stats = _step_grads(layer, x, scale=1e14)
+    assert bool(stats.b_diverged.all())
+    assert not any(bool(torch.isfinite(g).all()) for g in grads)
+    # In float32 the same scale is harmless.
+    grads32, stats32 = _step_grads(layer, x, scale=1e14, dtype=None)
+    assert all(bool(torch.isfinite(g).all()) for g in grads32) and not bool(stats32.b_diverged.any())

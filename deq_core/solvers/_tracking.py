@@ -5,6 +5,7 @@ from typing import List, Optional
 
 import torch
 
+from .precision import MIN_GAIN, PATIENCE, floor_for
 from .result import SolverResult
 
 STOP_MODES = ("abs", "rel")
@@ -30,12 +31,14 @@ class Tracker:
     """Follows a batched solve over ``(B, D)`` iterates.
 
     All decisions stay on the device as masks; the host reads ``active.any()`` only every
-    ``check_every`` iterations (0: never, the solve runs to ``max_iter``).
+    ``check_every`` iterations (0: never, the solve runs to ``max_iter``). When f's values are
+    computed in float16 or bfloat16 (``precision``), a sample whose residual levels off at that
+    precision's floor is frozen as stalled (see :mod:`deq_core.solvers.precision`).
     """
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
                  check_every: Optional[int] = None, divergence_factor: float = 1e4,
-                 trace: bool = False) -> None:
+                 trace: bool = False, precision: Optional[torch.dtype] = None) -> None:
         if z0.dim() != 2:
             raise ValueError(f"solver state must have shape (batch, dim), got {tuple(z0.shape)}")
         if stop_mode not in STOP_MODES:
@@ -58,6 +61,9 @@ class Tracker:
         self.active = torch.ones(batch, dtype=torch.bool, device=dev)
         self.converged = torch.zeros_like(self.active)
         self.diverged = torch.zeros_like(self.active)
+        self.stalled = torch.zeros_like(self.active)
+        self.floor = floor_for(precision)
+        self._flat = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.host_reads = 0
         self.iteration = 0
         self._trace: Optional[List[torch.Tensor]] = [] if trace else None
@@ -78,6 +84,10 @@ class Tracker:
         exploded = res > self.divergence_factor * torch.clamp(self.first_res, min=self.tol)
         was_active = self.active
         self.steps += was_active.to(self.steps.dtype)
+        if self.floor is not None:
+            # Steps in a row that gained less than MIN_GAIN on the best residual.
+            gained = res < (1.0 - MIN_GAIN) * self.best_res
+            self._flat = torch.where(gained, 0, self._flat + 1)
         better = was_active & finite & (res < self.best_res)
         torch.where(better[:, None], z, self.best_z, out=self.best_z)  # in place: no new buffer
         self.best_res = torch.where(better, res, self.best_res)
@@ -88,6 +98,10 @@ class Tracker:
         self.converged = self.converged | newly_conv
         self.diverged = self.diverged | newly_div
         self.active = was_active & ~newly_conv & ~newly_div
+        if self.floor is not None:
+            newly_stalled = self.active & (self._flat >= PATIENCE) & (self.best_rel <= self.floor)
+            self.stalled = self.stalled | newly_stalled
+            self.active = self.active & ~newly_stalled
         if self._trace is not None:
             self._trace.append(torch.where(finite, res, torch.full_like(res, float("inf"))))
         return self.active
@@ -102,12 +116,13 @@ class Tracker:
         return False
 
     def result(self) -> SolverResult:
+        """The solve's outcome: each sample's best iterate, its residuals, steps and flags."""
         trace = torch.stack(self._trace) if self._trace else None
         diverged = self.diverged
         if self.iteration > 1:
             # A solve that never got below its first residual made no progress at all: a map with
             # no fixed point that a solver wanders on without exploding (Anderson does) ends here.
-            diverged = diverged | (~self.converged & ~(self.best_res < self.first_res))
+            diverged = diverged | (~self.converged & ~self.stalled & ~(self.best_res < self.first_res))
         return SolverResult(z=self.best_z, steps=self.steps, abs_res=self.best_abs,
                             rel_res=self.best_rel, converged=self.converged, diverged=diverged,
-                            host_reads=self.host_reads, trace=trace)
+                            stalled=self.stalled, host_reads=self.host_reads, trace=trace)

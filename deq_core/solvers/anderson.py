@@ -20,13 +20,14 @@ from .result import SolverResult
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
              tol: float, stop_mode: str = "abs", check_every: Optional[int] = None,
              divergence_factor: float = 1e4, trace: bool = False,
+             precision: Optional[torch.dtype] = None,
              m: int = 5, beta: float = 1.0, lam: float = 1e-4) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
     Each step mixes the last ``m`` values of f with weights ``alpha`` that minimise
     ``||sum_i alpha_i g_i||`` subject to ``sum_i alpha_i = 1``, where ``g_i = f(z_i) - z_i``.
     """
-    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace)
+    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
     batch, dim = z0.shape
     # Histories are only read in slots already written, so they need no zero fill.
     fs = z0.new_empty(batch, m, dim)

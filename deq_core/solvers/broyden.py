@@ -23,6 +23,7 @@ def _low_rank(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tens
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
             tol: float, stop_mode: str = "abs", check_every: Optional[int] = None,
             divergence_factor: float = 1e4, trace: bool = False,
+             precision: Optional[torch.dtype] = None,
             memory: Optional[int] = None) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
@@ -30,7 +31,7 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
     -I, the inverse Jacobian of g when J_f = 0) and refined by Sherman-Morrison updates;
     the oldest update is overwritten once ``memory`` are held.
     """
-    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace)
+    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
     batch, dim = z0.shape
     mem = memory or max_iter
     us = z0.new_empty(batch, mem, dim)  # only slots already written are read

@@ -17,9 +17,10 @@ from .result import SolverResult
 def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
                 tol: float, stop_mode: str = "abs", check_every: Optional[int] = None,
                 divergence_factor: float = 1e4, trace: bool = False,
+             precision: Optional[torch.dtype] = None,
                 damping: float = 1.0) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``."""
-    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace)
+    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
     buffers = (torch.empty_like(z0), torch.empty_like(z0))  # iterates in turn, no allocation
     z = z0
     fz = f(z)

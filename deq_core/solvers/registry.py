@@ -1,16 +1,26 @@
 """Name -> solver registry, with each solver's options and their validation.
 
 A solver is a callable ``solver(f, z0, *, max_iter, tol, stop_mode, check_every=None,
-divergence_factor=1e4, trace=False, **options) -> SolverResult`` over ``(B, D)`` tensors.
+divergence_factor=1e4, trace=False, precision=None, **options) -> SolverResult`` over ``(B, D)``
+tensors. ``precision`` is the dtype f's values are computed in when it is less precise than the
+state (see :mod:`deq_core.solvers.precision`); a solver without that parameter is registered as
+well and simply not told. Registration wraps the solver so that its state must be float32 or
+float64 and its own arithmetic runs outside the caller's autocast, f inside it.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+import torch
+
+from .precision import AutocastBoundary, lower_precision
 from .result import SolverResult
 
-__all__ = ["SolverOption", "register_solver", "get_solver", "list_solvers", "validate_solver_options"]
+__all__ = ["SolverOption", "register_solver", "unregister_solver", "get_solver", "list_solvers",
+           "validate_solver_options"]
 
 SolverFn = Callable[..., SolverResult]
 
@@ -32,30 +42,80 @@ _REGISTRY: Dict[str, Tuple[SolverFn, Dict[str, SolverOption]]] = {}
 
 def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = None,
                     *, overwrite: bool = False) -> Callable[[SolverFn], SolverFn]:
-    """Decorator registering ``fn`` under ``name`` with its accepted ``options``."""
+    """Decorator registering a solver under ``name`` with its accepted ``options``.
+
+    Args:
+        name: the name configs and :func:`get_solver` use.
+        options: the solver-specific keyword options, each with its default and check.
+        overwrite: replace a solver registered under ``name`` already.
+
+    Returns:
+        a decorator that returns the registered solver: ``fn`` behind the precision guard of
+        :func:`_state_precision`, which is what :func:`get_solver` hands out.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"solver name must be a non-empty string, got {name!r}")
 
     def deco(fn: SolverFn) -> SolverFn:
         if name in _REGISTRY and not overwrite:
             raise ValueError(f"a solver named {name!r} is already registered; pass overwrite=True")
-        _REGISTRY[name] = (fn, dict(options or {}))
-        return fn
+        guarded = _state_precision(fn)
+        _REGISTRY[name] = (guarded, dict(options or {}))
+        return guarded
 
     return deco
 
 
+def _state_precision(fn: SolverFn) -> SolverFn:
+    """``fn`` with a float32/float64 state check and its arithmetic outside the caller's autocast;
+    f keeps running under it, and ``precision`` defaults to autocast's dtype when it is on."""
+    if getattr(fn, "_deq_state_precision", False):
+        return fn
+    params = inspect.signature(fn).parameters.values()
+    takes_precision = any(p.name == "precision" or p.kind is p.VAR_KEYWORD for p in params)
+
+    @functools.wraps(fn)
+    def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
+              precision: Optional[torch.dtype] = None, **kwargs: Any) -> SolverResult:
+        if not isinstance(z0, torch.Tensor) or z0.dtype not in (torch.float32, torch.float64):
+            got = z0.dtype if isinstance(z0, torch.Tensor) else type(z0).__name__
+            raise TypeError(f"solver state z0 must be a float32 or float64 tensor, got {got}; keep the state "
+                            "in float32 and evaluate f in half precision inside the map (pass precision= "
+                            "its dtype), as DEQLayer does")
+        boundary = AutocastBoundary(z0.device.type)
+        if takes_precision:
+            kwargs["precision"] = lower_precision(precision, boundary.compute_dtype)
+        with boundary.outside():
+            return fn(boundary.inside(f), z0, **kwargs)
+
+    solve._deq_state_precision = True
+    return solve
+
+
+def unregister_solver(name: str) -> None:
+    """Remove the solver registered under ``name`` (an unknown name raises, listing the registered ones).
+
+    Args:
+        name: a registered solver name; the built-in solvers can be removed too.
+    """
+    get_solver(name)
+    del _REGISTRY[name]
+
+
 def list_solvers() -> Tuple[str, ...]:
+    """The registered solver names, sorted."""
     return tuple(sorted(_REGISTRY))
 
 
 def get_solver(name: str) -> SolverFn:
+    """The solver registered under ``name``; an unknown name raises listing the registered ones."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown solver {name!r}; registered solvers: {list(list_solvers())}")
     return _REGISTRY[name][0]
 
 
 def solver_options(name: str) -> Dict[str, SolverOption]:
+    """A copy of the options solver ``name`` accepts, by option name."""
     get_solver(name)
     return dict(_REGISTRY[name][1])
 
