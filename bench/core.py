@@ -1,6 +1,7 @@
-"""Core benchmark: JR overhead, saved-for-backward memory, solver overhead, TorchDEQ comparison.
+"""Core benchmark: JR overhead, saved-for-backward memory, solver overhead, mixed-precision solves,
+TorchDEQ comparison.
 
-    python -m bench.core [--device cuda] [--repeats 5]
+    python -m bench.core [--device cuda] [--repeats 5] [--only mixed_precision ...]
 
 Every figure is a ratio of two settings timed alternately in the same run (the machines are
 noisy). The TorchDEQ comparison runs when ``torchdeq`` (0.1.0) is installed.
@@ -17,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from bench._memory import saved_activation_bytes
 from bench.cells import ConvCell, TransformerCell
-from deq_core import DEQLayer, anderson
+from deq_core import DEQConfig, DEQLayer, get_solver
 from deq_core.state import StateSpec
 
 _READS = ("__bool__", "item", "tolist", "__float__", "__int__")
@@ -57,13 +58,13 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _cases(device: torch.device):
+def _cases(device: torch.device, batch: int = 8):
     torch.manual_seed(0)
     tr = TransformerCell().to(device)
     conv = ConvCell().to(device)
     return {
-        "transformer (8x128x256)": (tr, torch.randn(8, 128, 256, device=device)),
-        "conv (8x64x32x32)": (conv, torch.randn(8, 64, 32, 32, device=device)),
+        f"transformer ({batch}x128x256)": (tr, torch.randn(batch, 128, 256, device=device)),
+        f"conv ({batch}x64x32x32)": (conv, torch.randn(batch, 64, 32, 32, device=device)),
     }
 
 
@@ -106,7 +107,7 @@ def memory_bytes(device: torch.device) -> Dict[str, Tuple[int, int]]:
     return out
 
 
-def memory(device: torch.device) -> List[str]:
+def memory(device: torch.device, repeats: int = 0) -> List[str]:
     return [f"| saved-for-backward bytes, implicit / unrolled at 12 iters, {name} | "
             f"{implicit / unrolled:.3f} ({implicit / 2**20:.1f} MiB / {unrolled / 2**20:.1f} MiB) | <= 0.125 |"
             for name, (implicit, unrolled) in memory_bytes(device).items()]
@@ -142,7 +143,7 @@ def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, floa
                 inside[0] = 0.0
                 _sync(device)
                 t0 = time.perf_counter()
-                anderson(timed, z0, max_iter=30, tol=1e-12, check_every=None)
+                get_solver("anderson")(timed, z0, max_iter=30, tol=1e-12, check_every=None)
                 _sync(device)
                 total = time.perf_counter() - t0
                 shares.append(1 - inside[0] / total)
@@ -153,6 +154,62 @@ def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, floa
 def solver_overhead(device: torch.device, repeats: int) -> List[str]:
     return [f"| solver time outside f / solve time, anderson m=5, 30 iters, {name} | {share:.1%} | <= 10% |"
             for name, share in solver_overhead_shares(device, repeats).items()]
+
+
+_PRECISION_SETTINGS = ("before: solver under autocast", "solver outside autocast, no floor",
+                       "outside autocast + precision floor (now)")
+
+
+def mixed_precision_solves(device: torch.device, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Per case and autocast dtype: the forward solve with the layer's default solver and
+    tolerances (Anderson, 30 iterations, absolute tolerance 1e-3) in float32 and in three
+    settings under autocast: the solver's arithmetic inside autocast (this project before the
+    autocast boundary), outside it but without precision-aware stopping, and as it is now.
+    Each entry holds the mean steps, the mean relative residual, the diverged and stalled
+    fractions and the median solve time in seconds."""
+    cfg = DEQConfig()
+    solver = get_solver(cfg.f_solver)
+    raw = solver.__wrapped__  # the solver without its autocast boundary
+    kw = dict(max_iter=cfg.f_max_iter, tol=cfg.f_tol, stop_mode=cfg.f_stop_mode, **cfg.f_solver_options)
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name, (f, x) in _cases(device, batch=2).items():
+        fn, z0 = _flat_map(f, x)
+        runs: Dict[str, Callable[[], object]] = {"float32": lambda: solver(fn, z0, **kw)}
+        for dtype in (torch.float16, torch.bfloat16):
+            def under(z, dtype=dtype):
+                with torch.autocast(device.type, dtype=dtype):
+                    return fn(z)
+
+            def inside(dtype=dtype):
+                with torch.autocast(device.type, dtype=dtype):
+                    return raw(fn, z0, **kw)
+
+            label = str(dtype).replace("torch.", "")
+            runs[f"{label}, {_PRECISION_SETTINGS[0]}"] = inside
+            runs[f"{label}, {_PRECISION_SETTINGS[1]}"] = lambda under=under: solver(under, z0, **kw)
+            runs[f"{label}, {_PRECISION_SETTINGS[2]}"] = (
+                lambda under=under, dtype=dtype: solver(under, z0, precision=dtype, **kw))
+        with torch.no_grad():
+            times = _alternate(runs, repeats, device)
+            rows = {}
+            for key, run in runs.items():
+                res = run()
+                rows[key] = dict(steps=float(res.steps.float().mean()), rel_res=float(res.rel_res.mean()),
+                                 diverged=float(res.diverged.float().mean()),
+                                 stalled=float(res.stalled.float().mean()), seconds=times[key])
+        out[name] = rows
+    return out
+
+
+def mixed_precision(device: torch.device, repeats: int) -> List[str]:
+    rows = []
+    for name, runs in mixed_precision_solves(device, repeats).items():
+        base = runs["float32"]["seconds"]
+        for key, r in runs.items():
+            rows.append(f"| forward solve, {name}, {key}: steps, rel. residual, diverged / stalled, time vs float32 | "
+                        f"{r['steps']:.1f}, {r['rel_res']:.1e}, {r['diverged']:.0%} / {r['stalled']:.0%}, "
+                        f"{r['seconds'] / base:.2f}x | no divergence |")
+    return rows
 
 
 def torchdeq_comparison(device: torch.device, repeats: int) -> Optional[Dict[str, Dict[str, float]]]:
@@ -177,7 +234,7 @@ def torchdeq_comparison(device: torch.device, repeats: int) -> Optional[Dict[str
             tol = 1e-4 * float(fn(z0).norm(dim=1).mean())  # the same absolute tolerance for both
 
         def ours():
-            return anderson(fn, z0, max_iter=60, tol=tol, m=5, lam=1e-4)
+            return get_solver("anderson")(fn, z0, max_iter=60, tol=tol, m=5, lam=1e-4)
 
         def theirs():
             return anderson_solver(fn, z0, max_iter=60, tol=tol, stop_mode="abs", m=5, lam=1e-4)
@@ -208,11 +265,17 @@ def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
             f"| >= 1.2x |" for name, c in cases.items()]
 
 
+_SECTIONS = {"jr_overhead": jr_overhead, "memory": memory, "solver_overhead": solver_overhead,
+             "mixed_precision": mixed_precision, "torchdeq": against_torchdeq}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--only", nargs="+", choices=sorted(_SECTIONS), default=None,
+                        help="run only these sections (default: all)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,10 +285,8 @@ def main(argv=None) -> None:
              f", {torch.get_num_threads()} threads"))
     print("| measurement | result | target |")
     print("|---|---|---|")
-    for section in (lambda: jr_overhead(device, args.repeats), lambda: memory(device),
-                    lambda: solver_overhead(device, args.repeats),
-                    lambda: against_torchdeq(device, args.repeats)):
-        for row in section():
+    for key in args.only or _SECTIONS:
+        for row in _SECTIONS[key](device, args.repeats):
             print(row, flush=True)
 
 

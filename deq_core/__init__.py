@@ -8,13 +8,13 @@ from .norm import apply_weight_norm, remove_weight_norm
 from .solvers import (SolverOption, SolverResult, anderson, broyden, fixed_point, get_solver,
                       list_solvers, register_solver, unregister_solver)
 from .state import StateSpec
-from .stats import DEQStats
+from .stats import BACKWARD_SUMMARY, DEQStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEQConfig", "add_deq_args", "parse_solver_options", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS",
-    "DEQLayer", "DEQStats", "equilibrium_pass", "StateSpec",
+    "DEQLayer", "DEQStats", "BACKWARD_SUMMARY", "equilibrium_pass", "StateSpec",
     "VariationalDropout", "apply_weight_norm", "remove_weight_norm",
     "JRSchedule", "jac_frobenius_estimate", "spectral_radius",
     "SolverResult", "SolverOption", "register_solver", "unregister_solver", "get_solver", "list_solvers",

@@ -14,7 +14,7 @@ from .solvers import SolverResult, get_solver
 from .solvers._tracking import residuals
 from .solvers.precision import REDUCED_PRECISION, AutocastBoundary, lower_precision
 from .state import State, StateSpec, state_dtype_for
-from .stats import DEQStats
+from .stats import BACKWARD_SUMMARY, DEQStats
 
 __all__ = ["DEQLayer", "equilibrium_pass"]
 
@@ -311,7 +311,7 @@ class DEQLayer(nn.Module):
             f_out = fn(z_in)
             if jac_on:
                 stats.jac_loss = self._jac(f_out, z_in)
-            stats.backward_summary = torch.zeros(4, device=z_in.device)
+            stats.backward_summary = torch.zeros(len(BACKWARD_SUMMARY), device=z_in.device)
             return _ImplicitGrad.apply(f_out, z_in, cfg, fn.precision, stats)
         # Phantom gradient: k damped steps from z*, differentiated by ordinary backprop.
         z = z_star.detach().requires_grad_(jac_on)

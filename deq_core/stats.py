@@ -9,7 +9,10 @@ import torch
 
 from .solvers import SolverResult
 
-__all__ = ["DEQStats"]
+__all__ = ["DEQStats", "BACKWARD_SUMMARY"]
+
+# The entries of DEQStats.backward_summary: 1 once the backward solve ran, then batch means.
+BACKWARD_SUMMARY = ("ran", "b_steps", "b_abs_res", "b_rel_res", "b_stalled", "b_diverged")
 
 
 @dataclass(eq=False)
@@ -19,7 +22,8 @@ class DEQStats:
     ``jac_loss`` is the differentiable batch-mean JR estimate of ``||J_f(z*)||_F^2 / d`` when JR
     ran this step (else ``None``); :attr:`jr_loss` is the weighted term to add to the loss. The
     backward fields are filled in when the implicit backward pass runs; so is
-    ``backward_summary``, a 4-vector (ran, mean steps, mean abs and rel residual) that exists from
+    ``backward_summary``, a vector with the entries named by :data:`BACKWARD_SUMMARY` (ran, then
+    the means of steps, abs and rel residual, stalled and diverged fractions) that exists from
     the forward pass on and is written in place, for loggers that must keep a reference before
     ``backward()`` runs (fairseq's criterions return their logging outputs first). :meth:`to_dict`
     turns everything into Python floats with a single host read.
@@ -57,9 +61,8 @@ class DEQStats:
         self.host_reads += result.host_reads
         if self.backward_summary is not None:
             means = self.means()
-            self.backward_summary.copy_(torch.stack([
-                torch.ones((), device=self.backward_summary.device), means["b_steps"], means["b_abs_res"],
-                means["b_rel_res"]]))
+            means["ran"] = torch.ones((), device=self.backward_summary.device)
+            self.backward_summary.copy_(torch.stack([means[key] for key in BACKWARD_SUMMARY]))
 
     @property
     def jr_loss(self) -> Union[torch.Tensor, float]:

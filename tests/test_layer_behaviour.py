@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from deq_core import DEQLayer, DEQStats, VariationalDropout, apply_weight_norm, remove_weight_norm
+from deq_core import BACKWARD_SUMMARY, DEQLayer, DEQStats, VariationalDropout, apply_weight_norm, remove_weight_norm
 from tests._dtype_spy import register_dtype_spy
 from tests._maps import MLPCell, TanhCell
 
@@ -170,10 +170,12 @@ def test_backward_summary_is_filled_in_place_by_backward():
     layer = DEQLayer(TanhCell(4, 3))
     z, stats = layer(torch.randn(2, 3, dtype=torch.float64))
     summary = stats.backward_summary  # a logger may hold this before backward() runs
-    assert summary.tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert BACKWARD_SUMMARY == ("ran", "b_steps", "b_abs_res", "b_rel_res", "b_stalled", "b_diverged")
+    assert summary.tolist() == [0.0] * 6
     z.sum().backward()
     assert summary[0] == 1.0 and summary[1] == stats.b_steps.float().mean()
-    assert torch.allclose(summary[2:], torch.stack([stats.b_abs_res.mean(), stats.b_rel_res.mean()]).float())
+    assert torch.allclose(summary[2:4], torch.stack([stats.b_abs_res.mean(), stats.b_rel_res.mean()]).float())
+    assert summary[4:].tolist() == [0.0, 0.0]  # float64: never stalled; a contraction: never diverged
     with torch.no_grad():
         assert layer(torch.randn(2, 3, dtype=torch.float64))[1].backward_summary is None
 

@@ -84,6 +84,9 @@ def test_fairseq_step_under_bf16_autocast(spy, tmp_path):
     assert stats.f_abs_res.dtype == torch.float32 and stats.b_abs_res.dtype == torch.float32
     assert math.isfinite(float(loss.detach())) and math.isfinite(float(log["deq_jr"]))
     assert float(log["deq_b_calls"]) == 1
+    # The solver outcomes reach fairseq's logs: the share of samples stalled at bfloat16's floor.
+    assert float(log["deq_f_stalled"]) == float(stats.f_stalled.float().mean())
+    assert float(log["deq_b_stalled"]) == float(stats.b_stalled.float().mean())
     assert _finite_grads(model) > 0
 
 
@@ -97,7 +100,8 @@ def test_timm_cli_trains_an_epoch_with_bf16_amp(tmp_path):
                       "--amp", "--amp-dtype", "bfloat16", "--output", str(tmp_path), "--experiment", "bf16"])
     with open(f"{out['output_dir']}/summary.csv") as fh:
         (row,) = list(csv.DictReader(fh))
-    for key in ("train_loss", "train_task_loss", "train_jac_loss", "train_f_steps", "train_b_steps", "eval_loss"):
+    for key in ("train_loss", "train_task_loss", "train_jac_loss", "train_f_steps", "train_b_steps", "eval_loss",
+                "train_f_stalled", "train_b_stalled", "eval_f_stalled"):
         assert math.isfinite(float(row[key])), key
     assert float(row["train_jac_steps"]) == 1.0 and float(row["train_jac_loss"]) > 0
 
@@ -241,3 +245,29 @@ def test_overflowing_float16_vector_jacobian_products_are_not_solved_away():
     # In float32 the same scale is harmless.
     grads32, stats32 = _step_grads(layer, x, scale=1e14, dtype=None)
     assert all(bool(torch.isfinite(g).all()) for g in grads32) and not bool(stats32.b_diverged.any())
+
+
+def test_timm_cli_trains_with_float16_amp_and_a_grad_scaler(tmp_path):
+    pytest.importorskip("timm")
+    from timm_deq import shapes, train
+
+    data = shapes.make_shapes(str(tmp_path / "data"), train_per_class=4, val_per_class=1, size=16)
+    common = [data, "--model", "mdeq_tiny_cifar", "--img-size", "16", "-b", "10", "-j", "0", "--no-aug",
+              "--epochs", "3", "--opt", "adamw", "--lr", "3e-3", "--weight-decay", "0", "--smoothing", "0",
+              "--warmup-epochs", "0", "--f-max-iter", "12", "--b-max-iter", "12", "--jac-freq", "1",
+              "--seed", "1", "--output", str(tmp_path)]
+    runs = {}
+    for name, flags in (("fp32", []), ("fp16", ["--amp", "--amp-dtype", "float16"])):
+        run = train.setup(common + flags + ["--experiment", name])
+        if name == "fp16":
+            assert isinstance(run.loss_scaler._scaler, torch.amp.GradScaler)   # timm's NativeScaler on CPU
+        train.train(run)
+        with open(f"{run.output_dir}/summary.csv") as fh:
+            runs[name] = list(csv.DictReader(fh))
+    for name, rows in runs.items():
+        losses = [float(r["train_loss"]) for r in rows]
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], (name, losses)
+    for a, b in zip(runs["fp32"], runs["fp16"]):
+        assert abs(float(a["train_f_steps"]) - float(b["train_f_steps"])) <= 2.0
+        assert abs(float(a["train_b_steps"]) - float(b["train_b_steps"])) <= 2.0
+        assert float(a["train_f_stalled"]) == 0.0

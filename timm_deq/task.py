@@ -53,7 +53,8 @@ class DEQStatsMeter:
     """Running means of solver statistics, kept on the device and read only by :meth:`summary`
     (no host read per step). JR is averaged over the steps where it ran."""
 
-    _KEYS = ('f_steps', 'f_abs_res', 'f_rel_res', 'b_steps', 'b_abs_res', 'b_rel_res', 'jac_loss')
+    _KEYS = ('f_steps', 'f_abs_res', 'f_rel_res', 'f_stalled', 'f_diverged', 'b_steps', 'b_abs_res', 'b_rel_res',
+             'b_stalled', 'b_diverged', 'jac_loss')
 
     def __init__(self) -> None:
         self.reset()

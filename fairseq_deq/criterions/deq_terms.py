@@ -7,14 +7,14 @@ import torch
 from fairseq import utils
 from fairseq.logging import metrics
 
-from deq_core import DEQStats
+from deq_core import BACKWARD_SUMMARY, DEQStats
 
 __all__ = ["add_deq_terms", "reduce_deq_metrics"]
 
-# logging-output key -> metric name (averaged over "deq_calls")
+# logging-output key -> metric name (averaged over "deq_calls"; the backward ones over "deq_b_calls")
 _FORWARD = {"deq_f_steps": "f_steps", "deq_f_abs_res": "f_abs_res", "deq_f_rel_res": "f_rel_res",
-            "deq_f_diverged": "f_diverged"}
-_BACKWARD = ("b_steps", "b_abs_res", "b_rel_res")
+            "deq_f_stalled": "f_stalled", "deq_f_diverged": "f_diverged"}
+_BACKWARD = BACKWARD_SUMMARY[1:]
 
 
 def _decimals(name: str) -> int:
@@ -40,11 +40,12 @@ def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sa
     out = logging_output
     means = stats.means()
     out["deq_calls"] = 1
-    out.update({key: means[name] for key, name in _FORWARD.items()})
+    out.update({key: means[name] for key, name in _FORWARD.items() if name in means})
     backward = extra.get("deq_backward")
     if backward is not None:
         # Views of a vector the implicit backward pass fills in before the trainer reads them.
-        out["deq_b_calls"], out["deq_b_steps"], out["deq_b_abs_res"], out["deq_b_rel_res"] = backward.unbind(0)
+        names = ("b_calls",) + _BACKWARD
+        out.update({"deq_" + name: value for name, value in zip(names, backward.unbind(0))})
     if stats.jac_loss is not None:
         out["deq_jr_calls"] = 1
         out["deq_jr"] = means["jac_loss"]
@@ -62,7 +63,8 @@ def reduce_deq_metrics(logging_outputs: Sequence[Dict[str, Any]]) -> None:
     calls = total("deq_calls")
     if calls > 0:
         for key, name in _FORWARD.items():
-            metrics.log_scalar(name, total(key) / calls, calls, round=_decimals(name))
+            if any(key in log for log in logging_outputs):
+                metrics.log_scalar(name, total(key) / calls, calls, round=_decimals(name))
     b_calls = total("deq_b_calls")
     if b_calls > 0:
         for name in _BACKWARD:
