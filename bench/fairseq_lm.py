@@ -56,7 +56,7 @@ def build_pair(size: str, device: torch.device, dtype: torch.dtype, baseline: Op
     (e.g. ``transformer_lm_wiki103``), that architecture as fairseq defines it."""
     arch, vocab, seg, _, layers, extra = SIZES[size]
     common = ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"]
-    task, deq_cfg, deq = _build_deq(size, common)
+    task, deq_cfg, deq = build_deq(size, common)
     if baseline is None:
         base_cfg, label = _matched_baseline(deq_cfg, deq, common, layers), f"transformer_lm ({layers} layers)"
     else:
@@ -69,8 +69,9 @@ def build_pair(size: str, device: torch.device, dtype: torch.dtype, baseline: Op
     return pairs, seg, vocab, label
 
 
-def _build_deq(size: str, common: List[str]):
-    """(task, config, model) of the DEQ architecture of ``SIZES[size]`` on a dummy vocabulary."""
+def build_deq(size: str, common: List[str]):
+    """(task, config, model) of the DEQ architecture of ``SIZES[size]`` on a dummy vocabulary,
+    built from the fairseq-train flags ``common`` (task, segment length, device)."""
     arch, vocab, _, _, _, extra = SIZES[size]
     dictionary = Dictionary()
     for i in range(vocab - len(dictionary)):
@@ -109,7 +110,7 @@ def matched_baseline_flags(deq_cfg, deq: torch.nn.Module, layers: int) -> List[s
 def baseline_flags(size: str) -> List[str]:
     """:func:`matched_baseline_flags` for the DEQ architecture of ``SIZES[size]`` (on CPU)."""
     seg, layers = SIZES[size][2], SIZES[size][4]
-    _, deq_cfg, deq = _build_deq(size, ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"])
+    _, deq_cfg, deq = build_deq(size, ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"])
     return matched_baseline_flags(deq_cfg, deq, layers)
 
 
@@ -132,7 +133,7 @@ class _Counter:
         self.calls += 1
 
 
-def _sample(batch: int, seg: int, vocab: int, step: int, device: torch.device) -> Dict:
+def lm_sample(batch: int, seg: int, vocab: int, step: int, device: torch.device) -> Dict:
     """Random tokens as fairseq's LM collater lays them out, continuing stream "train" at ``step``."""
     g = torch.Generator().manual_seed(step)
     tokens = torch.randint(4, vocab, (batch, seg + 1), generator=g)
@@ -192,7 +193,7 @@ def train_pair(size: str, device: torch.device, dtype: torch.dtype, steps: int,
     deq_logs = []
     finite = True
     for step in range(-2, steps):              # two warm-up steps
-        sample = _sample(batch, seg, vocab, step + 2, device)
+        sample = lm_sample(batch, seg, vocab, step + 2, device)
         for name, model, criterion in pairs:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

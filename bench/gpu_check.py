@@ -8,11 +8,17 @@ device; training-step throughput, peak memory and solver steps of ``mdeq_small``
 ``resnet50`` and ``resnet101`` (bfloat16 autocast, batch 64 at 224x224, through
 ``bench.timm_mdeq``); of ``deq_transformer_lm_wt103`` against fairseq's ``transformer_lm_wiki103``
 (whole model in float16 as ``--fp16`` runs it, the same 14 x 150 tokens per update, through
-``bench.fairseq_lm``); the JR overhead of a training step (``bench.core``); the wall time.
+``bench.fairseq_lm``); the JR overhead of a training step (``bench.core``); mixed precision
+(float16 and bfloat16 autocast solves against float32 through ``bench.core``, a GradScaler step
+with an injected overflow, ``fairseq-train --fp16`` and ``--amp`` updates on a generated corpus);
+training steps of the whole ``torch.compile``d ``mdeq_tiny_cifar`` against eager; the wall time.
 
 A row's status is ``pass`` or ``FAIL``. A check fails when tests fail, a section raises, a loss is
-not finite, a solver used more steps than its limit, or the whole run took longer than
-``--time-limit``. Performance targets (JR overhead) are reported as met or missed in the result
+not finite, a solver used more steps than its limit, a reduced-precision solve reports divergence
+where float32 converges, the loss scaler does not skip an overflowed step, a compiled model's
+gradients differ from eager by more than 1e-3 where no solve amplifies them, its solver steps
+differ, or it recompiles after its first step, or the whole
+run took longer than ``--time-limit``. Performance targets (JR overhead) are reported as met or missed in the result
 and do not fail the run. Exit status: 0 when every check passes, 1 when one fails, 2 when the
 device cannot be used. Nothing is installed or downloaded.
 """
@@ -23,6 +29,7 @@ import datetime
 import importlib
 import math
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_TESTS = ("tests/test_layer_gradients.py", "tests/test_solvers.py")
-SECTIONS = ("core", "timm", "fairseq", "jr")
+SECTIONS = ("core", "timm", "fairseq", "jr", "precision", "fairseq_precision", "compile")
 PASS, FAIL = "pass", "FAIL"
 
 
@@ -168,7 +175,155 @@ def jr_overhead(s: Settings) -> List[Row]:
     return rows
 
 
-_SECTION_FUNCTIONS = {"core": core_tests, "timm": timm_models, "fairseq": fairseq_models, "jr": jr_overhead}
+def precision(s: Settings) -> List[Row]:
+    """Autocast solves against float32 (bench.core's cells, default tolerances) and a GradScaler step."""
+    from bench import core
+
+    rows = []
+    for case, runs in core.mixed_precision_solves(s.device, s.jr_repeats).items():
+        ref = runs["float32"]
+        for key, r in runs.items():
+            if not key.endswith("(now)"):
+                continue
+            dtype = key.split(",")[0]
+            ok = not (r["diverged"] > 0 and ref["diverged"] == 0) and r["steps"] <= ref["steps"] + 30
+            rows.append(Row(f"forward solve {case}, {dtype} autocast against float32",
+                            f"steps {r['steps']:.1f} / {ref['steps']:.1f}, rel. residual {r['rel_res']:.1e} / "
+                            f"{ref['rel_res']:.1e}, stalled at the floor {r['stalled']:.0%}, diverged "
+                            f"{r['diverged']:.0%} / {ref['diverged']:.0%}, time {r['seconds'] / ref['seconds']:.2f}x",
+                            _status(ok)))
+    rows.append(_scaler_step(s.device))
+    return rows
+
+
+def _scaler_step(device: torch.device) -> Row:
+    """float16 autocast training steps under torch.amp.GradScaler: an overflow injected into the
+    gradient reaching the layer must make the scaler skip the step; the next step must update."""
+    from bench.cells import TransformerCell
+    from deq_core import DEQLayer
+
+    torch.manual_seed(0)
+    f = TransformerCell(d_model=64, heads=4, d_ffn=128).to(device)
+    layer = DEQLayer(f, f_max_iter=12, b_max_iter=12, jac_weight=0.5, jac_freq=1.0)
+    opt = torch.optim.SGD(f.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler(device.type)
+    x = torch.randn(4, 32, 64, device=device)
+
+    def step(inject: bool) -> Tuple[bool, float, bool]:
+        before = [p.detach().clone() for p in f.parameters()]
+        with torch.autocast(device.type, dtype=torch.float16):
+            z, stats = layer(x)
+            if inject:
+                z.register_hook(lambda g: g.index_fill(0, torch.tensor([0], device=g.device), float("inf")))
+            loss = z.float().pow(2).mean() + stats.jr_loss
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        moved = any(not torch.equal(p, q) for p, q in zip(f.parameters(), before))
+        return moved, scale, bool(torch.isfinite(loss))
+
+    moved_bad, scale_bad, _ = step(inject=True)
+    moved_ok, _, finite = step(inject=False)
+    ok = not moved_bad and scaler.get_scale() < scale_bad and moved_ok and finite
+    return Row("GradScaler, float16 autocast: step with an injected inf in the layer's incoming gradient, "
+               "then a clean step", f"overflowed step skipped: {not moved_bad} (scale {scale_bad:g} -> "
+               f"{scaler.get_scale():g}); clean step applied: {moved_ok}, finite loss: {finite}", _status(ok))
+
+
+def fairseq_precision(s: Settings) -> List[Row]:
+    """``fairseq-train`` updates of deq_transformer_lm_tiny with fairseq's precision flags (on CUDA
+    ``--fp16`` and ``--amp``; on CPU ``--memory-efficient-fp16``, and ``--amp`` must be refused)."""
+    import tempfile
+
+    from fairseq_deq import demo
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_fairseq_"))
+    demo.write_corpus(work / "raw", limit=400)
+    data = work / "data-bin"
+    subprocess.run(demo.fairseq_tool("fairseq-preprocess") + [
+        "--only-source", "--trainpref", str(work / "raw/train.txt"), "--validpref", str(work / "raw/valid.txt"),
+        "--destdir", str(data), "--nwordssrc", "2000", "--workers", "1"], check=True, capture_output=True)
+    device = ["--cpu"] if s.device.type == "cpu" else []
+    runs = [["--fp16"], ["--amp"]] if s.device.type == "cuda" else [["--memory-efficient-fp16"], ["--amp"]]
+    rows = []
+    for flags in runs:
+        cmd = demo.fairseq_tool("fairseq-train") + [
+            str(data), "--user-dir", str(ROOT / "fairseq_deq"), "--task", "deq_language_modeling",
+            "--tokens-per-sample", "32", "--arch", "deq_transformer_lm_tiny", "--criterion", "cross_entropy_jr",
+            "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "6", "--jac-freq", "1",
+            "--log-format", "json", "--log-interval", "1", "--disable-validation", "--no-save", "--num-workers",
+            "0", "--seed", "1", *device, *flags]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        refused = s.device.type == "cpu" and flags == ["--amp"]
+        if refused:
+            ok = proc.returncode != 0 and "--amp is fairseq's CUDA autocast" in proc.stdout
+            rows.append(Row("fairseq-train --amp on CPU", "refused with the flags to use instead" if ok else
+                            proc.stdout[-300:], _status(ok)))
+            continue
+        records = demo.log_records(proc.stdout, "train_inner") or demo.log_records(proc.stdout, "train")
+        last = records[-1] if records else {}
+        loss = float(last.get("loss", "nan"))
+        ok = proc.returncode == 0 and math.isfinite(loss) and float(last.get("f_diverged", 1)) == 0.0
+        rows.append(Row(f"fairseq-train {' '.join(flags)}, deq_transformer_lm_tiny, 6 updates with JR",
+                        f"loss {loss:.3f}, f_steps {last.get('f_steps', '-')}, b_steps {last.get('b_steps', '-')}, "
+                        f"jr {last.get('jr', '-')}, f_stalled {last.get('f_stalled', '-')}" if proc.returncode == 0
+                        else proc.stdout[-300:], _status(ok)))
+    return rows
+
+
+def compiled_model(s: Settings) -> List[Row]:
+    """Training steps of ``torch.compile(mdeq_tiny_cifar)`` (inductor) against eager: a pretraining
+    step (unrolled stack, with JR), then implicit steps with JR on and off. The untrained model's
+    solves do not converge (spectral radius about 1.4 at z*), so they amplify the compiled stem's
+    rounding differences: the gradient (all parameters) must match eager within 1e-3 relative where
+    no solve is involved (the CPU tests hold 1e-4 at this size; cuDNN may use TF32 here); the
+    implicit steps must take the same solver steps, stay finite and compile nothing new."""
+    import timm
+    import timm_deq  # noqa: F401  (registers the models)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = timm.create_model("mdeq_tiny_cifar", num_classes=10, f_max_iter=20, b_max_iter=20, jac_freq=1.0,
+                              pretrain_steps=1, pretrain_jac_weight=0.4, unrolled_layers=4).to(s.device).train()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(2, 3, 16, 16, device=s.device)
+    y = torch.randint(0, 10, (2,), device=s.device)
+
+    def step(call):
+        model.zero_grad()
+        torch.manual_seed(5)
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(call(x), y) + model.deq_stats.jr_loss
+        loss.backward()
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return grads, model.deq_stats.f_steps.tolist(), bool(torch.isfinite(loss)), time.perf_counter() - t0
+
+    errors, graphs, times, same_steps, finite = [], [], [], True, True
+    for n, jac_weight in enumerate((0.4, 0.4, 0.0, 0.4)):
+        model.deq.config = model.deq.config.replace(jac_weight=jac_weight)
+        model.set_num_updates(n)
+        ref, ref_steps, _, t_eager = step(model)
+        got, steps, ok, t_compiled = step(compiled)
+        flat_got, flat_ref = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in ref])
+        errors.append(float((flat_got - flat_ref).norm() / flat_ref.norm()))
+        graphs.append(counter.frame_count)
+        times.append(t_compiled / t_eager)
+        same_steps, finite = same_steps and steps == ref_steps, finite and ok
+    ok = errors[0] < 1e-3 and same_steps and finite and graphs == [graphs[0]] * len(graphs)
+    return [Row("torch.compile(mdeq_tiny_cifar), inductor: a pretraining step, then implicit steps with JR "
+                "on / off / on", f"gradient error vs eager: pretraining {errors[0]:.1e}, implicit (unconverged "
+                f"solves) {max(errors[1:]):.1e}; same solver steps {same_steps}; graphs after each step "
+                f"{graphs}; step time vs eager (after the first) {statistics.median(times[1:]):.2f}x",
+                _status(ok))]
+
+
+_SECTION_FUNCTIONS = {"core": core_tests, "timm": timm_models, "fairseq": fairseq_models, "jr": jr_overhead,
+                      "precision": precision, "fairseq_precision": fairseq_precision, "compile": compiled_model}
 
 
 def _header(device: torch.device) -> str:

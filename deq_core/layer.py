@@ -237,7 +237,17 @@ class DEQLayer(nn.Module):
 
         Under autocast only f runs in reduced precision; the solvers, the backward solve and JR's
         reduction run in the state dtype (float32, or float64 for float64 states).
+
+        Inside ``torch.compile`` of a whole model the layer is one explicit graph break: the
+        solver loop is data dependent and JR differentiates a vector-Jacobian product, which
+        compiled graphs cannot do, so the layer runs eagerly (its solver evaluations of f
+        compiled when ``compile_f`` is on) and the model around it stays compiled.
         """
+        return self._equilibrium_forward(*inputs, z0=z0, **kwargs)
+
+    @torch.compiler.disable
+    def _equilibrium_forward(self, *inputs: Any, z0: Optional[State] = None,
+                             **kwargs: Any) -> Tuple[State, DEQStats]:
         cfg = self.config
         if cfg.check_finite:
             _check_finite(inputs, kwargs, z0)

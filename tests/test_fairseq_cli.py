@@ -170,3 +170,41 @@ def test_bad_flag_combinations_fail_before_training(data_bin, tmp_path, flags, m
                check=False)
     assert proc.returncode != 0 and message in proc.stdout
     assert "begin training epoch" not in proc.stdout
+
+
+def test_memory_efficient_fp16_trains_a_half_model_with_jr_on_cpu(data_bin):
+    save = data_bin.parent / "mefp16"
+    proc = run(tiny_train_args(data_bin, save, *STREAM, "--max-update", "6", "--log-interval", "1", "--jac-freq", "1",
+                               "--memory-efficient-fp16", "--disable-validation", "--no-save"), cwd=data_bin.parent)
+    records = json_logs(proc.stdout, "train_inner")
+    assert len(records) >= 4
+    for r in records:
+        assert math.isfinite(float(r["loss"])) and math.isfinite(float(r["jr"]))
+        assert float(r["f_diverged"]) == 0.0 and 1 <= float(r["f_steps"]) <= 8
+        assert 0.0 <= float(r["f_stalled"]) <= 1.0 and "b_stalled" in r
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--amp",), r"--amp is fairseq's CUDA autocast \(torch.cuda.amp\): on CPU it does nothing .* use "
+                 r"--memory-efficient-fp16 or --bf16"),
+    (("--fp16",), r"--fp16 keeps its flattened float32 master weights on a CUDA device, and there is none here: "
+                  r"add --fp16-no-flatten-grads or use --memory-efficient-fp16"),
+])
+@pytest.mark.parametrize("criterion", ["cross_entropy_jr", "adaptive_loss_jr"])
+def test_precision_flags_that_cannot_run_on_cpu_are_refused(data_bin, flags, message, criterion):
+    from fairseq import tasks
+
+    extra = ("--adaptive-softmax-cutoff", "10", "--ddp-backend", "legacy_ddp") if criterion == "adaptive_loss_jr" else ()
+    for task_name in ("deq_language_modeling", "language_modeling"):
+        cfg = parse_train_config(data_bin, "--arch", "deq_transformer_lm_tiny", "--task", task_name,
+                                 "--criterion", criterion, "--tokens-per-sample", "16", *extra, *flags)
+        if task_name == "deq_language_modeling":
+            with pytest.raises(ValueError, match=message):
+                tasks.setup_task(cfg.task)
+            continue
+        task = tasks.setup_task(cfg.task)
+        with pytest.raises(ValueError, match=message):
+            task.build_criterion(cfg.criterion)
+    ok = parse_train_config(data_bin, "--arch", "deq_transformer_lm_tiny", "--task", "deq_language_modeling",
+                            "--criterion", criterion, "--tokens-per-sample", "16", *extra, "--memory-efficient-fp16")
+    tasks.setup_task(ok.task).build_criterion(ok.criterion)

@@ -41,8 +41,7 @@ def test_a_failing_or_crashing_section_fails_the_run_and_the_others_still_run():
 def test_tiny_run_of_every_section_on_cpu(capsys):
     pytest.importorskip("timm")
     pytest.importorskip("fairseq")
-    sections = ["core", "timm", "fairseq", "jr"]
-    assert gpu_check.main(["--device", "cpu", "--tiny", "--sections", *sections]) == 0
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--sections", *gpu_check.SECTIONS]) == 0
     out = capsys.readouterr().out.splitlines()
     start = out.index("| check | result | status |")
     rows = out[start + 2:]
@@ -51,4 +50,9 @@ def test_tiny_run_of_every_section_on_cpu(capsys):
     assert any(r.startswith("| train step mdeq_tiny_cifar") and "solver steps fwd" in r for r in rows)
     assert any(r.startswith("| train step deq_transformer_lm_tiny vs transformer_lm") for r in rows)
     assert sum(r.startswith("| JR step / plain step") for r in rows) == 2
+    assert sum(r.startswith("| forward solve") and "autocast against float32" in r for r in rows) == 4
+    assert any(r.startswith("| GradScaler") and "overflowed step skipped: True" in r for r in rows)
+    assert any(r.startswith("| fairseq-train --memory-efficient-fp16") for r in rows)
+    assert any(r.startswith("| fairseq-train --amp on CPU | refused") for r in rows)
+    assert any(r.startswith("| torch.compile(mdeq_tiny_cifar)") for r in rows)
     assert rows[-1].startswith("| wall time") and all(r.endswith("| pass |") for r in rows)

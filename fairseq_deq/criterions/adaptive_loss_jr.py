@@ -1,6 +1,7 @@
 """``adaptive_loss_jr``: fairseq's adaptive-softmax loss plus the equilibrium layer's JR term."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -9,20 +10,32 @@ from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss, AdaptiveLossConfig
 
+from ..precision import PrecisionFlags, check_precision_flags
 from .deq_terms import add_deq_terms, reduce_deq_metrics
 
-__all__ = ["AdaptiveLossJR"]
+__all__ = ["AdaptiveLossJR", "AdaptiveLossJRConfig"]
 
 
-@register_criterion("adaptive_loss_jr", dataclass=AdaptiveLossConfig)
+@dataclass
+class AdaptiveLossJRConfig(AdaptiveLossConfig, PrecisionFlags):
+    """``adaptive_loss``'s options; the precision flags are fairseq's own, read for a check."""
+
+
+@register_criterion("adaptive_loss_jr", dataclass=AdaptiveLossJRConfig)
 class AdaptiveLossJR(AdaptiveLoss):
     """Adaptive-softmax loss (summed over tokens, as fairseq's ``adaptive_loss``) + sample size x
     JR term; logs the forward/backward solver steps and residuals and the JR estimate.
 
     Like ``adaptive_loss`` it needs ``--ddp-backend legacy_ddp`` (checked when it is built), and
     it computes summed losses only (``reduce=True``): the clusters' per-token losses have
-    different lengths.
+    different lengths. Precision flags that cannot run on this device are refused
+    (:func:`~fairseq_deq.precision.check_precision_flags`).
     """
+
+    @classmethod
+    def build_criterion(cls, cfg: AdaptiveLossJRConfig, task):
+        check_precision_flags(cfg)
+        return super().build_criterion(cfg, task)
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
         if not reduce:

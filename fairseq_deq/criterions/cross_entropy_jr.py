@@ -1,21 +1,34 @@
 """``cross_entropy_jr``: fairseq's cross entropy plus the equilibrium layer's JR term."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
 from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 
+from ..precision import PrecisionFlags, check_precision_flags
 from .deq_terms import add_deq_terms, reduce_deq_metrics
 
-__all__ = ["CrossEntropyJRCriterion"]
+__all__ = ["CrossEntropyJRCriterion", "CrossEntropyJRConfig"]
 
 
-@register_criterion("cross_entropy_jr", dataclass=CrossEntropyCriterionConfig)
+@dataclass
+class CrossEntropyJRConfig(CrossEntropyCriterionConfig, PrecisionFlags):
+    """``cross_entropy``'s options; the precision flags are fairseq's own, read for a check."""
+
+
+@register_criterion("cross_entropy_jr", dataclass=CrossEntropyJRConfig)
 class CrossEntropyJRCriterion(CrossEntropyCriterion):
     """Token-level cross entropy (summed, as fairseq's ``cross_entropy``) + sample size x JR term;
-    logs the forward/backward solver steps and residuals and the JR estimate."""
+    logs the forward/backward solver steps and residuals and the JR estimate. Refuses precision
+    flags that cannot run on this device (:func:`~fairseq_deq.precision.check_precision_flags`)."""
+
+    @classmethod
+    def build_criterion(cls, cfg: CrossEntropyJRConfig, task):
+        check_precision_flags(cfg)
+        return super().build_criterion(cfg, task)
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
         net_output = model(**sample["net_input"])

@@ -23,6 +23,8 @@ class SegmentMemory:
     written by segment ``s - 1`` of the same stream (so a fresh epoch, a new evaluation, a resumed
     run or an unrelated batch starts without memory); rows are the same columns of the corpus
     in every batch of a stream, and a final batch may have fewer rows. Not part of the state dict.
+    Reads and writes are Python bookkeeping keyed by stream and segment, kept out of
+    ``torch.compile`` graphs (compiling them would guard on every segment index).
     """
 
     def __init__(self, length: int) -> None:
@@ -31,6 +33,7 @@ class SegmentMemory:
         self.length = length
         self._entries: Dict[str, _Entry] = {}
 
+    @torch.compiler.disable
     def read(self, key: str, segment: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """The memory for a ``like``-shaped batch ``(B, T, d)`` of segment ``segment``, or None."""
         entry = self._entries.get(key)
@@ -39,6 +42,7 @@ class SegmentMemory:
             return None
         return entry.states[: like.shape[0]].to(like.dtype)
 
+    @torch.compiler.disable
     def write(self, key: str, segment: int, previous: Optional[torch.Tensor], current: torch.Tensor,
               training: bool) -> None:
         """Keep the last ``length`` positions of ``[previous; current]`` for segment ``segment + 1``."""

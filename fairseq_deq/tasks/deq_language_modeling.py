@@ -13,6 +13,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from ..data import StreamCollater, segments_per_column, stream_batches
+from ..precision import PrecisionFlags, check_precision_flags
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +21,10 @@ __all__ = ["DEQLanguageModelingTask", "DEQLanguageModelingConfig"]
 
 
 @dataclass
-class DEQLanguageModelingConfig(LanguageModelingConfig):
+class DEQLanguageModelingConfig(LanguageModelingConfig, PrecisionFlags):
     """Same options as ``language_modeling``; ``--batch-size`` is the number of parallel streams
-    per GPU and ``--tokens-per-sample`` the segment length."""
+    per GPU and ``--tokens-per-sample`` the segment length. The precision flags are fairseq's own,
+    read to refuse combinations that cannot run on this device."""
 
 
 @register_task("deq_language_modeling", dataclass=DEQLanguageModelingConfig)
@@ -30,6 +32,7 @@ class DEQLanguageModelingTask(LanguageModelingTask):
     """Language modeling over contiguous streams, for models with a segment memory."""
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None) -> None:
+        check_precision_flags(args)
         if str(args.sample_break_mode) != "none":
             raise ValueError("--task deq_language_modeling streams the corpus as one token sequence: "
                              f"use --sample-break-mode none (got {args.sample_break_mode!r})")

@@ -1,0 +1,58 @@
+"""fairseq's precision flags as the plugin reads them, and the combinations that cannot run here.
+
+fairseq's ``--amp`` is CUDA autocast (``torch.cuda.amp``): on a CPU run it changes nothing and
+the model trains in float32 without a word. Its ``--fp16`` keeps flattened float32 master weights
+on the current CUDA device and fails on CPU with a CUDA error. The plugin's task and criterions
+refuse both on CPU with what to use instead; ``--memory-efficient-fp16``, ``--fp16
+--fp16-no-flatten-grads`` and ``--bf16`` (half-precision models with float32 master weights) run
+on CPU.
+"""
+# No ``from __future__ import annotations`` here: fairseq reads the dataclass field types at run time.
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import II
+
+from fairseq.dataclass import FairseqDataclass
+
+__all__ = ["PrecisionFlags", "check_precision_flags"]
+
+
+@dataclass
+class PrecisionFlags(FairseqDataclass):
+    """fairseq's own precision and device flags (``common.*``), mirrored into a task or criterion
+    config so that it can check them."""
+
+    fp16: bool = II("common.fp16")
+    memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
+    fp16_no_flatten_grads: bool = II("common.fp16_no_flatten_grads")
+    amp: bool = II("common.amp")
+    cpu: bool = II("common.cpu")
+
+
+def _flag(cfg: Any, name: str) -> bool:
+    try:
+        value = getattr(cfg, name, False)
+    except Exception:  # an interpolation that cannot resolve outside fairseq-train's config
+        return False
+    return value is True
+
+
+def check_precision_flags(cfg: Any) -> None:
+    """Raise for precision flags fairseq cannot honour on this device (see the module docstring).
+
+    Args:
+        cfg: a config holding :class:`PrecisionFlags`' fields (missing or unresolved ones read
+            as False).
+    """
+    on_cuda = torch.cuda.is_available() and not _flag(cfg, "cpu")
+    if on_cuda:
+        return
+    if _flag(cfg, "amp"):
+        raise ValueError("--amp is fairseq's CUDA autocast (torch.cuda.amp): on CPU it does nothing and "
+                         "the model would train in float32. Without CUDA use --memory-efficient-fp16 or "
+                         "--bf16 (a half-precision model with float32 master weights), or drop --amp")
+    if _flag(cfg, "fp16") and not (_flag(cfg, "memory_efficient_fp16") or _flag(cfg, "fp16_no_flatten_grads")):
+        raise ValueError("--fp16 keeps its flattened float32 master weights on a CUDA device, and there "
+                         "is none here: add --fp16-no-flatten-grads or use --memory-efficient-fp16")
