@@ -121,25 +121,33 @@ def test_fairseq_flags_carry_the_compile_options(tmp_path):
         build(data, *tiny, "--compile-backend", "nope")
 
 
-def test_timm_train_torchcompile_compiles_f_without_recompiling(counter, tmp_path):
+def _timm_compiled_training(tmp_path, count, *flags):
+    """Set up timm_deq.train with ``flags``, train one epoch, then a second; the second must compile
+    nothing. Returns (run, metrics of the second epoch)."""
     pytest.importorskip("timm")
     from timm_deq import shapes, train
 
-    name, count = counter
     data = shapes.make_shapes(str(tmp_path / "data"), train_per_class=2, val_per_class=1, size=16)
     run = train.setup([data, "--model", "mdeq_tiny_cifar", "--img-size", "16", "-b", "10", "-j", "0",
                        "--no-aug", "--epochs", "2", "--f-max-iter", "4", "--f-max-iter-jitter", "2",
-                       "--b-max-iter", "3", "--jac-freq", "0.5", "--model-ema", "--torchcompile", name,
-                       "--output", str(tmp_path), "--experiment", "compiled", "--log-interval", "10"])
-    layer = run.task.get_trainable_module().deq
-    assert layer.config.compile_f and layer.config.compile_backend == name
+                       "--b-max-iter", "3", "--jac-freq", "0.5", "--output", str(tmp_path), "--experiment",
+                       "compiled", "--log-interval", "10", *flags])
     run.num_epochs = 1
     train.train(run)
     after_first = count.frame_count
     run.start_epoch, run.num_epochs = 1, 2
     metrics = train.train(run)
     assert after_first > 0 and count.frame_count == after_first   # the second epoch compiled nothing
-    assert "top1" in metrics and "_compiled_f_cache" in layer.__dict__
+    assert "top1" in metrics
+    return run, metrics
+
+
+def test_timm_train_torchcompile_compiles_f_without_recompiling(counter, tmp_path):
+    name, count = counter
+    run, _ = _timm_compiled_training(tmp_path, count, "--model-ema", "--torchcompile", name)
+    layer = run.task.get_trainable_module().deq
+    assert layer.config.compile_f and layer.config.compile_backend == name
+    assert "_compiled_f_cache" in layer.__dict__ and not hasattr(run.task.trainable_module, "_orig_mod")
 
 
 def test_timm_torchcompile_flag_mirrors_timm_and_rejects_what_it_cannot_compile(tmp_path):
@@ -318,25 +326,12 @@ def test_compiled_deq_transformer_lm_with_memory_stops_compiling_once_the_memory
 
 
 def test_timm_train_can_compile_the_whole_model_without_recompiling(counter, tmp_path):
-    pytest.importorskip("timm")
-    from timm_deq import shapes, train
+    from timm_deq import train
 
     name, count = counter
-    data = shapes.make_shapes(str(tmp_path / "data"), train_per_class=2, val_per_class=1, size=16)
-    run = train.setup([data, "--model", "mdeq_tiny_cifar", "--img-size", "16", "-b", "10", "-j", "0",
-                       "--no-aug", "--epochs", "2", "--f-max-iter", "4", "--f-max-iter-jitter", "2",
-                       "--b-max-iter", "3", "--jac-freq", "0.5", "--torchcompile", name,
-                       "--torchcompile-scope", "model", "--output", str(tmp_path), "--experiment", "whole",
-                       "--log-interval", "10"])
+    run, _ = _timm_compiled_training(tmp_path, count, "--torchcompile", name, "--torchcompile-scope", "model")
     assert hasattr(run.task.trainable_module, "_orig_mod")          # timm's task holds the compiled model
     layer = run.task.get_trainable_module().deq
     assert layer.config.compile_f and layer.config.compile_backend == name
-    run.num_epochs = 1
-    train.train(run)
-    after_first = count.frame_count
-    run.start_epoch, run.num_epochs = 1, 2
-    metrics = train.train(run)
-    assert after_first > 0 and count.frame_count == after_first   # the second epoch compiled nothing
-    assert "top1" in metrics
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--torchcompile-scope", "everything"])
