@@ -145,3 +145,56 @@ def test_broyden_with_short_memory_still_converges(device):
     res = get_solver("broyden")(f, torch.zeros_like(b), max_iter=300, tol=1e-7, memory=4)
     assert bool(res.converged.all())
     assert torch.allclose(res.z, exact, atol=1e-5)
+
+
+# -- outcomes: converged, stalled, diverged or out of iterations, exactly one each -----------------
+
+def _one_outcome_each(res):
+    flags = torch.stack([res.converged, res.stalled, res.diverged]).int()
+    assert bool((flags.sum(dim=0) <= 1).all()), flags
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_map_without_fixed_point_that_the_solver_wanders_on_is_diverged(name, dtype):
+    # z + 1: the residual is the same at every point; round-off once made Anderson's best residual
+    # "better" than its first (3.162274599 < 3.162277699) and the sample ended neither way.
+    res = get_solver(name)(lambda z: z + 1, torch.zeros(4, 10, dtype=dtype), max_iter=30, tol=1e-6)
+    assert bool(res.diverged.all()) and not bool(res.converged.any())
+    _one_outcome_each(res)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_an_exploding_state_is_diverged_not_converged(name):
+    # z + 1 + 0.5 sin z has no fixed point. Broyden's steps grew z to ~9e7, where float32 absorbs
+    # the +1 and the residual reads 0: it was reported converged.
+    res = get_solver(name)(lambda z: z + 1 + 0.5 * torch.sin(z), torch.zeros(4, 10), max_iter=100, tol=1e-6)
+    assert not bool(res.converged.any())
+    _one_outcome_each(res)
+    if name == "broyden":
+        assert bool(res.diverged.all()) and float(res.z.abs().max()) < 1e7
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_warm_start_at_the_noise_floor_is_not_diverged(name):
+    a = contraction(16, 0.8, dtype=torch.float32)
+    b = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    f = lambda z: torch.tanh(0.9 * z @ a.T + b)  # noqa: E731
+    cold = get_solver(name)(f, torch.zeros(8, 16), max_iter=200, tol=1e-12)
+    warm = get_solver(name)(f, cold.z, max_iter=30, tol=1e-12)
+    assert not bool(cold.diverged.any()) and not bool(warm.diverged.any())
+    # Samples whose noise never dipped below the first residual are stalled at the floor, the
+    # others ran out of iterations; all stay at the floor.
+    assert bool(warm.stalled.any()) and float(warm.rel_res.max()) <= 8 * 2 ** -24
+    _one_outcome_each(cold)
+    _one_outcome_each(warm)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_no_convergent_map_is_flagged_diverged_at_any_limit(name):
+    a = contraction(16, 0.8, dtype=torch.float32)
+    b = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    for limit in range(1, 16):
+        res = get_solver(name)(lambda z: z @ a.T + b, torch.zeros(64, 16), max_iter=limit, tol=1e-6)
+        assert not bool(res.diverged.any()), (limit, int(res.diverged.sum()))
+        _one_outcome_each(res)

@@ -1,22 +1,51 @@
-"""Bookkeeping shared by every solver: residuals, per-sample masks, best iterate, stop checks."""
+"""Bookkeeping shared by every solver: residuals, per-sample masks, best iterate, stop checks.
+
+How a solve ends, per sample (the one place these rules are stated; ``r_k`` is the residual of
+the stop mode after k evaluations of f, u the unit roundoff of the precision f is computed in):
+
+- **converged**: ``r_k <= tol`` with a finite residual and a state that has not exploded.
+- **stalled at the precision floor**: f runs in float16/bfloat16, the relative residual is within
+  ``FLOOR_BAND u`` and gained less than ``MIN_GAIN`` on its best over ``PATIENCE`` steps (see
+  :mod:`deq_core.solvers.precision`); or, in any precision, the sample made no progress because
+  it started within ``STAGNANT_FLOOR_BAND u`` of the floor (a warm start at an equilibrium).
+- **diverged**: a non-finite residual; ``r_k > divergence_factor * max(r_1, tol)``; an exploding
+  state, ``||f(z_k)|| > divergence_factor * (||z_0|| + ||f(z_0)||)`` (where float32 can no longer
+  resolve the residual and would call it 0); or no progress: after at least
+  ``NO_PROGRESS_STEPS`` evaluations the best residual is not below ``(1 - NO_PROGRESS_MARGIN) r_1``
+  (a map without a fixed point that a solver wanders on; the margin keeps round-off from counting
+  as progress, the step count keeps a convergent map's first transient from counting as none).
+- otherwise the sample **ran out of iterations while still making progress**.
+
+Every sample ends in exactly one of these; its ``z`` is its lowest-residual finite iterate.
+"""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from .precision import MIN_GAIN, PATIENCE, floor_for
+from .precision import MIN_GAIN, PATIENCE, floor_for, unit_roundoff
 from .result import SolverResult
 
 STOP_MODES = ("abs", "rel")
+NO_PROGRESS_STEPS = 10
+NO_PROGRESS_MARGIN = 1e-3
+STAGNANT_FLOOR_BAND = 8.0
 _REL_EPS = 1e-8
+
+
+def _residuals_and_scale(z: torch.Tensor, fz: torch.Tensor,
+                         g: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    abs_res = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
+    scale = torch.linalg.vector_norm(fz, dim=1)
+    return abs_res, abs_res / (scale + _REL_EPS), scale
 
 
 def residuals(z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None):
     """Per-sample absolute ``||f(z) - z||`` and relative ``||f(z) - z|| / ||f(z)||`` residuals of
     ``(B, D)`` iterates (``g = fz - z`` when the caller has it already)."""
-    abs_res = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
-    return abs_res, abs_res / (torch.linalg.vector_norm(fz, dim=1) + _REL_EPS)
+    abs_res, rel_res, _ = _residuals_and_scale(z, fz, g)
+    return abs_res, rel_res
 
 
 def resolve_check_every(check_every: Optional[int], device: torch.device) -> int:
@@ -63,6 +92,9 @@ class Tracker:
         self.diverged = torch.zeros_like(self.active)
         self.stalled = torch.zeros_like(self.active)
         self.floor = floor_for(precision)
+        self.resolution = STAGNANT_FLOOR_BAND * unit_roundoff(precision or z0.dtype)
+        self.z0_norm = torch.linalg.vector_norm(z0, dim=1)
+        self.first_scale: Optional[torch.Tensor] = None
         self._flat = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.host_reads = 0
         self.iteration = 0
@@ -76,12 +108,14 @@ class Tracker:
         keep their best iterate and stop counting steps.
         """
         self.iteration += 1
-        abs_res, rel_res = residuals(z, fz, g)
+        abs_res, rel_res, scale = _residuals_and_scale(z, fz, g)
         res = rel_res if self.rel else abs_res
         if self.first_res is None:
             self.first_res = res.clone()
+            self.first_scale = self.z0_norm + scale
         finite = torch.isfinite(res)
-        exploded = res > self.divergence_factor * torch.clamp(self.first_res, min=self.tol)
+        exploded = ((res > self.divergence_factor * torch.clamp(self.first_res, min=self.tol))
+                    | (scale > self.divergence_factor * self.first_scale))
         was_active = self.active
         self.steps += was_active.to(self.steps.dtype)
         if self.floor is not None:
@@ -93,7 +127,7 @@ class Tracker:
         self.best_res = torch.where(better, res, self.best_res)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
-        newly_conv = was_active & finite & (res <= self.tol)
+        newly_conv = was_active & finite & (res <= self.tol) & ~exploded
         newly_div = was_active & (~finite | exploded)
         self.converged = self.converged | newly_conv
         self.diverged = self.diverged | newly_div
@@ -118,11 +152,14 @@ class Tracker:
     def result(self) -> SolverResult:
         """The solve's outcome: each sample's best iterate, its residuals, steps and flags."""
         trace = torch.stack(self._trace) if self._trace else None
-        diverged = self.diverged
-        if self.iteration > 1:
-            # A solve that never got below its first residual made no progress at all: a map with
-            # no fixed point that a solver wanders on without exploding (Anderson does) ends here.
-            diverged = diverged | (~self.converged & ~self.stalled & ~(self.best_res < self.first_res))
+        diverged, stalled = self.diverged, self.stalled
+        if self.first_res is not None:
+            open_ = ~self.converged & ~diverged & ~stalled
+            no_progress = (open_ & (self.steps >= NO_PROGRESS_STEPS)
+                           & ~(self.best_res < (1.0 - NO_PROGRESS_MARGIN) * self.first_res))
+            at_floor = self.best_rel <= self.resolution
+            stalled = stalled | (no_progress & at_floor)
+            diverged = diverged | (no_progress & ~at_floor)
         return SolverResult(z=self.best_z, steps=self.steps, abs_res=self.best_abs,
                             rel_res=self.best_rel, converged=self.converged, diverged=diverged,
-                            stalled=self.stalled, host_reads=self.host_reads, trace=trace)
+                            stalled=stalled, host_reads=self.host_reads, trace=trace)

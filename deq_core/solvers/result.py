@@ -13,16 +13,14 @@ __all__ = ["SolverResult"]
 class SolverResult:
     """Outcome of a batched fixed-point solve; every per-sample field has shape ``(B,)``.
 
-    ``z`` is each sample's lowest-residual iterate (in the stop mode's residual). ``steps`` counts
-    the evaluations of the map a sample needed (it stops counting once the sample converged or
-    diverged). ``diverged`` marks samples whose residual became non-finite, exploded (beyond
-    ``divergence_factor`` times the first residual), or never fell below the first residual in
-    the whole solve; their ``z`` is still the best finite iterate seen. ``stalled`` marks samples
-    whose map is computed in float16/bfloat16 and whose residual levelled off at that precision's
-    floor above the tolerance (:mod:`deq_core.solvers.precision`); it is all False for float32 and
-    float64 maps (and when a solver does not set it). A sample that is none of the three ran out of
-    iterations while still making progress. ``host_reads`` counts device-to-host reads the solver made. ``trace`` (when requested) holds the stop-mode residual of every iteration,
-    shape ``(iterations, B)``.
+    ``z`` is each sample's lowest-residual finite iterate (in the stop mode's residual). ``steps``
+    counts the evaluations of the map a sample needed (it stops counting once the sample converged,
+    stalled or diverged). Each sample ends in exactly one of ``converged``, ``stalled`` (at the
+    precision floor), ``diverged``, or none of them: it ran out of iterations while still making
+    progress. The rules are stated once, in :mod:`deq_core.solvers._tracking`. ``stalled`` is all
+    False when a solver does not set it. ``host_reads`` counts device-to-host reads the solver made.
+    ``trace`` (when requested) holds the stop-mode residual of every iteration, shape
+    ``(iterations, B)``.
     """
 
     z: torch.Tensor
