@@ -152,9 +152,18 @@ def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
 
 
+def _python_scalar(value: Any) -> Any:
+    """A numpy scalar or a 0-d tensor as the Python number (or bool) it holds; anything else as is."""
+    is_tensor = type(value).__module__.startswith("torch") and getattr(value, "dim", lambda: 1)() == 0
+    is_numpy = type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0
+    return value.item() if is_tensor or is_numpy else value
+
+
 def _check_field(f: dataclasses.Field, value: Any) -> Any:
     meta = f.metadata
     kind, name = meta["kind"], f.name
+    if kind in (int, float, bool):
+        value = _python_scalar(value)
     if value is None:
         if meta["optional"]:
             return None

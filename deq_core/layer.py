@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,6 +18,10 @@ from .state import State, StateSpec, state_dtype_for
 from .stats import BACKWARD_SUMMARY, DEQStats
 
 __all__ = ["DEQLayer", "equilibrium_pass"]
+
+# Training passes without any set_num_updates() call after which a layer whose config depends on
+# the step (pretraining, a JR schedule) warns that the step never advanced.
+_STEPLESS_PASSES_WARNING = 100
 
 
 @contextlib.contextmanager
@@ -54,7 +59,6 @@ class _FlatMap:
         self.f_dtype = spec.dtype
         self.state_dtype = state_dtype_for(spec.dtype)
         self.precision = lower_precision(boundary.compute_dtype, spec.dtype)
-        self._checked = False
 
     def using(self, call: Callable[..., State]) -> "_FlatMap":
         """The same map with f evaluated through ``call``."""
@@ -62,9 +66,7 @@ class _FlatMap:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         out = self.call(self.spec.unpack(z, self.f_dtype), *self.inputs, **self.kwargs)
-        if not self._checked:
-            self._check_dtype(out)
-            self._checked = True
+        self._check_dtype(out)  # metadata only: no host read, so on every call
         return self.spec.pack(out, self.state_dtype, what="f's output")
 
     def _check_dtype(self, out: State) -> None:
@@ -166,6 +168,7 @@ class DEQLayer(nn.Module):
         self._num_updates = 0
         self._epoch: Optional[int] = None
         self._calls = 0
+        self._stepless_passes = 0  # training passes before the first set_num_updates(); -1 after it
         # (num_updates, epoch or -1) in the state dict, so that a checkpoint resumes (and an
         # evaluated checkpoint runs) in the right phase; the Python copies above are what
         # forward() reads, so no device value is read back per call.
@@ -181,11 +184,31 @@ class DEQLayer(nn.Module):
         return (f"f_solver={c.f_solver}, f_max_iter={c.f_max_iter}, backward={c.backward}, "
                 f"b_solver={c.b_solver}, jac_weight={c.jac_weight}, jac_freq={c.jac_freq}")
 
+    @contextlib.contextmanager
+    def overridden(self, **changes: Any) -> Iterator["DEQLayer"]:
+        """Run with some config fields changed, e.g. ``with layer.overridden(eval_max_iter=4):``.
+
+        Args:
+            **changes: :class:`DEQConfig` fields and their values for the block (validated as
+                :meth:`DEQConfig.replace` does; an unknown or invalid one raises before the block).
+
+        Returns:
+            a context manager yielding the layer; the previous config is back after the block,
+            also when it raises. A backward pass run later uses the config of its own forward.
+        """
+        previous = self.config
+        self.config = previous.replace(**changes)
+        try:
+            yield self
+        finally:
+            self.config = previous
+
     # -- training-step state -----------------------------------------------------------------
     def set_num_updates(self, num_updates: int) -> None:
         """Tell the layer the optimizer step count (drives pretraining, JR schedule, random draws)."""
         self._num_updates = int(num_updates)
         self._calls = 0
+        self._stepless_passes = -1
         self.schedule_state[0] = self._num_updates
 
     def set_epoch(self, epoch: int) -> None:
@@ -216,10 +239,23 @@ class DEQLayer(nn.Module):
         """This training call's random decisions (JR on?, forward-limit reduction), a function of
         (seed, step, call within step) only, so every process of a distributed run agrees."""
         cfg = self.config
+        if self._stepless_passes >= 0:
+            self._warn_if_stepless(cfg)
         key = ((cfg.seed * 1_000_003 + self._num_updates) * 1_000_033 + self._calls) % (2 ** 62)
         self._calls += 1
         u = torch.rand(2, generator=torch.Generator().manual_seed(key)).tolist()
         return u[0] < cfg.jac_freq, int(u[1] * (cfg.f_max_iter_jitter + 1))
+
+    def _warn_if_stepless(self, cfg: DEQConfig) -> None:
+        self._stepless_passes += 1
+        stepped = cfg.pretrain_steps > 0 or (cfg.jac_increment_every > 0 and cfg.jac_weight_increment > 0) \
+            or cfg.jac_stop_step is not None
+        if stepped and self._stepless_passes == _STEPLESS_PASSES_WARNING:
+            warnings.warn(
+                f"DEQLayer has run {self._stepless_passes} training passes and set_num_updates() was never "
+                f"called, so the step count is still {self._num_updates}: pretraining (pretrain_steps="
+                f"{cfg.pretrain_steps}) and the JR schedule do not advance. Call set_num_updates(step) once "
+                "per optimizer step (fairseq's trainer and timm_deq.train do)", RuntimeWarning, stacklevel=4)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *inputs: Any, z0: Optional[State] = None, **kwargs: Any) -> Tuple[State, DEQStats]:

@@ -94,3 +94,19 @@ def test_suppressed_defaults_leave_only_explicit_flags():
     ns = parser.parse_args(["--jac-weight", "2.5"])
     assert vars(ns) == {"jac_weight": 2.5}
     assert DEQConfig.from_namespace(ns, base=DEQConfig(f_max_iter=14)).f_max_iter == 14
+
+
+def test_numpy_scalars_and_zero_dim_tensors_are_numbers():
+    import numpy as np
+    import torch
+
+    cfg = DEQConfig(f_max_iter=np.int64(12), f_tol=torch.tensor(1e-4, dtype=torch.float64),
+                    jac_weight=np.float32(0.5), eval_max_iter=torch.tensor(3), check_finite=np.bool_(False))
+    assert (cfg.f_max_iter, cfg.f_tol, cfg.jac_weight, cfg.eval_max_iter, cfg.check_finite) == (12, 1e-4, 0.5, 3, False)
+    assert all(type(v) in (int, float, bool) for v in (cfg.f_max_iter, cfg.f_tol, cfg.jac_weight, cfg.check_finite))
+    with pytest.raises(TypeError, match=r"f_max_iter must be int, got 2.5"):
+        DEQConfig(f_max_iter=np.float64(2.5))
+    with pytest.raises(TypeError, match=r"f_max_iter must be int, got tensor\(\[3\]\)"):
+        DEQConfig(f_max_iter=torch.tensor([3]))   # a 1-element tensor is not a scalar
+    with pytest.raises(ValueError, match=r"f_max_iter must be >= 1, got 0"):
+        DEQConfig(f_max_iter=np.int32(0))

@@ -1,5 +1,6 @@
 """Memory, precision, stabilizers, statistics and input checking of the equilibrium layer."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -245,3 +246,60 @@ def test_a_diverging_layer_reports_it():
     z, stats = layer(torch.ones(2, 3))
     assert bool(stats.diverged) and stats.to_dict()["f_diverged"] == 1.0
     assert torch.isfinite(z).all()
+
+
+class _LateFloat64(nn.Module):
+    """Returns the state's dtype for its first ``good`` calls, then float64."""
+
+    def __init__(self, good):
+        super().__init__()
+        self.good, self.calls = good, 0
+
+    def forward(self, z, x):
+        self.calls += 1
+        out = 0.5 * z + x
+        return out if self.calls <= self.good else out.double()
+
+
+def test_f_output_dtype_is_checked_on_every_call_not_only_the_first():
+    with pytest.raises(TypeError, match=r"f returned dtype torch.float64 for a state of dtype torch.float32"):
+        DEQLayer(_LateFloat64(good=3), f_max_iter=10, f_tol=1e-12)(torch.randn(2, 4))
+
+
+def test_overridden_changes_the_config_for_a_block_and_the_backward_keeps_its_own():
+    layer = DEQLayer(TanhCell(4, 3), f_max_iter=20, b_max_iter=20)
+    base = layer.config
+    x = torch.randn(2, 3, dtype=torch.float64)
+    layer.eval()
+    with layer.overridden(eval_max_iter=2, b_max_iter=3) as same:
+        assert same is layer and layer.config.eval_max_iter == 2 and layer.config.f_max_iter == 20
+        z, stats = layer(x)
+        assert stats.f_max_iter == 2
+    assert layer.config is base
+    z.sum().backward()                    # after the block: the backward uses its forward's config
+    assert int(stats.b_steps.max()) <= 3
+    with pytest.raises(RuntimeError, match="inside"):
+        with layer.overridden(eval_max_iter=4):
+            raise RuntimeError("inside")
+    assert layer.config is base
+    with pytest.raises(ValueError, match=r"unknown DEQ option\(s\): 'eval_max_itr'"):
+        with layer.overridden(eval_max_itr=4):
+            pass
+    assert layer.config is base
+
+
+def test_training_without_a_step_count_warns_when_the_config_depends_on_it():
+    x = torch.randn(2, 3, dtype=torch.float64)
+    layer = DEQLayer(TanhCell(4, 3), pretrain_steps=50, f_max_iter=3)
+    with pytest.warns(RuntimeWarning, match=r"set_num_updates\(\) was never called.*pretrain_steps=50"):
+        for _ in range(100):
+            layer(x)
+    # Told the step once, it never warns; nor does a config that does not depend on the step.
+    for told, cfg in ((True, dict(pretrain_steps=50)), (False, {})):
+        layer = DEQLayer(TanhCell(4, 3), f_max_iter=3, **cfg)
+        if told:
+            layer.set_num_updates(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(120):
+                layer(x)

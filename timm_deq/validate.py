@@ -11,7 +11,7 @@ import argparse
 import csv
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -100,18 +100,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
         use_prefetcher=device.type == 'cuda')
 
     limits = args.eval_limits or [layers[0].config.eval_max_iter or layers[0].config.f_max_iter]
-    base = {id(layer): layer.config for layer in layers}
     results = []
-    try:
-        for limit in limits:
+    for limit in limits:
+        with ExitStack() as stack:
             for layer in layers:
-                layer.config = base[id(layer)].replace(eval_max_iter=limit)
+                stack.enter_context(layer.overridden(eval_max_iter=limit))
             metrics = evaluate(model, loader, device, amp_autocast, log_interval=args.log_freq,
                                log_suffix=f' (limit {limit})')
-            results.append(dict(f_limit=float(limit), **metrics))
-    finally:
-        for layer in layers:
-            layer.config = base[id(layer)]
+        results.append(dict(f_limit=float(limit), **metrics))
 
     _logger.info('| forward limit | top-1 | top-5 | loss | mean forward steps | mean rel. residual |')
     _logger.info('|---|---|---|---|---|---|')

@@ -43,26 +43,25 @@ def probe(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, m
     and backward steps needed to reach the layer's tolerances (at most ``max_iter``), the residuals
     reached, ``||J_f(z*)||_F^2 / d`` and the spectral radius of ``J_f(z*)``."""
     (layer,) = deq_layers(model)
-    base, was_training = layer.config, model.training
+    was_training = model.training
     captured: Dict[str, Any] = {}
 
     def keep_inputs(module, args, kwargs, output):
         captured.update(args=tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs=kwargs)
 
     handle = layer.register_forward_hook(keep_inputs, with_kwargs=True)
-    layer.config = base.replace(eval_max_iter=max_iter, eval_tol=None, b_max_iter=max_iter)
     model.eval()
     try:
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(images), targets)
-            params = [p for p in model.parameters() if p.requires_grad]
-            torch.autograd.grad(loss, params, allow_unused=True)  # runs the implicit backward solve
-        stats = layer.stats.to_dict()
-        jac = layer.jacobian_frobenius(*captured["args"], **captured["kwargs"])
-        rho = layer.spectral_radius(*captured["args"], **captured["kwargs"], n_iter=20)
+        with layer.overridden(eval_max_iter=max_iter, eval_tol=None, b_max_iter=max_iter):
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(images), targets)
+                params = [p for p in model.parameters() if p.requires_grad]
+                torch.autograd.grad(loss, params, allow_unused=True)  # runs the implicit backward solve
+            stats = layer.stats.to_dict()
+            jac = layer.jacobian_frobenius(*captured["args"], **captured["kwargs"])
+            rho = layer.spectral_radius(*captured["args"], **captured["kwargs"], n_iter=20)
     finally:
         handle.remove()
-        layer.config = base
         model.train(was_training)
     return dict(f_steps=stats["f_steps"], f_rel_res=stats["f_rel_res"], f_converged=stats["f_converged"],
                 b_steps=stats["b_steps"], b_rel_res=stats["b_rel_res"], b_converged=stats["b_converged"],
