@@ -234,43 +234,45 @@ def _scaler_step(device: torch.device) -> Row:
 
 def fairseq_precision(s: Settings) -> List[Row]:
     """``fairseq-train`` updates of deq_transformer_lm_tiny with fairseq's precision flags (on CUDA
-    ``--fp16`` and ``--amp``; on CPU ``--memory-efficient-fp16``, and ``--amp`` must be refused)."""
+    ``--fp16`` and ``--amp``; on CPU ``--memory-efficient-fp16``, and ``--amp`` must be refused), on
+    a small standard-library docstring corpus written to a temporary directory."""
     import tempfile
 
     from fairseq_deq import demo
 
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_fairseq_"))
-    demo.write_corpus(work / "raw", limit=400)
-    data = work / "data-bin"
-    subprocess.run(demo.fairseq_tool("fairseq-preprocess") + [
-        "--only-source", "--trainpref", str(work / "raw/train.txt"), "--validpref", str(work / "raw/valid.txt"),
-        "--destdir", str(data), "--nwordssrc", "2000", "--workers", "1"], check=True, capture_output=True)
-    device = ["--cpu"] if s.device.type == "cpu" else []
     runs = [["--fp16"], ["--amp"]] if s.device.type == "cuda" else [["--memory-efficient-fp16"], ["--amp"]]
-    rows = []
-    for flags in runs:
-        cmd = demo.fairseq_tool("fairseq-train") + [
-            str(data), "--user-dir", str(ROOT / "fairseq_deq"), "--task", "deq_language_modeling",
-            "--tokens-per-sample", "32", "--arch", "deq_transformer_lm_tiny", "--criterion", "cross_entropy_jr",
-            "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "6", "--jac-freq", "1",
-            "--log-format", "json", "--log-interval", "1", "--disable-validation", "--no-save", "--num-workers",
-            "0", "--seed", "1", *device, *flags]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-        refused = s.device.type == "cpu" and flags == ["--amp"]
-        if refused:
-            ok = proc.returncode != 0 and "--amp is fairseq's CUDA autocast" in proc.stdout
-            rows.append(Row("fairseq-train --amp on CPU", "refused with the flags to use instead" if ok else
-                            proc.stdout[-300:], _status(ok)))
-            continue
-        records = demo.log_records(proc.stdout, "train_inner") or demo.log_records(proc.stdout, "train")
-        last = records[-1] if records else {}
-        loss = float(last.get("loss", "nan"))
-        ok = proc.returncode == 0 and math.isfinite(loss) and float(last.get("f_diverged", 1)) == 0.0
-        rows.append(Row(f"fairseq-train {' '.join(flags)}, deq_transformer_lm_tiny, 6 updates with JR",
-                        f"loss {loss:.3f}, f_steps {last.get('f_steps', '-')}, b_steps {last.get('b_steps', '-')}, "
-                        f"jr {last.get('jr', '-')}, f_stalled {last.get('f_stalled', '-')}" if proc.returncode == 0
-                        else proc.stdout[-300:], _status(ok)))
-    return rows
+    with tempfile.TemporaryDirectory(prefix="gpu_check_fairseq_") as tmp:
+        work = Path(tmp)
+        demo.write_corpus(work / "raw", limit=400)
+        subprocess.run(demo.fairseq_tool("fairseq-preprocess") + [
+            "--only-source", "--trainpref", str(work / "raw/train.txt"), "--validpref", str(work / "raw/valid.txt"),
+            "--destdir", str(work / "data-bin"), "--nwordssrc", "2000", "--workers", "1"],
+            check=True, capture_output=True)
+        return [_fairseq_precision_run(s, work / "data-bin", flags) for flags in runs]
+
+
+def _fairseq_precision_run(s: Settings, data: Path, flags: List[str]) -> Row:
+    from fairseq_deq import demo
+
+    cmd = demo.fairseq_tool("fairseq-train") + [
+        str(data), "--user-dir", str(ROOT / "fairseq_deq"), "--task", "deq_language_modeling",
+        "--tokens-per-sample", "32", "--arch", "deq_transformer_lm_tiny", "--criterion", "cross_entropy_jr",
+        "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "6", "--jac-freq", "1",
+        "--log-format", "json", "--log-interval", "1", "--disable-validation", "--no-save", "--num-workers",
+        "0", "--seed", "1", *(["--cpu"] if s.device.type == "cpu" else []), *flags]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    if s.device.type == "cpu" and flags == ["--amp"]:
+        ok = proc.returncode != 0 and "--amp is fairseq's CUDA autocast" in proc.stdout
+        return Row("fairseq-train --amp on CPU", "refused with the flags to use instead" if ok else
+                   proc.stdout[-300:], _status(ok))
+    records = demo.log_records(proc.stdout, "train_inner") or demo.log_records(proc.stdout, "train")
+    last = records[-1] if records else {}
+    loss = float(last.get("loss", "nan"))
+    ok = proc.returncode == 0 and math.isfinite(loss) and float(last.get("f_diverged", 1)) == 0.0
+    result = (f"loss {loss:.3f}, f_steps {last.get('f_steps', '-')}, b_steps {last.get('b_steps', '-')}, "
+              f"jr {last.get('jr', '-')}, f_stalled {last.get('f_stalled', '-')}" if proc.returncode == 0
+              else proc.stdout[-300:])
+    return Row(f"fairseq-train {' '.join(flags)}, deq_transformer_lm_tiny, 6 updates with JR", result, _status(ok))
 
 
 def compiled_model(s: Settings) -> List[Row]:
