@@ -18,7 +18,7 @@ def _low_rank(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 @register_solver("broyden", {
     "memory": SolverOption(None, int, lambda v: v >= 1, ">= 1",
-                           "rank-one updates kept; None keeps max_iter of them", optional=True),
+                           "rank-one updates kept before the inverse-Jacobian approximation restarts; None keeps max_iter", optional=True),
 })
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
             tol: float, stop_mode: str = "abs", check_every: Optional[int] = None,
@@ -28,8 +28,8 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
     The inverse Jacobian of g is approximated by ``H = -I + sum_i u_i v_i^T`` (starting from
-    -I, the inverse Jacobian of g when J_f = 0) and refined by Sherman-Morrison updates;
-    the oldest update is overwritten once ``memory`` are held.
+    -I, the inverse Jacobian of g when J_f = 0) and refined by Sherman-Morrison updates; once
+    ``memory`` updates are held, the approximation restarts from -I (at the current iterate).
     """
     tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
     batch, dim = z0.shape
@@ -44,7 +44,10 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
         active = tracker.update(z, fz, gz)
         if tracker.done():
             return tracker.result()
-        n = min(k, mem)
+        # A full history restarts from H = -I: overwriting the oldest update instead leaves an H
+        # that no longer satisfies the recent secant conditions, and on a slowly contracting map
+        # (spectral radius 0.99) every memory from 2 to 20 diverged that way.
+        n = k % mem
         keep = active[:, None]
         # Step s = -H g; frozen samples take no step (and so keep their iterate).
         step = gz - _low_rank(us[:, :n], vs[:, :n], gz) if n else gz.clone()
@@ -62,7 +65,7 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
         # unless the sample's vectors are non-finite, and then the sample has diverged anyway.
         ok = keep & torch.isfinite(denom) & (denom != 0)
         scale = torch.where(ok, 1.0 / torch.where(ok, denom, 1.0), 0.0)
-        slot = k % mem
+        slot = n
         torch.mul(step - hy, scale, out=us[:, slot])
         torch.mul(sh, ok.to(sh.dtype), out=vs[:, slot])
         k += 1
