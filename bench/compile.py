@@ -20,12 +20,9 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from bench._run import add_device_args, describe, device_from, sync
+
 VARIANTS = ("eager", "f compiled (compile_f)", "whole model compiled", "whole model + f compiled")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _variants(model: torch.nn.Module, layer_of: Callable[[torch.nn.Module], torch.nn.Module],
@@ -89,31 +86,25 @@ def measure(key: str, device: torch.device, backend: str, steps: int) -> Dict[st
     times: Dict[str, List[float]] = {name: [] for name in variants}
     for n in range(steps + 2):
         for name, (module, call) in variants.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step(module, call, n)
             optims[name].step()
             optims[name].zero_grad()
-            _sync(device)
+            sync(device)
             if n >= 2:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser = add_device_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--models", nargs="+", choices=sorted(_MODELS), default=sorted(_MODELS))
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, backend {args.backend}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f", {torch.get_num_threads()} threads"))
+    device = device_from(args)
+    print(f"{describe(device)}, backend {args.backend}")
     print("| model | " + " | ".join(VARIANTS) + " |")
     print("|---" * (len(VARIANTS) + 1) + "|")
     for key in args.models:

@@ -17,17 +17,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from bench._memory import saved_activation_bytes
+from bench._run import add_device_args, describe, device_from, sync
 from bench.cells import ConvCell, TransformerCell
 from deq_core import DEQConfig, DEQLayer, get_solver
 from deq_core.state import StateSpec
 
 _READS = ("__bool__", "item", "tolist", "__float__", "__int__")
 JR_OVERHEAD_TARGET = 1.3  # a JR training step costs at most this many plain ones
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _alternate(fns: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
@@ -37,10 +33,10 @@ def _alternate(fns: Dict[str, Callable[[], None]], repeats: int, device: torch.d
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -130,10 +126,10 @@ def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, floa
         inside = [0.0]
 
         def timed(z):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             result = fn(z)
-            _sync(device)
+            sync(device)
             inside[0] += time.perf_counter() - t0
             return result
 
@@ -141,10 +137,10 @@ def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, floa
         with torch.no_grad():
             for _ in range(repeats):
                 inside[0] = 0.0
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 get_solver("anderson")(timed, z0, max_iter=30, tol=1e-12, check_every=None)
-                _sync(device)
+                sync(device)
                 total = time.perf_counter() - t0
                 shares.append(1 - inside[0] / total)
         out[name] = statistics.median(shares)
@@ -270,19 +266,13 @@ _SECTIONS = {"jr_overhead": jr_overhead, "memory": memory, "solver_overhead": so
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser = add_device_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--only", nargs="+", choices=sorted(_SECTIONS), default=None,
                         help="run only these sections (default: all)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f", {torch.get_num_threads()} threads"))
+    device = device_from(args)
+    print(describe(device))
     print("| measurement | result | target |")
     print("|---|---|---|")
     for key in args.only or _SECTIONS:

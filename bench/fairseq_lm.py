@@ -28,6 +28,7 @@ from fairseq.tasks.language_modeling import LanguageModelingTask
 
 import fairseq_deq
 from bench._memory import saved_activation_bytes
+from bench._run import add_device_args, describe, device_from
 
 USER_DIR = fairseq_deq.__path__[0]
 
@@ -250,23 +251,17 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser = add_device_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None,
                         help="default: tiny on CPU, tiny and wt103 on CUDA")
     parser.add_argument("--steps", type=int, default=20, help="timed updates per model (after 2 warm-up ones)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="precision of the whole model (float16 is what fairseq's --fp16 does)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = device_from(args)
     sizes = args.sizes or (["tiny", "wt103"] if device.type == "cuda" else ["tiny"])
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f", {torch.get_num_threads()} threads") + f", {args.dtype}, {args.steps} timed updates per model")
+    print(f"{describe(device)}, {args.dtype}, {args.steps} timed updates per model")
     print("| measurement | result |")
     print("|---|---|")
     for size in sizes:
