@@ -403,8 +403,7 @@ class DEQLayer(nn.Module):
         """
         with equilibrium_pass(self.f):
             fn, z = self._equilibrium(inputs, kwargs, z0)
-            with fn.boundary.outside():
-                return spectral_radius(fn, z, n_iter=n_iter)
+            return spectral_radius(fn, z, n_iter=n_iter)
 
     def jacobian_frobenius(self, *inputs: Any, z0: Optional[State] = None, n_probes: int = 8,
                            **kwargs: Any) -> torch.Tensor:
@@ -420,10 +419,9 @@ class DEQLayer(nn.Module):
         """
         with equilibrium_pass(self.f), torch.enable_grad():
             fn, z = self._equilibrium(inputs, kwargs, z0)
-            with fn.boundary.outside():
-                z_in = z.detach().requires_grad_()
-                return jac_frobenius_estimate(fn(z_in), z_in, n_probes, self.config.jac_probe,
-                                              create_graph=False).detach()
+            z_in = z.detach().requires_grad_()
+            return jac_frobenius_estimate(fn(z_in), z_in, n_probes, self.config.jac_probe,
+                                          create_graph=False).detach()
 
 
 def _check_finite(inputs: Sequence[Any], kwargs: Mapping[str, Any], z0: Optional[State]) -> None:

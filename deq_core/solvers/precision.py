@@ -15,8 +15,9 @@ rounding, not progress); a map whose last operation rounds its output lands at a
 The solvers stop such a sample once its relative residual is within :data:`FLOOR_BAND` ``u`` and
 its residual has gained less than :data:`MIN_GAIN` on its best over :data:`PATIENCE` consecutive
 steps: the outcome "stalled at the precision floor". Tolerances above the band work as usual;
-tolerances below it end there. In float32 and float64 none of this applies: the solve is exactly
-what it was before precision-aware stopping existed.
+tolerances below it end there. In float32 and float64 no sample stops early: steps and iterates
+are exactly what they were before precision-aware stopping existed (the end-of-solve outcome
+rules of :mod:`deq_core.solvers._tracking` still tell a warm start at the floor from divergence).
 """
 from __future__ import annotations
 
