@@ -25,17 +25,15 @@ from bench._run import add_device_args, describe, device_from, sync
 VARIANTS = ("eager", "f compiled (compile_f)", "whole model compiled", "whole model + f compiled")
 
 
-def _variants(model: torch.nn.Module, layer_of: Callable[[torch.nn.Module], torch.nn.Module],
-              backend: str) -> Dict[str, Tuple[torch.nn.Module, Callable]]:
-    """Four copies of ``model``: (module that owns the parameters, callable to train)."""
+def _variants(model: torch.nn.Module, backend: str) -> Dict[str, Tuple[torch.nn.Module, Callable, Dict]]:
+    """Four copies of ``model``: (module that owns the parameters, callable to train, the layer
+    config changes its steps run under)."""
     out = {}
     for name in VARIANTS:
         copy_ = copy.deepcopy(model)
-        if "f compiled" in name:
-            layer = layer_of(copy_)
-            layer.config = layer.config.replace(compile_f=True, compile_backend=backend)
+        changes = dict(compile_f=True, compile_backend=backend) if "f compiled" in name else {}
         call = torch.compile(copy_, backend=backend) if name.startswith("whole") else copy_
-        out[name] = (copy_, call)
+        out[name] = (copy_, call, changes)
     return out
 
 
@@ -50,7 +48,7 @@ def _mdeq_step(device: torch.device):
 
     def step(module, call, n):
         module.set_num_updates(n)
-        loss = F.cross_entropy(call(x), y) + module.deq_stats.jr_loss
+        loss = F.cross_entropy(call(x), y) + module.deq_stats.jr_term
         loss.backward()
 
     return model, (lambda m: m.deq), step
@@ -81,17 +79,18 @@ _MODELS = {"mdeq": ("mdeq_tiny_cifar, batch 16 x 32x32", _mdeq_step),
 def measure(key: str, device: torch.device, backend: str, steps: int) -> Dict[str, float]:
     """Median seconds per training step of each variant of model ``key``."""
     model, layer_of, step = _MODELS[key][1](device)
-    variants = _variants(model, layer_of, backend)
-    optims = {name: torch.optim.SGD(module.parameters(), lr=1e-3) for name, (module, _) in variants.items()}
+    variants = _variants(model, backend)
+    optims = {name: torch.optim.SGD(module.parameters(), lr=1e-3) for name, (module, _, _) in variants.items()}
     times: Dict[str, List[float]] = {name: [] for name in variants}
     for n in range(steps + 2):
-        for name, (module, call) in variants.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step(module, call, n)
-            optims[name].step()
-            optims[name].zero_grad()
-            sync(device)
+        for name, (module, call, changes) in variants.items():
+            with layer_of(module).overridden(**changes):
+                sync(device)
+                t0 = time.perf_counter()
+                step(module, call, n)
+                optims[name].step()
+                optims[name].zero_grad()
+                sync(device)
             if n >= 2:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}

@@ -77,7 +77,7 @@ def jr_overhead_ratios(device: torch.device, repeats: int) -> Dict[str, float]:
         def step(layer):
             def run():
                 z, stats = layer(x)
-                (z.float().pow(2).mean() + stats.jr_loss).backward()
+                (z.float().pow(2).mean() + stats.jr_term).backward()
             return run
 
         t = _alternate({"plain": step(plain), "jr": step(with_jr)}, repeats, device)

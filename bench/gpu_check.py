@@ -215,7 +215,7 @@ def _scaler_step(device: torch.device) -> Row:
             z, stats = layer(x)
             if inject:
                 z.register_hook(lambda g: g.index_fill(0, torch.tensor([0], device=g.device), float("inf")))
-            loss = z.float().pow(2).mean() + stats.jr_loss
+            loss = z.float().pow(2).mean() + stats.jr_term
         scaler.scale(loss).backward()
         scale = scaler.get_scale()
         scaler.step(opt)
@@ -298,7 +298,7 @@ def compiled_model(s: Settings) -> List[Row]:
         model.zero_grad()
         torch.manual_seed(5)
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(call(x), y) + model.deq_stats.jr_loss
+        loss = torch.nn.functional.cross_entropy(call(x), y) + model.deq_stats.jr_term
         loss.backward()
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
@@ -307,10 +307,10 @@ def compiled_model(s: Settings) -> List[Row]:
 
     errors, graphs, times, same_steps, finite = [], [], [], True, True
     for n, jac_weight in enumerate((0.4, 0.4, 0.0, 0.4)):
-        model.deq.config = model.deq.config.replace(jac_weight=jac_weight)
         model.set_num_updates(n)
-        ref, ref_steps, _, t_eager = step(model)
-        got, steps, ok, t_compiled = step(compiled)
+        with model.deq.overridden(jac_weight=jac_weight):
+            ref, ref_steps, _, t_eager = step(model)
+            got, steps, ok, t_compiled = step(compiled)
         flat_got, flat_ref = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in ref])
         errors.append(float((flat_got - flat_ref).norm() / flat_ref.norm()))
         graphs.append(counter.frame_count)

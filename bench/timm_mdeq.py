@@ -64,7 +64,7 @@ def measure(names: Sequence[str], device: torch.device, batch: int, img_size: in
             out = model(x)
             loss = F.cross_entropy(out.float(), y)
             for layer in deq_layers(model):
-                loss = loss + layer.stats.jr_loss
+                loss = loss + layer.stats.jr_term
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

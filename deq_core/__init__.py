@@ -1,12 +1,11 @@
 """deq_core: deep equilibrium layers with Jacobian regularization, framework-agnostic (torch only)."""
-from .config import (BACKWARD_MODES, PROBE_DISTRIBUTIONS, STOP_MODES, DEQConfig, add_deq_args,
-                     parse_solver_options)
+from .config import BACKWARD_MODES, PROBE_DISTRIBUTIONS, DEQConfig, add_deq_args, parse_solver_options
 from .dropout import VariationalDropout
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
-from .layer import DEQLayer, equilibrium_pass
+from .layer import DEQLayer, equilibrium_pass, name_deq_layers
 from .norm import apply_weight_norm, remove_weight_norm
-from .solvers import (SolverOption, SolverResult, anderson, broyden, fixed_point, get_solver,
-                      list_solvers, register_solver, unregister_solver)
+from .solvers import (STOP_MODES, SolverOption, SolverResult, SolveSpec, anderson, broyden, fixed_point,
+                      get_solver, list_solvers, register_solver, residuals, unregister_solver)
 from .state import StateSpec
 from .stats import BACKWARD_SUMMARY, DEQStats
 
@@ -14,9 +13,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEQConfig", "add_deq_args", "parse_solver_options", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS",
-    "DEQLayer", "DEQStats", "BACKWARD_SUMMARY", "equilibrium_pass", "StateSpec",
+    "DEQLayer", "DEQStats", "BACKWARD_SUMMARY", "equilibrium_pass", "name_deq_layers", "StateSpec",
     "VariationalDropout", "apply_weight_norm", "remove_weight_norm",
     "JRSchedule", "jac_frobenius_estimate", "spectral_radius",
-    "SolverResult", "SolverOption", "register_solver", "unregister_solver", "get_solver", "list_solvers",
+    "SolverResult", "SolverOption", "SolveSpec", "residuals", "register_solver", "unregister_solver", "get_solver", "list_solvers",
     "anderson", "broyden", "fixed_point",
 ]

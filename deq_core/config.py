@@ -8,15 +8,18 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from .solvers import list_solvers, validate_solver_options
+from ._warn import warn_user
+from .solvers import DIVERGENCE_FACTOR, STOP_MODES, SolveSpec, list_solvers, validate_solver_options
 
 __all__ = ["DEQConfig", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS", "add_deq_args",
            "parse_solver_options"]
 
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
-STOP_MODES = ("abs", "rel")
 PROBE_DISTRIBUTIONS = ("normal", "rademacher")
 DEFAULT_COMPILE_BACKEND = "inductor"
+# Fields only the phantom backward reads, and those only the implicit backward's solve reads.
+_PHANTOM_FIELDS = ("phantom_steps", "phantom_damping")
+_BACKWARD_SOLVE_FIELDS = ("b_solver", "b_max_iter", "b_tol", "b_stop_mode", "b_solver_options")
 
 
 def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Iterable[str]] = None,
@@ -68,7 +71,7 @@ class DEQConfig:
     check_every: Optional[int] = _opt(None, "iterations between host reads of the stop test "
                                       "(None: 1 on CPU, 4 on accelerators; 0: never, run to the limit)",
                                       kind=int, low=0, optional=True)
-    divergence_factor: float = _opt(1e4, "a residual this many times the first one counts as divergence",
+    divergence_factor: float = _opt(DIVERGENCE_FACTOR, "a residual this many times the first one counts as divergence",
                                     low=1.0, low_open=True)
     check_finite: bool = _opt(True, "raise on non-finite inputs (one host read per forward)")
     compile_f: bool = _opt(False, "run the forward solver's no-grad evaluations of f through "
@@ -103,15 +106,62 @@ class DEQConfig:
         if self.f_max_iter_jitter >= self.f_max_iter:
             raise ValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
                              f"got {self.f_max_iter_jitter}")
+        ignored = self._ignored_by_backward()
+        if ignored:
+            warn_user(f"backward={self.backward!r} does not use {', '.join(ignored)}: they have no effect "
+                      "(options of another backward mode, perhaps a model's defaults for it)")
+
+    def _ignored_by_backward(self) -> Tuple[str, ...]:
+        """Fields set away from their defaults that the chosen backward mode never reads."""
+        unused = {"implicit": _PHANTOM_FIELDS, "phantom": _BACKWARD_SOLVE_FIELDS,
+                  "unrolled": _PHANTOM_FIELDS + _BACKWARD_SOLVE_FIELDS}[self.backward]
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in unused}
+        defaults["b_solver_options"] = validate_solver_options(self.b_solver, {})
+        return tuple(f"{name}={getattr(self, name)!r}" for name in unused
+                     if getattr(self, name) != defaults[name])
+
+    # ----------------------------------------------------------------------------------------
+    def forward_solve(self, training: bool, shortened_by: int = 0) -> SolveSpec:
+        """The forward solve of a training (or evaluation) pass.
+
+        Args:
+            training: use the training limits (``f_max_iter``, ``f_tol``) or the evaluation ones
+                (``eval_max_iter``/``eval_tol``, defaulting to the training ones).
+            shortened_by: iterations taken off the training limit (the step's jitter draw).
+
+        Returns:
+            the :class:`~deq_core.solvers.SolveSpec` of the forward solver.
+        """
+        if training:
+            max_iter, tol = self.f_max_iter - shortened_by, self.f_tol
+        else:
+            max_iter, tol = self.eval_max_iter or self.f_max_iter, self.eval_tol or self.f_tol
+        return SolveSpec(self.f_solver, max_iter, tol, self.f_stop_mode, self.check_every,
+                         self.divergence_factor, dict(self.f_solver_options))
+
+    def backward_solve(self) -> SolveSpec:
+        """The implicit backward pass's linear solve, as a :class:`~deq_core.solvers.SolveSpec`."""
+        return SolveSpec(self.b_solver, self.b_max_iter, self.b_tol, self.b_stop_mode, self.check_every,
+                         self.divergence_factor, dict(self.b_solver_options))
 
     # ----------------------------------------------------------------------------------------
     @classmethod
-    def field_names(cls) -> tuple:
+    def field_names(cls) -> Tuple[str, ...]:
+        """The names of every config field, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], base: Optional["DEQConfig"] = None) -> "DEQConfig":
-        """Build from a mapping (over ``base`` when given); unknown keys raise naming the key."""
+        """Build a config from a mapping of field values.
+
+        Args:
+            values: field names and values; an unknown name raises, suggesting the closest field.
+            base: the config whose values the mapping overrides (default: the field defaults). A
+                new ``f_solver``/``b_solver`` without its options drops the base's options.
+
+        Returns:
+            the validated config (the mapping's objects are copied).
+        """
         if not isinstance(values, Mapping):
             raise TypeError(f"DEQ options must be a mapping, got {type(values).__name__}")
         names = cls.field_names()
@@ -133,7 +183,16 @@ class DEQConfig:
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace, prefix: str = "",
                        base: Optional["DEQConfig"] = None) -> "DEQConfig":
-        """Build from the attributes ``prefix + field`` of an argparse namespace; others are ignored."""
+        """Build a config from an argparse namespace (as filled by :func:`add_deq_args`).
+
+        Args:
+            namespace: the parsed arguments; only attributes ``prefix + field`` are read.
+            prefix: the flags' prefix.
+            base: the config the given attributes override.
+
+        Returns:
+            the validated config.
+        """
         values = {}
         for name in cls.field_names():
             attr = prefix + name
@@ -142,9 +201,11 @@ class DEQConfig:
         return cls.from_dict(values, base=base)
 
     def replace(self, **changes: Any) -> "DEQConfig":
+        """A copy with some fields changed (validated as :meth:`from_dict` does over this config)."""
         return self.from_dict(changes, base=self)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field and its value, as a new dict (option dicts copied)."""
         return {k: _copy(v) for k, v in dataclasses.asdict(self).items()}
 
 

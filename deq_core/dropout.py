@@ -47,6 +47,7 @@ class VariationalDropout(nn.Module):
         return cls(p, shared_dims=(2,))
 
     def extra_repr(self) -> str:
+        """The drop probability and shared dimensions, for ``repr``."""
         return f"p={self.p}, shared_dims={self.shared_dims}"
 
     def _deq_begin_pass(self) -> None:
@@ -65,6 +66,15 @@ class VariationalDropout(nn.Module):
         return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply this pass's mask (drawn on the first call inside an equilibrium pass, a fresh
+        one per call outside it); the identity in eval mode or at ``p = 0``.
+
+        Args:
+            x: the input; inside a pass every call must have the first call's batch size and rank.
+
+        Returns:
+            ``x`` times the mask (scaled by ``1 / (1 - p)``).
+        """
         if not self.training or self.p == 0.0:
             return x
         if not self._in_pass:

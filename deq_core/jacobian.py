@@ -3,7 +3,7 @@ power-method spectral radius used as a stability diagnostic."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -102,13 +102,24 @@ class JRSchedule:
     stop_epoch: Optional[int] = None
 
     @classmethod
-    def from_config(cls, config) -> "JRSchedule":
+    def from_config(cls, config: Any) -> "JRSchedule":
+        """The schedule of a :class:`~deq_core.DEQConfig` (its ``jac_*`` and pretraining fields)."""
         return cls(weight=config.jac_weight, increment=config.jac_weight_increment,
                    increment_every=config.jac_increment_every, pretrain_steps=config.pretrain_steps,
                    pretrain_weight=config.pretrain_jac_weight, stop_step=config.jac_stop_step,
                    stop_epoch=config.jac_stop_epoch)
 
     def weight_at(self, step: int, epoch: Optional[int] = None) -> float:
+        """The JR weight at a training step.
+
+        Args:
+            step: the optimizer step count.
+            epoch: the epoch, when known (``stop_epoch`` applies only then).
+
+        Returns:
+            0 after ``stop_step``/``stop_epoch``; the pretraining weight during pretraining; else
+            ``weight`` plus one ``increment`` per ``increment_every`` steps after pretraining.
+        """
         if self.stop_step is not None and step >= self.stop_step:
             return 0.0
         if self.stop_epoch is not None and epoch is not None and epoch >= self.stop_epoch:

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
+import zlib
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._warn import warn_user
 from .config import DEQConfig
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
-from .solvers import SolverResult, get_solver
-from .solvers._tracking import residuals
+from .solvers import SolveSpec, SolverResult, residuals
 from .solvers.precision import REDUCED_PRECISION, AutocastBoundary, lower_precision
 from .state import State, StateSpec, state_dtype_for
-from .stats import BACKWARD_SUMMARY, DEQStats
+from .stats import DEQStats
 
-__all__ = ["DEQLayer", "equilibrium_pass"]
+__all__ = ["DEQLayer", "equilibrium_pass", "name_deq_layers"]
 
 # Training passes without any set_num_updates() call after which a layer whose config depends on
 # the step (pretraining, a JR schedule) warns that the step never advanced.
@@ -43,6 +43,22 @@ def equilibrium_pass(f: nn.Module) -> Iterator[None]:
     finally:
         for m in members:
             m._deq_end_pass()
+
+
+def name_deq_layers(module: nn.Module) -> nn.Module:
+    """Name every unnamed :class:`DEQLayer` inside ``module`` by its qualified name there
+    (``"deq"``, ``"decoder.deq"``, ...), so that layers sharing a seed draw independently.
+
+    Args:
+        module: the model; layers given a name already keep it.
+
+    Returns:
+        ``module``.
+    """
+    for qualified, m in module.named_modules():
+        if isinstance(m, DEQLayer) and not m.name:
+            m.name = qualified
+    return module
 
 
 class _FlatMap:
@@ -86,16 +102,17 @@ class _ImplicitGrad(torch.autograd.Function):
     solution u of ``u = u J_f(z*) + g`` (implicit function theorem); autograd then carries u
     through f to its parameters and inputs, giving ``g (I - J)^-1 df/dtheta``.
 
-    The backward solve uses the config and precision of its forward call. Non-finite entries of
-    g reach u unchanged, and when f runs in float16/bfloat16 a sample whose vector-Jacobian
-    products overflowed gets a NaN gradient: a loss scaler must see an overflow to skip the step.
+    The backward solve is the one its forward call was given (``solve``, in ``precision``).
+    Non-finite entries of g reach u unchanged, and when f runs in float16/bfloat16 a sample
+    whose vector-Jacobian products overflowed gets a NaN gradient: a loss scaler must see an
+    overflow to skip the step.
     """
 
     @staticmethod
-    def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, config: DEQConfig,
-                precision: torch.dtype, stats: DEQStats):
+    def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, solve: SolveSpec,
+                precision: torch.dtype, stats: DEQStats) -> torch.Tensor:
         ctx.save_for_backward(f_out, z_in)
-        ctx.config, ctx.precision, ctx.stats = config, precision, stats
+        ctx.solve, ctx.precision, ctx.stats = solve, precision, stats
         return f_out.detach().clone()
 
     @staticmethod
@@ -107,7 +124,6 @@ class _ImplicitGrad(torch.autograd.Function):
                 "not itself differentiated. Use backward='phantom' or backward='unrolled', whose "
                 "gradients are ordinary autograd graphs and can be differentiated again")
         f_out, z_in = ctx.saved_tensors
-        cfg = ctx.config
         grad = grad.to(f_out.dtype)
         overflow = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
         reduced = ctx.precision in REDUCED_PRECISION
@@ -118,10 +134,7 @@ class _ImplicitGrad(torch.autograd.Function):
                 overflow.logical_or_(~torch.isfinite(vjp).all(dim=1))
             return vjp + grad
 
-        result = get_solver(cfg.b_solver)(
-            linear_map, torch.zeros_like(grad), max_iter=cfg.b_max_iter, tol=cfg.b_tol,
-            stop_mode=cfg.b_stop_mode, check_every=cfg.check_every,
-            divergence_factor=cfg.divergence_factor, precision=ctx.precision, **cfg.b_solver_options)
+        result = ctx.solve.run(linear_map, torch.zeros_like(grad), precision=ctx.precision)
         ctx.stats.record_backward(result)
         u = result.z.masked_fill(overflow[:, None], float("nan")) if reduced else result.z
         return torch.where(torch.isfinite(grad), u, grad), None, None, None, None
@@ -135,10 +148,16 @@ class DEQLayer(nn.Module):
     it, else zeros shaped like the first tensor input. Solvers run on a float32 copy of the state
     (float64 for float64 states) whatever precision f runs in.
 
+    The output is ``f(z*)``, f at the solver's lowest-residual iterate z*, in every mode: with
+    and without gradients, in training and evaluation, so a forward limit of k always means k
+    evaluations of f and the output of the last one kept (at limit 1, ``f(z0)``). The solvers
+    keep f's value at their best iterate, so this costs no extra evaluation, only one more
+    state-sized buffer. The backward mode changes the gradient, never the value.
+
     Gradients follow ``config.backward`` ("implicit", "phantom" or "unrolled"); during the first
     ``config.pretrain_steps`` training steps the layer runs as an unrolled weight-tied stack. In
     training, Jacobian regularization is computed when the step's Bernoulli(``jac_freq``) draw
-    says so and the current JR weight is positive; add ``stats.jr_loss`` to the loss. The step
+    says so and the current JR weight is positive; add ``stats.jr_term`` to the loss. The step
     counter is set by the training loop through :meth:`set_num_updates` (fairseq calls it itself).
 
     With ``config.compile_f`` the solver's evaluations of f (all but one per forward pass, and
@@ -149,11 +168,24 @@ class DEQLayer(nn.Module):
     eager: JR differentiates a vector-Jacobian product (double backward), which compiled graphs
     do not support. Variational-dropout masks drawn inside a compiled call come from the
     compiled code's random stream, so they differ from an eager run with the same seed.
+
+    Random decisions (JR on this step?, the limit's jitter) are a function of ``config.seed``,
+    the step, the call within the step and the layer's ``name``, so that every process of a
+    distributed run agrees and two layers of one model draw independently once named
+    (:func:`name_deq_layers` names them by their place in the model; both plugins' models do).
+
+    Args:
+        f: the map ``f(z, *inputs, **kwargs)``.
+        config: a :class:`DEQConfig`, a mapping of its fields, or ``None`` for the defaults.
+        name: the layer's name in the random draws (default ``""``).
+        **options: config fields overriding ``config``.
     """
 
     def __init__(self, f: nn.Module, config: Union[DEQConfig, Mapping[str, Any], None] = None,
-                 **options: Any) -> None:
+                 *, name: str = "", **options: Any) -> None:
         super().__init__()
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {type(name).__name__}")
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module, got {type(f).__name__}")
         if config is None or isinstance(config, Mapping):
@@ -163,6 +195,7 @@ class DEQLayer(nn.Module):
         else:
             raise TypeError(f"config must be a DEQConfig, a mapping or None, got {type(config).__name__}")
         self.f = f
+        self.name = name
         self.config: DEQConfig = config
         self.stats: Optional[DEQStats] = None
         self._num_updates = 0
@@ -180,6 +213,7 @@ class DEQLayer(nn.Module):
         return state
 
     def extra_repr(self) -> str:
+        """The main solver and JR settings, for ``repr``."""
         c = self.config
         return (f"f_solver={c.f_solver}, f_max_iter={c.f_max_iter}, backward={c.backward}, "
                 f"b_solver={c.b_solver}, jac_weight={c.jac_weight}, jac_freq={c.jac_freq}")
@@ -212,6 +246,7 @@ class DEQLayer(nn.Module):
         self.schedule_state[0] = self._num_updates
 
     def set_epoch(self, epoch: int) -> None:
+        """Tell the layer the epoch (drives ``jac_stop_epoch``)."""
         self._epoch = int(epoch)
         self.schedule_state[1] = self._epoch
 
@@ -224,10 +259,12 @@ class DEQLayer(nn.Module):
 
     @property
     def num_updates(self) -> int:
+        """The optimizer step count last given to :meth:`set_num_updates` (or loaded)."""
         return self._num_updates
 
     @property
     def pretraining(self) -> bool:
+        """Whether the current step is in the unrolled pretraining phase."""
         return self._num_updates < self.config.pretrain_steps
 
     @property
@@ -237,11 +274,13 @@ class DEQLayer(nn.Module):
 
     def _draw(self) -> Tuple[bool, int]:
         """This training call's random decisions (JR on?, forward-limit reduction), a function of
-        (seed, step, call within step) only, so every process of a distributed run agrees."""
+        (seed, name, step, call within step) only, so every process of a distributed run agrees."""
         cfg = self.config
         if self._stepless_passes >= 0:
             self._warn_if_stepless(cfg)
-        key = ((cfg.seed * 1_000_003 + self._num_updates) * 1_000_033 + self._calls) % (2 ** 62)
+        salt = zlib.crc32(self.name.encode())  # not hash(): that one differs between processes
+        key = (((cfg.seed * 1_000_003 + salt) * 1_000_033 + self._num_updates) * 1_000_037
+               + self._calls) % (2 ** 62)
         self._calls += 1
         u = torch.rand(2, generator=torch.Generator().manual_seed(key)).tolist()
         return u[0] < cfg.jac_freq, int(u[1] * (cfg.f_max_iter_jitter + 1))
@@ -251,11 +290,11 @@ class DEQLayer(nn.Module):
         stepped = cfg.pretrain_steps > 0 or (cfg.jac_increment_every > 0 and cfg.jac_weight_increment > 0) \
             or cfg.jac_stop_step is not None
         if stepped and self._stepless_passes == _STEPLESS_PASSES_WARNING:
-            warnings.warn(
+            warn_user(
                 f"DEQLayer has run {self._stepless_passes} training passes and set_num_updates() was never "
                 f"called, so the step count is still {self._num_updates}: pretraining (pretrain_steps="
                 f"{cfg.pretrain_steps}) and the JR schedule do not advance. Call set_num_updates(step) once "
-                "per optimizer step (fairseq's trainer and timm_deq.train do)", RuntimeWarning, stacklevel=4)
+                "per optimizer step (fairseq's trainer and timm_deq.train do)", RuntimeWarning)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *inputs: Any, z0: Optional[State] = None, **kwargs: Any) -> Tuple[State, DEQStats]:
@@ -285,31 +324,56 @@ class DEQLayer(nn.Module):
     def _equilibrium_forward(self, *inputs: Any, z0: Optional[State] = None,
                              **kwargs: Any) -> Tuple[State, DEQStats]:
         cfg = self.config
+        grad = torch.is_grad_enabled()
+        self._check_calling_pattern(grad)
         if cfg.check_finite:
             _check_finite(inputs, kwargs, z0)
-        grad = torch.is_grad_enabled()
         jac_on, cut = self._draw() if self.training else (False, 0)
         jac_weight = self.jac_weight if self.training else 0.0
         jac_on = jac_on and grad and jac_weight > 0.0
+        jac: Optional[torch.Tensor] = None
         with equilibrium_pass(self.f):
             spec, fn, z0_flat = self._prepare(inputs, kwargs, z0)
             with fn.boundary.outside():
                 if self.pretraining or cfg.backward == "unrolled":
-                    z, stats = self._unrolled(fn, z0_flat, jac_on)
+                    mode, max_iter = "unrolled", cfg.unrolled_layers
+                    result, z, jac = self._unrolled(fn, z0_flat, jac_on)
                 else:
-                    max_iter = cfg.f_max_iter - cut if self.training else (cfg.eval_max_iter or cfg.f_max_iter)
-                    tol = cfg.f_tol if self.training else (cfg.eval_tol or cfg.f_tol)
+                    mode, solve = cfg.backward, cfg.forward_solve(self.training, cut)
+                    max_iter = solve.max_iter
                     with torch.no_grad():
-                        result = self._solve(fn, z0_flat, max_iter, tol)
-                    stats = DEQStats.from_solve(cfg.backward, result, max_iter)
-                    z = result.z
-                    if grad:
-                        z = self._attach_gradient(fn, z, stats, jac_on)
+                        result = self._solve(fn, z0_flat, solve)
+                    if not grad:
+                        z = result.fz if result.fz is not None else fn(result.z)
+                    elif mode == "phantom":
+                        z, jac = self._phantom(fn, result.z, jac_on)
+                    else:
+                        z_in = result.z.detach().requires_grad_()
+                        z = fn(z_in)
+                        jac = self._jac(z, z_in) if jac_on else None
+                stats = DEQStats.from_solve(mode, result, max_iter, jac_frobenius=jac, jac_weight=jac_weight)
+                if mode == "implicit" and grad:
+                    z = _ImplicitGrad.apply(z, z_in, cfg.backward_solve(), fn.precision, stats)
                 out = spec.unpack(z, spec.dtype)
-        if stats.jac_loss is not None:
-            stats.jac_weight = jac_weight
         self.stats = stats
         return out, stats
+
+    def _check_calling_pattern(self, grad: bool) -> None:
+        if getattr(self, "_is_replica", False):
+            raise RuntimeError(
+                "DEQLayer does not support nn.DataParallel: its (z, DEQStats) output cannot be gathered "
+                "and the replicas' statistics never reach the wrapped module. Use "
+                "torch.nn.parallel.DistributedDataParallel (one process per GPU, e.g. torchrun), which "
+                "both plugins' training entry points support")
+        if grad and _in_backward():
+            raise RuntimeError(
+                "DEQLayer ran its forward inside a backward pass, which is what torch.utils.checkpoint "
+                "does when it recomputes a checkpointed region: with use_reentrant=True the first "
+                "forward ran without gradients, so the JR term was lost; with use_reentrant=False the "
+                "whole solve would be recomputed for every vector-Jacobian product of the backward "
+                "solve. Checkpointing is not supported around a DEQLayer and not needed for it: the "
+                "implicit backward keeps one application of f, whatever the number of solver steps. "
+                "Checkpoint the modules before and after the layer instead")
 
     def _prepare(self, inputs, kwargs, z0) -> Tuple[StateSpec, _FlatMap, torch.Tensor]:
         if z0 is None:
@@ -337,57 +401,56 @@ class DEQLayer(nn.Module):
             self.__dict__["_compiled_f_cache"] = cached  # not a submodule: stays out of the state dict
         return cached[2]
 
-    def _solve(self, fn: _FlatMap, z0: torch.Tensor, max_iter: int, tol: float) -> SolverResult:
+    def _solve(self, fn: _FlatMap, z0: torch.Tensor, solve: SolveSpec) -> SolverResult:
         """The no-grad forward solve (through the compiled f when ``compile_f`` is on)."""
-        cfg = self.config
-        if cfg.compile_f:
+        if self.config.compile_f:
             fn = fn.using(self._compiled_f())
-        return get_solver(cfg.f_solver)(fn, z0, max_iter=max_iter, tol=tol, stop_mode=cfg.f_stop_mode,
-                                        check_every=cfg.check_every, divergence_factor=cfg.divergence_factor,
-                                        precision=fn.precision, **cfg.f_solver_options)
+        return solve.run(fn, z0, precision=fn.precision)
 
     def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         return jac_frobenius_estimate(f_out, z_in, cfg.jac_probes, cfg.jac_probe).mean()
 
-    def _attach_gradient(self, fn: _FlatMap, z_star: torch.Tensor, stats: DEQStats, jac_on: bool):
+    def _phantom(self, fn: _FlatMap, z_star: torch.Tensor,
+                 jac_on: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The phantom gradient: k damped steps from z*, differentiated by ordinary backprop.
+
+        The value returned is f(z*), the first step's f, as in every other mode; the gradient is
+        the one of the k-step chain (``f(z*) + (z_k - stopgrad(z_k))``, exact in value).
+        """
         cfg = self.config
-        if cfg.backward == "implicit":
-            z_in = z_star.detach().requires_grad_()
-            f_out = fn(z_in)
-            if jac_on:
-                stats.jac_loss = self._jac(f_out, z_in)
-            stats.backward_summary = torch.zeros(len(BACKWARD_SUMMARY), device=z_in.device)
-            return _ImplicitGrad.apply(f_out, z_in, cfg, fn.precision, stats)
-        # Phantom gradient: k damped steps from z*, differentiated by ordinary backprop.
         z = z_star.detach().requires_grad_(jac_on)
+        jac = f_star = None
         for i in range(cfg.phantom_steps):
             f_z = fn(z)
-            if i == 0 and jac_on:
-                stats.jac_loss = self._jac(f_z, z)
+            if i == 0:
+                f_star = f_z
+                jac = self._jac(f_z, z) if jac_on else None
             z = torch.lerp(z, f_z, cfg.phantom_damping)
-        return z
+        return f_star.detach() + (z - z.detach()), jac
 
-    def _unrolled(self, fn: _FlatMap, z0: torch.Tensor, jac_on: bool) -> Tuple[torch.Tensor, DEQStats]:
+    def _unrolled(self, fn: _FlatMap, z0: torch.Tensor,
+                  jac_on: bool) -> Tuple[SolverResult, torch.Tensor, Optional[torch.Tensor]]:
+        """``unrolled_layers`` applications of f from z0, differentiated by ordinary backprop;
+        the result describes the last application (residual between the last two states)."""
         n = self.config.unrolled_layers
         z = z0.requires_grad_(jac_on)
         prev = z
         for _ in range(n):
             prev, z = z, fn(z)
-        diff, rel = residuals(prev.detach(), z.detach())
-        stats = DEQStats(mode="unrolled", f_steps=torch.full_like(diff, n, dtype=torch.int32),
-                         f_abs_res=diff, f_rel_res=rel, f_diverged=~torch.isfinite(diff), f_max_iter=n)
-        if jac_on:
-            stats.jac_loss = self._jac(z, prev)
-        return z, stats
+        abs_res, rel_res = residuals(prev.detach(), z.detach())
+        diverged = ~torch.isfinite(abs_res)
+        result = SolverResult(z=prev.detach(), fz=z.detach(), steps=torch.full_like(abs_res, n, dtype=torch.int32),
+                              abs_res=abs_res, rel_res=rel_res, converged=torch.zeros_like(diverged),
+                              diverged=diverged)
+        return result, z, (self._jac(z, prev) if jac_on else None)
 
     # -- diagnostics ---------------------------------------------------------------------------
     def _equilibrium(self, inputs, kwargs, z0) -> Tuple[_FlatMap, torch.Tensor]:
         """The flat map and its no-grad fixed point at the evaluation limits (for diagnostics)."""
         _, fn, z0_flat = self._prepare(inputs, kwargs, z0)
-        cfg = self.config
         with torch.no_grad(), fn.boundary.outside():
-            z = self._solve(fn, z0_flat, cfg.eval_max_iter or cfg.f_max_iter, cfg.eval_tol or cfg.f_tol).z
+            z = self._solve(fn, z0_flat, self.config.forward_solve(training=False)).z
         return fn, z
 
     def spectral_radius(self, *inputs: Any, z0: Optional[State] = None, n_iter: int = 20,
@@ -422,6 +485,11 @@ class DEQLayer(nn.Module):
             z_in = z.detach().requires_grad_()
             return jac_frobenius_estimate(fn(z_in), z_in, n_probes, self.config.jac_probe,
                                           create_graph=False).detach()
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass in this thread (checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _check_finite(inputs: Sequence[Any], kwargs: Mapping[str, Any], z0: Optional[State]) -> None:

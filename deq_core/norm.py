@@ -37,7 +37,16 @@ def apply_weight_norm(module: nn.Module, types: Iterable[Type[nn.Module]] = DEFA
 
 
 def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
-    """Fold every weight-norm parametrization of ``name`` under ``module`` back into a plain weight."""
+    """Fold every weight-norm parametrization back into a plain weight (the inverse of
+    :func:`apply_weight_norm`, keeping the current normalized values).
+
+    Args:
+        module: the module whose submodules are searched.
+        name: the parametrized parameter's name.
+
+    Returns:
+        ``module``.
+    """
     for m in module.modules():
         if parametrize.is_parametrized(m, name):
             parametrize.remove_parametrizations(m, name, leave_parametrized=True)

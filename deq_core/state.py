@@ -57,18 +57,36 @@ class StateSpec:
         self.device = tensors[0].device
 
     def describe(self) -> str:
+        """The state's structure as text: ``(B, ...)`` or a list of such shapes (for error messages)."""
         shapes = [(self.batch, *s) for s in self.shapes]
         return str(shapes[0]) if self.container is None else str(shapes)
 
     def pack(self, state: State, dtype: torch.dtype, what: str = "state") -> torch.Tensor:
-        """Flatten ``state`` to ``(B, D)`` in ``dtype``, checking it has this spec's structure."""
+        """Flatten a state to the solvers' ``(B, D)`` layout.
+
+        Args:
+            state: a tensor or list/tuple of tensors with this spec's structure and shapes.
+            dtype: the dtype of the flat copy.
+            what: the state's name in the error raised when the structure differs.
+
+        Returns:
+            the ``(B, D)`` tensor (a view when no concatenation or cast is needed).
+        """
         tensors = self._as_tuple(state, what)
         flat = [t.reshape(self.batch, -1) for t in tensors]
         out = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
         return out.to(dtype)
 
     def unpack(self, flat: torch.Tensor, dtype: torch.dtype) -> State:
-        """Inverse of :meth:`pack`: views of ``flat`` (cast to ``dtype``) in the original structure."""
+        """Inverse of :meth:`pack`.
+
+        Args:
+            flat: a ``(B, D)`` tensor.
+            dtype: the dtype of the returned tensors.
+
+        Returns:
+            the state in the spec's structure: views of ``flat`` (cast to ``dtype``).
+        """
         flat = flat.to(dtype)
         if self.container is None:
             return flat.view(self.batch, *self.shapes[0])
@@ -76,6 +94,7 @@ class StateSpec:
         return self.container(p.reshape(self.batch, *s) for p, s in zip(parts, self.shapes))
 
     def zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        """A zero flat ``(B, D)`` state in ``dtype`` on the spec's device."""
         return torch.zeros(self.batch, self.dim, dtype=dtype, device=self.device)
 
     def _as_tuple(self, state: State, what: str) -> Tuple[torch.Tensor, ...]:

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
-from typing import Dict, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Union
 
 import torch
 
+from ._warn import warn_user
 from .solvers import SolverResult
 
 __all__ = ["DEQStats", "BACKWARD_SUMMARY"]
 
-# The entries of DEQStats.backward_summary: 1 once the backward solve ran, then batch means.
+# The entries of DEQStats.backward_summary(): 1 once the backward solve ran, then batch means.
 BACKWARD_SUMMARY = ("ran", "b_steps", "b_abs_res", "b_rel_res", "b_stalled", "b_diverged")
 
 
@@ -19,14 +20,12 @@ BACKWARD_SUMMARY = ("ran", "b_steps", "b_abs_res", "b_rel_res", "b_stalled", "b_
 class DEQStats:
     """Solver statistics of one pass; per-sample tensors have shape ``(B,)`` and stay on the device.
 
-    ``jac_loss`` is the differentiable batch-mean JR estimate of ``||J_f(z*)||_F^2 / d`` when JR
-    ran this step (else ``None``); :attr:`jr_loss` is the weighted term to add to the loss. The
-    backward fields are filled in when the implicit backward pass runs; so is
-    ``backward_summary``, a vector with the entries named by :data:`BACKWARD_SUMMARY` (ran, then
-    the means of steps, abs and rel residual, stalled and diverged fractions) that exists from
-    the forward pass on and is written in place, for loggers that must keep a reference before
-    ``backward()`` runs (fairseq's criterions return their logging outputs first). :meth:`to_dict`
-    turns everything into Python floats with a single host read.
+    ``jac_frobenius`` is the differentiable batch-mean estimate of ``||J_f(z*)||_F^2 / d`` when
+    JR ran this step (else ``None``), ``jac_weight`` the JR weight it ran with, and
+    :attr:`jr_term` their product, the term to add to the training loss. The backward fields are
+    filled in when the implicit backward pass runs. :meth:`to_dict` turns everything into Python
+    floats with a single host read; :meth:`backward_summary` gives the backward means as a
+    device vector filled in place, for loggers that keep their values before ``backward()``.
     """
 
     mode: str
@@ -38,7 +37,7 @@ class DEQStats:
     f_converged: Optional[torch.Tensor] = None
     f_stalled: Optional[torch.Tensor] = None
     host_reads: int = 0
-    jac_loss: Optional[torch.Tensor] = None
+    jac_frobenius: Optional[torch.Tensor] = None
     jac_weight: float = 0.0
     b_steps: Optional[torch.Tensor] = None
     b_abs_res: Optional[torch.Tensor] = None
@@ -46,30 +45,85 @@ class DEQStats:
     b_diverged: Optional[torch.Tensor] = None
     b_converged: Optional[torch.Tensor] = None
     b_stalled: Optional[torch.Tensor] = None
-    backward_summary: Optional[torch.Tensor] = None
+    _summary: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @classmethod
-    def from_solve(cls, mode: str, result: SolverResult, max_iter: int) -> "DEQStats":
+    def from_solve(cls, mode: str, result: SolverResult, max_iter: int,
+                   jac_frobenius: Optional[torch.Tensor] = None, jac_weight: float = 0.0) -> "DEQStats":
+        """The statistics of a forward pass.
+
+        Args:
+            mode: ``"implicit"``, ``"phantom"`` or ``"unrolled"`` (a pretraining or unrolled pass,
+                whose result holds the last two applications of f and has no convergence flag).
+            result: the forward solve's result.
+            max_iter: the forward limit the pass ran with.
+            jac_frobenius: the differentiable JR estimate when JR ran, else ``None``.
+            jac_weight: the JR weight of this step (kept only when JR ran).
+
+        Returns:
+            the new :class:`DEQStats`.
+        """
+        solved = mode != "unrolled"
         return cls(mode=mode, f_steps=result.steps, f_abs_res=result.abs_res, f_rel_res=result.rel_res,
-                   f_diverged=result.diverged, f_converged=result.converged, f_stalled=result.stalled,
-                   f_max_iter=max_iter, host_reads=result.host_reads)
+                   f_diverged=result.diverged, f_converged=result.converged if solved else None,
+                   f_stalled=result.stalled if solved else None, f_max_iter=max_iter,
+                   host_reads=result.host_reads, jac_frobenius=jac_frobenius,
+                   jac_weight=jac_weight if jac_frobenius is not None else 0.0)
 
     def record_backward(self, result: SolverResult) -> None:
+        """Store the implicit backward solve's outcome (called by the layer's backward pass).
+
+        Args:
+            result: the backward solver's result.
+        """
         self.b_steps, self.b_abs_res = result.steps, result.abs_res
         self.b_rel_res, self.b_diverged = result.rel_res, result.diverged
         self.b_converged, self.b_stalled = result.converged, result.stalled
         self.host_reads += result.host_reads
-        if self.backward_summary is not None:
-            means = self.means()
-            means["ran"] = torch.ones((), device=self.backward_summary.device)
-            self.backward_summary.copy_(torch.stack([means[key] for key in BACKWARD_SUMMARY]))
+        if self._summary is not None:
+            self._fill_summary()
+
+    def backward_summary(self) -> torch.Tensor:
+        """The backward solve's means as a float32 device vector with the entries named by
+        :data:`BACKWARD_SUMMARY` (ran, then the means of steps, abs and rel residual, stalled and
+        diverged fractions), all 0 until the backward solve runs and written in place when it does.
+
+        For loggers that must keep their values before ``backward()`` runs (fairseq's criterions
+        return their logging outputs first). Ask for it before ``backward()``; asked after, it
+        holds the recorded values already.
+
+        Returns:
+            a ``(len(BACKWARD_SUMMARY),)`` tensor on the device of the forward statistics.
+        """
+        if self._summary is None:
+            self._summary = torch.zeros(len(BACKWARD_SUMMARY), device=self.f_steps.device)
+            if self.b_steps is not None:
+                self._fill_summary()
+        return self._summary
+
+    def _fill_summary(self) -> None:
+        means = self.means()
+        means["ran"] = torch.ones((), device=self._summary.device)
+        self._summary.copy_(torch.stack([means[key] for key in BACKWARD_SUMMARY]))
+
+    @property
+    def jr_term(self) -> Union[torch.Tensor, float]:
+        """``jac_weight * jac_frobenius`` when JR ran this step, else 0.0: add it to the training loss."""
+        if self.jac_frobenius is None or self.jac_weight == 0.0:
+            return 0.0
+        return self.jac_weight * self.jac_frobenius
+
+    @property
+    def jac_loss(self) -> Optional[torch.Tensor]:
+        """Deprecated name of :attr:`jac_frobenius` (the unweighted estimate)."""
+        _deprecated("jac_loss", "jac_frobenius (the unweighted JR estimate)")
+        return self.jac_frobenius
 
     @property
     def jr_loss(self) -> Union[torch.Tensor, float]:
-        """``jac_weight * jac_loss`` when JR ran this step, else 0.0: add it to the training loss."""
-        if self.jac_loss is None or self.jac_weight == 0.0:
-            return 0.0
-        return self.jac_weight * self.jac_loss
+        """Deprecated name of :attr:`jr_term` (the weighted term to add to the loss)."""
+        _deprecated("jr_loss", "jr_term (the weighted JR term to add to the loss)")
+        return self.jr_term
 
     @property
     def diverged(self) -> torch.Tensor:
@@ -81,8 +135,7 @@ class DEQStats:
         """Batch means as detached 0-d float32 tensors on the stats' device (no host read), for
         loggers that accumulate on the device: forward steps and residuals, the diverged,
         converged and stalled (at the precision floor) fractions, the backward ones once the
-        backward solve ran, and ``jac_loss`` when
-        JR ran. :meth:`to_dict` reads the same values (and a few more) to the host."""
+        backward solve ran, and ``jac_frobenius`` when JR ran. :meth:`to_dict` reads the same values (and a few more) to the host."""
         out: Dict[str, torch.Tensor] = {}
 
         def add(key: str, t: Optional[torch.Tensor]) -> None:
@@ -102,7 +155,7 @@ class DEQStats:
             add("b_diverged", self.b_diverged)
             add("b_converged", self.b_converged)
             add("b_stalled", self.b_stalled)
-        add("jac_loss", self.jac_loss)
+        add("jac_frobenius", self.jac_frobenius)
         return out
 
     def to_dict(self) -> Dict[str, float]:
@@ -124,10 +177,14 @@ class DEQStats:
                 setattr(out, f.name, value.detach())
         return out
 
-    def __deepcopy__(self, memo) -> "DEQStats":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "DEQStats":
         out = self.detach()
         for f in fields(out):
             value = getattr(out, f.name)
             if isinstance(value, torch.Tensor):
                 setattr(out, f.name, value.clone())
         return out
+
+
+def _deprecated(old: str, new: str) -> None:
+    warn_user(f"DEQStats.{old} is deprecated and will be removed in the next release; use {new}", FutureWarning)

@@ -21,7 +21,7 @@ def main(out_dir: str, argv: list) -> None:
 
     def record(layer, inputs, output):
         if layer.training:
-            decisions.append((layer.num_updates, output[1].jac_loss is not None, output[1].f_max_iter))
+            decisions.append((layer.num_updates, output[1].jac_frobenius is not None, output[1].f_max_iter))
 
     model = unwrap_model(run.task.get_trainable_module())
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -50,11 +50,12 @@ def test_two_cpu_processes_train_with_jr_like_one_process(data_bin):
     assert all(int(r["bsz"]) == 2 * STREAMS and int(r["wpb"]) == 2 * STREAMS * 16 for r in ddp)
     # JR ran at exactly the updates whose draw (fairseq's --seed, the update count) says so, and the
     # streams of the two ranks together are the single process's batch (before any update differs).
-    probe = DEQLayer(TanhCell(2, 2), jac_weight=1.0, jac_freq=0.5, seed=SEED, f_max_iter=1)
+    probe = DEQLayer(TanhCell(2, 2), jac_weight=1.0, jac_freq=0.5, seed=SEED, f_max_iter=1,
+                     name="decoder.deq")  # the model's name for its layer
     expected = []
     for step in range(UPDATES):
         probe.set_num_updates(step)
-        expected.append(probe(torch.zeros(1, 2, dtype=torch.float64))[1].jac_loss is not None)
+        expected.append(probe(torch.zeros(1, 2, dtype=torch.float64))[1].jac_frobenius is not None)
     assert set(expected) == {True, False}
     # (fairseq keeps a metric seen before in later lines, as None.)
     assert [r.get("jr") is not None for r in ddp] == [r.get("jr") is not None for r in single] == expected

@@ -43,15 +43,15 @@ def _launch(*runs):
 
 
 def _expected_decisions(steps, jac_freq):
-    """(step, JR on, forward limit) that any layer with this seed makes at each step."""
+    """(step, JR on, forward limit) that any layer with this seed and an MDEQ's layer name makes."""
     probe = DEQLayer(TanhCell(2, 2), jac_weight=1.0, jac_freq=jac_freq, seed=SEED, f_max_iter=F_MAX_ITER,
-                     f_max_iter_jitter=JITTER)
+                     f_max_iter_jitter=JITTER, name="deq")
     x = torch.zeros(1, 2, dtype=torch.float64)
     out = []
     for step in range(steps):
         probe.set_num_updates(step)
         stats = probe(x)[1]
-        out.append((step, stats.jac_loss is not None, stats.f_max_iter))
+        out.append((step, stats.jac_frobenius is not None, stats.f_max_iter))
     return out
 
 
@@ -74,7 +74,7 @@ def test_two_ranks_stay_identical_and_make_the_same_jr_decisions(data, tmp_path)
     for epoch, row in enumerate(rows):
         on = [jr for step, jr, _ in expected if step // 5 == epoch]
         assert float(row["train_jac_steps"]) == pytest.approx(sum(on) / len(on))
-        assert math.isfinite(float(row["train_jac_loss"])) and float(row["train_f_steps"]) <= F_MAX_ITER
+        assert math.isfinite(float(row["train_jac_frobenius"])) and float(row["train_f_steps"]) <= F_MAX_ITER
 
 
 @pytest.mark.multiprocess

@@ -83,7 +83,10 @@ def test_training_logs_jr_and_solver_metrics_and_switches_from_pretraining(train
     for r in solving:
         assert 2 < float(r["f_steps"]) <= 8 and 1 <= float(r["b_steps"]) <= 8
         assert math.isfinite(float(r["f_rel_res"])) and math.isfinite(float(r["b_rel_res"]))
-        assert float(r["jr"]) > 0 and float(r["jr_weight"]) in (1.0, 1.5, 2.0)
+    # JR runs on 35% of the updates (the arch's jac_freq): an interval of 10 may draw none.
+    with_jr = [r for r in solving if r.get("jr") is not None]
+    assert len(with_jr) >= len(solving) - 3
+    assert all(float(r["jr"]) > 0 and float(r["jr_weight"]) in (1.0, 1.5, 2.0) for r in with_jr)
     assert float(inner[-1]["loss"]) < float(inner[0]["loss"]) - 0.5
     # Residuals keep 6 decimals (small ones would read 0 at fairseq's usual 3), step counts 3.
     residuals = [r[k] for r in solving for k in ("f_rel_res", "b_rel_res")]

@@ -39,7 +39,7 @@ def test_jr_gradient_matches_the_exact_gradient_on_average():
     reps = 6000
     layer = DEQLayer(f, f_max_iter=200, f_tol=1e-12, b_max_iter=5, jac_weight=1.0, jac_freq=1.0)
     _, stats = layer(x.expand(reps, -1).clone())
-    est = torch.autograd.grad(stats.jr_loss, params)
+    est = torch.autograd.grad(stats.jr_term, params)
     err = torch.cat([(a - b).flatten() for a, b in zip(est, exact)]).norm()
     ref = torch.cat([b.flatten() for b in exact]).norm()
     assert float(err / ref) < 0.05
@@ -50,14 +50,14 @@ def test_layer_adds_jr_only_in_training_with_positive_weight():
     x = torch.randn(3, 4, dtype=torch.float64)
     layer = DEQLayer(f, jac_weight=0.5, jac_freq=1.0)
     _, stats = layer(x)
-    assert stats.jac_loss is not None and stats.jac_loss.requires_grad
-    assert float(stats.jr_loss.detach()) == pytest.approx(0.5 * float(stats.jac_loss.detach()))
+    assert stats.jac_frobenius is not None and stats.jac_frobenius.requires_grad
+    assert float(stats.jr_term.detach()) == pytest.approx(0.5 * float(stats.jac_frobenius.detach()))
     layer.eval()
-    assert layer(x)[1].jac_loss is None and layer(x)[1].jr_loss == 0.0
+    assert layer(x)[1].jac_frobenius is None and layer(x)[1].jr_term == 0.0
     layer.train()
     with torch.no_grad():
-        assert layer(x)[1].jac_loss is None
-    assert DEQLayer(f, jac_weight=0.0)(x)[1].jac_loss is None
+        assert layer(x)[1].jac_frobenius is None
+    assert DEQLayer(f, jac_weight=0.0)(x)[1].jac_frobenius is None
 
 
 @pytest.mark.parametrize("backward", ["phantom", "unrolled"])
@@ -66,10 +66,10 @@ def test_jr_in_other_backward_modes_matches_the_implicit_estimate(backward):
     x = torch.randn(2, 4, dtype=torch.float64)
     base = dict(f_max_iter=200, f_tol=1e-12, jac_weight=1.0, jac_probes=1)
     torch.manual_seed(3)
-    ref = DEQLayer(f, **base)(x)[1].jac_loss
+    ref = DEQLayer(f, **base)(x)[1].jac_frobenius
     torch.manual_seed(3)
     layer = DEQLayer(f, **base, backward=backward, unrolled_layers=60)
-    other = layer(x)[1].jac_loss
+    other = layer(x)[1].jac_frobenius
     assert torch.allclose(other, ref, rtol=1e-6)
 
 
@@ -81,7 +81,7 @@ def test_jr_frequency_and_identical_decisions_across_processes():
         out = []
         for step in range(steps):
             layer.set_num_updates(step)
-            out.append(layer(x)[1].jac_loss is not None)
+            out.append(layer(x)[1].jac_frobenius is not None)
         return out
 
     a = decisions(DEQLayer(f, jac_weight=1.0, jac_freq=0.35, f_max_iter=3))

@@ -52,7 +52,7 @@ def test_bf16_autocast_keeps_solver_state_float32_and_gradients_close(dtype_spy)
         layer = DEQLayer(f, **opts)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             z, stats = layer(x)
-            loss = (z.float() * weight).mean() + stats.jr_loss
+            loss = (z.float() * weight).mean() + stats.jr_term
         gs = torch.autograd.grad(loss, list(f.parameters()))
         return gs, stats
 
@@ -61,7 +61,7 @@ def test_bf16_autocast_keeps_solver_state_float32_and_gradients_close(dtype_spy)
     low, stats = grads(True)
     assert dtype_spy.state == {torch.float32} and dtype_spy.outputs == {torch.float32}
     assert stats.f_abs_res.dtype == torch.float32 and stats.b_abs_res.dtype == torch.float32
-    assert torch.isfinite(stats.jac_loss) and bool(stats.f_converged.all())
+    assert torch.isfinite(stats.jac_frobenius) and bool(stats.f_converged.all())
     for a, b in zip(low, ref):
         assert torch.isfinite(a).all()
         assert float((a - b).norm() / b.norm()) < 0.05
@@ -153,7 +153,7 @@ def test_stats_to_dict_and_detached_copies():
     z.sum().backward()
     d = stats.to_dict()
     assert set(d) >= {"f_steps", "f_steps_max", "f_abs_res", "f_rel_res", "f_diverged", "f_converged",
-                      "b_steps", "b_abs_res", "jac_loss", "jac_weight", "f_max_iter"}
+                      "b_steps", "b_abs_res", "jac_frobenius", "jac_weight", "f_max_iter"}
     assert all(isinstance(v, float) for v in d.values())
     assert d["f_steps"] == float(stats.f_steps.double().mean())
     means = stats.means()
@@ -161,7 +161,7 @@ def test_stats_to_dict_and_detached_copies():
     assert {k: float(v) for k, v in means.items()} == {k: d[k] for k in means}
     assert isinstance(stats, DEQStats) and layer.stats is stats
     clone = copy.deepcopy(layer)  # stats hold a graph; copying the module still works
-    assert clone.stats.jac_loss.grad_fn is None
+    assert clone.stats.jac_frobenius.grad_fn is None
     assert not bool(stats.diverged)
     _, fresh = layer(x)
     assert "b_steps" not in fresh.means() and "f_steps" in fresh.means()  # before its backward
@@ -170,15 +170,19 @@ def test_stats_to_dict_and_detached_copies():
 def test_backward_summary_is_filled_in_place_by_backward():
     layer = DEQLayer(TanhCell(4, 3))
     z, stats = layer(torch.randn(2, 3, dtype=torch.float64))
-    summary = stats.backward_summary  # a logger may hold this before backward() runs
+    summary = stats.backward_summary()  # a logger may hold this before backward() runs
+    assert stats.backward_summary() is summary
     assert BACKWARD_SUMMARY == ("ran", "b_steps", "b_abs_res", "b_rel_res", "b_stalled", "b_diverged")
     assert summary.tolist() == [0.0] * 6
     z.sum().backward()
     assert summary[0] == 1.0 and summary[1] == stats.b_steps.float().mean()
     assert torch.allclose(summary[2:4], torch.stack([stats.b_abs_res.mean(), stats.b_rel_res.mean()]).float())
     assert summary[4:].tolist() == [0.0, 0.0]  # float64: never stalled; a contraction: never diverged
+    z, late = layer(torch.randn(2, 3, dtype=torch.float64))
+    z.sum().backward()
+    assert torch.equal(late.backward_summary()[1], late.b_steps.float().mean())  # asked for after backward
     with torch.no_grad():
-        assert layer(torch.randn(2, 3, dtype=torch.float64))[1].backward_summary is None
+        assert layer(torch.randn(2, 3, dtype=torch.float64))[1].backward_summary().tolist() == [0.0] * 6
 
 
 def test_initial_state_sources():

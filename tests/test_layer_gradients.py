@@ -5,8 +5,8 @@ import torch
 from deq_core import DEQLayer
 from tests._maps import TanhCell, TwoScaleCell
 
-TIGHT = dict(f_solver="anderson", f_max_iter=300, f_tol=1e-12, b_max_iter=300, b_tol=1e-12,
-             f_solver_options={"m": 6})
+FORWARD_TIGHT = dict(f_solver="anderson", f_max_iter=300, f_tol=1e-12, f_solver_options={"m": 6})
+TIGHT = dict(FORWARD_TIGHT, b_max_iter=300, b_tol=1e-12)
 
 
 def _exact_grads(f, x, z_star, weight, flatten, unflatten):
@@ -80,7 +80,7 @@ def test_phantom_gradient_approaches_the_implicit_one(device):
     implicit, _, _ = _layer_grads(DEQLayer(f, **TIGHT), x, weight, _single)
     errors = []
     for k in (1, 3, 10, 40):
-        layer = DEQLayer(f, **TIGHT, backward="phantom", phantom_steps=k, phantom_damping=0.8)
+        layer = DEQLayer(f, **FORWARD_TIGHT, backward="phantom", phantom_steps=k, phantom_damping=0.8)
         errors.append(_rel_err(_layer_grads(layer, x, weight, _single)[0], implicit))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-4
@@ -90,7 +90,7 @@ def test_jacobian_free_gradient_is_one_phantom_step(device):
     f = TanhCell(6, 4).to(device)
     x = torch.randn(2, 4, dtype=torch.float64).to(device)
     weight = torch.randn(2, 6, dtype=torch.float64).to(device)
-    layer = DEQLayer(f, **TIGHT, backward="phantom", phantom_steps=1, phantom_damping=1.0)
+    layer = DEQLayer(f, **FORWARD_TIGHT, backward="phantom", phantom_steps=1, phantom_damping=1.0)
     grads, z, _ = _layer_grads(layer, x, weight, _single)
     x_leaf = x.detach().requires_grad_()
     ref = torch.autograd.grad((f(z.detach(), x_leaf) * weight).sum(), list(f.parameters()) + [x_leaf])
@@ -152,7 +152,7 @@ def test_second_order_gradients_match_an_unrolled_float64_reference(backward, op
     x = torch.randn(3, 4, dtype=torch.float64).to(device)
     weight = torch.randn(3, 6, dtype=torch.float64).to(device)
     reference = _penalty_grads(_unrolled_reference(f, 60), f, x, weight)
-    layer = DEQLayer(f, **TIGHT, backward=backward, **options)
+    layer = DEQLayer(f, **FORWARD_TIGHT, backward=backward, **options)
     got = _penalty_grads(lambda inp: layer(inp)[0], f, x, weight)
     assert _rel_err(got, reference) < 1e-8
 

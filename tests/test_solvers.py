@@ -1,7 +1,9 @@
+import inspect
+
 import pytest
 import torch
 
-from deq_core import SolverResult, get_solver, list_solvers, register_solver
+from deq_core import DEQConfig, SolverOption, SolverResult, get_solver, list_solvers, register_solver
 from deq_core.solvers import solver_options, validate_solver_options
 from tests._maps import contraction
 
@@ -138,6 +140,25 @@ def test_solver_option_validation():
         validate_solver_options("anderson", {"beta": 1.5})
     with pytest.raises(TypeError, match="int or None"):
         validate_solver_options("broyden", {"memory": "x"})
+
+
+def test_option_defaults_come_from_the_solver_signature_and_a_spec_runs_the_solver_as_configured():
+    for name in ("anderson", "broyden", "fixed_point"):
+        params = inspect.signature(get_solver(name)).parameters
+        assert {k: o.default for k, o in solver_options(name).items()} == {k: params[k].default
+                                                                           for k in solver_options(name)}
+
+    def no_default(f, z0, *, max_iter, tol, stop_mode="abs", check_every=None, divergence_factor=1e4,
+                   trace=False, width):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="option 'width' must be a keyword parameter of the solver with a default"):
+        register_solver("no_default_test", {"width": SolverOption(int)})(no_default)
+    assert "no_default_test" not in list_solvers()
+    f, b, _ = _linear_problem("cpu", radius=0.8)
+    spec = DEQConfig(f_solver="anderson", f_max_iter=7, f_solver_options={"m": 2}).forward_solve(training=True)
+    direct = get_solver("anderson")(f, torch.zeros_like(b), max_iter=7, tol=spec.tol, stop_mode=spec.stop_mode, m=2)
+    assert torch.equal(spec.run(f, torch.zeros_like(b)).z, direct.z)
 
 
 def test_broyden_with_short_memory_still_converges(device):

@@ -32,20 +32,20 @@ def test_training_decreases_the_loss_and_logs_solver_metrics(data, tmp_path):
     assert len(rows) == 4
     losses = [float(r["train_task_loss"]) for r in rows]
     assert losses[-1] < losses[0]
-    for key in ("train_f_steps", "train_b_steps", "train_f_rel_res", "train_jac_loss", "train_jac_steps",
+    for key in ("train_f_steps", "train_b_steps", "train_f_rel_res", "train_jac_frobenius", "train_jac_steps",
                 "eval_top1", "eval_top5", "eval_f_steps"):
         assert key in rows[0], key
     assert all(float(r["train_f_steps"]) <= 4 for r in rows)
     # JR ran exactly on the steps whose Bernoulli(0.5) draw (seed 3) said so: the same draws as any
     # DEQLayer with that seed and frequency makes at those steps.
-    probe = DEQLayer(TanhCell(2, 2), jac_weight=1.0, jac_freq=0.5, seed=3, f_max_iter=1)
+    probe = DEQLayer(TanhCell(2, 2), jac_weight=1.0, jac_freq=0.5, seed=3, f_max_iter=1, name="deq")
     x = torch.zeros(1, 2, dtype=torch.float64)
     steps_per_epoch = 5
     for epoch, row in enumerate(rows):
         expected = 0
         for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
             probe.set_num_updates(step)
-            expected += probe(x)[1].jac_loss is not None
+            expected += probe(x)[1].jac_frobenius is not None
         assert float(row["train_jac_steps"]) == pytest.approx(expected / steps_per_epoch)
 
 

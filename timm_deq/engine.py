@@ -121,7 +121,7 @@ def train_one_epoch(
                     f'Loss: {loss_val:#.3g} ({loss_avg:#.3g})  '
                     f'NFE fwd/bwd: {deq.get("f_steps", 0):.1f}/{deq.get("b_steps", 0):.1f}  '
                     f'stalled fwd/bwd: {deq.get("f_stalled", 0):.0%}/{deq.get("b_stalled", 0):.0%}  '
-                    f'JR: {deq.get("jac_loss", float("nan")):#.3g}  '
+                    f'JR: {deq.get("jac_frobenius", float("nan")):#.3g}  '
                     f'Time: {batch_time.val:.3f}s  LR: {lr:.3e}')
     loss_avg, task_loss_avg = _mean_over_ranks([losses.avg, task_losses.avg], distributed)
     metrics = OrderedDict(loss=loss_avg, task_loss=task_loss_avg)

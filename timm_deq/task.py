@@ -29,22 +29,23 @@ def set_deq_step(model: Optional[nn.Module], num_updates: int, epoch: Optional[i
 
 
 class DEQClassificationTask(ClassificationTask):
-    """``ClassificationTask`` whose loss adds ``stats.jr_loss`` of each equilibrium layer.
+    """``ClassificationTask`` whose loss adds ``stats.jr_term`` of each equilibrium layer.
 
     The criterion stays timm's (label smoothing, soft targets for Mixup/CutMix, BCE...). The result
-    dict carries ``task_loss`` (the criterion alone), ``jr_loss`` and the layers' ``deq_stats``.
+    dict carries ``task_loss`` (the criterion alone), ``jr_term`` (the layers' JR terms, summed) and
+    the layers' ``deq_stats``.
     """
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, object]:
         output = self.trainable_module(input)
         task_loss = self.criterion(output, target)
         stats = [layer.stats for layer in deq_layers(self.trainable_module) if layer.stats is not None]
-        jr_loss = sum((s.jr_loss for s in stats), task_loss.new_zeros(()))
+        jr_term = sum((s.jr_term for s in stats), task_loss.new_zeros(()))
         return {
-            'loss': task_loss + jr_loss,
+            'loss': task_loss + jr_term,
             'output': output,
             'task_loss': task_loss,
-            'jr_loss': jr_loss,
+            'jr_term': jr_term,
             'deq_stats': stats,
         }
 
@@ -54,7 +55,7 @@ class DEQStatsMeter:
     (no host read per step). JR is averaged over the steps where it ran."""
 
     _KEYS = ('f_steps', 'f_abs_res', 'f_rel_res', 'f_stalled', 'f_diverged', 'b_steps', 'b_abs_res', 'b_rel_res',
-             'b_stalled', 'b_diverged', 'jac_loss')
+             'b_stalled', 'b_diverged', 'jac_frobenius')
 
     def __init__(self) -> None:
         self.reset()

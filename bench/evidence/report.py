@@ -108,9 +108,9 @@ def _hard_stop(v: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List
         "The last checkpoint of each run of section 1 evaluated by `timm_deq.validate --eval-max-iter` with the "
         "forward solver stopped after at most the given number of iterations (it stops earlier at the tolerance), "
         "the shape of the paper's Table 3. Mean ± sd over seeds, full validation split. A limit of k "
-        "iterations is k evaluations of f, and the solver returns the lowest-residual iterate among those "
-        "it evaluated: at limit 1 that is the initial state z0 = 0, hence chance accuracy (evaluation "
-        "without gradients returns z* itself; training returns f(z*), one evaluation more).",
+        "iterations is k evaluations of f, and the layer returns f at the lowest-residual iterate z* among "
+        "those it evaluated, f(z*), as it does in training: at limit 1 that is f(z0), one application of "
+        "the weight-tied layer to the initial state z0 = 0.",
         "",
     ] + _table(["forward limit", "no JR: top-1 (%)", "no JR: rel. residual", "JR: top-1 (%)", "JR: rel. residual"],
                rows) + ["", f"![accuracy against the forward limit]({img_dir}/{figures['hard_stop']})", ""]

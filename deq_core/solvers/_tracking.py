@@ -16,7 +16,8 @@ the stop mode after k evaluations of f, u the unit roundoff of the precision f i
   as progress, the step count keeps a convergent map's first transient from counting as none).
 - otherwise the sample **ran out of iterations while still making progress**.
 
-Every sample ends in exactly one of these; its ``z`` is its lowest-residual finite iterate.
+Every sample ends in exactly one of these; its ``z`` is its lowest-residual finite iterate and
+``fz`` the value of f there (both ``z0`` when no iterate had a finite residual).
 """
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ import torch
 from .precision import MIN_GAIN, PATIENCE, floor_for, unit_roundoff
 from .result import SolverResult
 
-STOP_MODES = ("abs", "rel")
+__all__ = ["STOP_MODES", "DIVERGENCE_FACTOR", "residuals", "Tracker"]
+
+STOP_MODES = ("abs", "rel")  # the residual a solve stops on: ||f(z) - z||, or that over ||f(z)||
+DEFAULT_STOP_MODE = "abs"
+DIVERGENCE_FACTOR = 1e4
 NO_PROGRESS_STEPS = 10
 NO_PROGRESS_MARGIN = 1e-3
 STAGNANT_FLOOR_BAND = 8.0
@@ -41,9 +46,19 @@ def _residuals_and_scale(z: torch.Tensor, fz: torch.Tensor,
     return abs_res, abs_res / (scale + _REL_EPS), scale
 
 
-def residuals(z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None):
-    """Per-sample absolute ``||f(z) - z||`` and relative ``||f(z) - z|| / ||f(z)||`` residuals of
-    ``(B, D)`` iterates (``g = fz - z`` when the caller has it already)."""
+def residuals(z: torch.Tensor, fz: torch.Tensor,
+              g: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample residuals of a batch of flat iterates, as the solvers compute them.
+
+    Args:
+        z: iterates of shape ``(B, D)``.
+        fz: ``f(z)``, same shape.
+        g: ``fz - z`` when the caller has it already.
+
+    Returns:
+        ``(abs_res, rel_res)``, each of shape ``(B,)``: ``||f(z) - z||`` and
+        ``||f(z) - z|| / ||f(z)||`` (with a tiny constant against a zero denominator).
+    """
     abs_res, rel_res, _ = _residuals_and_scale(z, fz, g)
     return abs_res, rel_res
 
@@ -66,8 +81,8 @@ class Tracker:
     """
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
-                 check_every: Optional[int] = None, divergence_factor: float = 1e4,
-                 trace: bool = False, precision: Optional[torch.dtype] = None) -> None:
+                 check_every: Optional[int], divergence_factor: float, trace: bool,
+                 precision: Optional[torch.dtype]) -> None:
         if z0.dim() != 2:
             raise ValueError(f"solver state must have shape (batch, dim), got {tuple(z0.shape)}")
         if stop_mode not in STOP_MODES:
@@ -82,6 +97,7 @@ class Tracker:
         self.check_every = resolve_check_every(check_every, dev)
         self.divergence_factor = divergence_factor
         self.best_z = z0.clone()
+        self.best_fz = z0.clone()
         self.best_res = torch.full((batch,), float("inf"), dtype=z0.dtype, device=dev)
         self.best_abs = torch.full_like(self.best_res, float("inf"))
         self.best_rel = torch.full_like(self.best_res, float("inf"))
@@ -124,6 +140,7 @@ class Tracker:
             self._flat = torch.where(gained, 0, self._flat + 1)
         better = was_active & finite & (res < self.best_res)
         torch.where(better[:, None], z, self.best_z, out=self.best_z)  # in place: no new buffer
+        torch.where(better[:, None], fz, self.best_fz, out=self.best_fz)
         self.best_res = torch.where(better, res, self.best_res)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
@@ -160,6 +177,6 @@ class Tracker:
             at_floor = self.best_rel <= self.resolution
             stalled = stalled | (no_progress & at_floor)
             diverged = diverged | (no_progress & ~at_floor)
-        return SolverResult(z=self.best_z, steps=self.steps, abs_res=self.best_abs,
+        return SolverResult(z=self.best_z, fz=self.best_fz, steps=self.steps, abs_res=self.best_abs,
                             rel_res=self.best_rel, converged=self.converged, diverged=diverged,
                             stalled=stalled, host_reads=self.host_reads, trace=trace)

@@ -5,27 +5,36 @@ from typing import Callable, Optional
 
 import torch
 
-from ._tracking import Tracker
+from ._tracking import DEFAULT_STOP_MODE, DIVERGENCE_FACTOR, Tracker
 from .registry import SolverOption, register_solver
 from .result import SolverResult
 
 
 @register_solver("anderson", {
-    "m": SolverOption(5, int, lambda v: v >= 1, ">= 1", "number of past iterates mixed"),
-    "beta": SolverOption(1.0, float, lambda v: 0.0 < v <= 1.0, "in (0, 1]",
-                         "mixing weight of f values against iterates"),
-    "lam": SolverOption(1e-4, float, lambda v: v >= 0.0, ">= 0",
+    "m": SolverOption(int, lambda v: v >= 1, ">= 1", "number of past iterates mixed"),
+    "beta": SolverOption(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]", "mixing weight of f values against iterates"),
+    "lam": SolverOption(float, lambda v: v >= 0.0, ">= 0",
                         "ridge, relative to the mean squared residual in the history"),
 })
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
-             tol: float, stop_mode: str = "abs", check_every: Optional[int] = None,
-             divergence_factor: float = 1e4, trace: bool = False,
+             tol: float, stop_mode: str = DEFAULT_STOP_MODE, check_every: Optional[int] = None,
+             divergence_factor: float = DIVERGENCE_FACTOR, trace: bool = False,
              precision: Optional[torch.dtype] = None,
              m: int = 5, beta: float = 1.0, lam: float = 1e-4) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
     Each step mixes the last ``m`` values of f with weights ``alpha`` that minimise
     ``||sum_i alpha_i g_i||`` subject to ``sum_i alpha_i = 1``, where ``g_i = f(z_i) - z_i``.
+
+    Args:
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision: as for
+            every solver (:mod:`deq_core.solvers.registry`).
+        m: the number of past iterates mixed.
+        beta: the weight of f's values against the iterates in the mix (1: f's values only).
+        lam: ridge on the mixing system, relative to the mean squared residual in the history.
+
+    Returns:
+        the :class:`SolverResult`.
     """
     tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
     batch, dim = z0.shape

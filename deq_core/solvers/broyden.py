@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._tracking import Tracker
+from ._tracking import DEFAULT_STOP_MODE, DIVERGENCE_FACTOR, Tracker
 from .registry import SolverOption, register_solver
 from .result import SolverResult
 
@@ -17,19 +17,27 @@ def _low_rank(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 
 @register_solver("broyden", {
-    "memory": SolverOption(None, int, lambda v: v >= 1, ">= 1",
-                           "rank-one updates kept before the inverse-Jacobian approximation restarts; None keeps max_iter", optional=True),
+    "memory": SolverOption(int, lambda v: v >= 1, ">= 1", "rank-one updates kept before the inverse-Jacobian "
+                           "approximation restarts; None keeps max_iter", optional=True),
 })
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
-            tol: float, stop_mode: str = "abs", check_every: Optional[int] = None,
-            divergence_factor: float = 1e4, trace: bool = False,
-             precision: Optional[torch.dtype] = None,
+            tol: float, stop_mode: str = DEFAULT_STOP_MODE, check_every: Optional[int] = None,
+            divergence_factor: float = DIVERGENCE_FACTOR, trace: bool = False,
+            precision: Optional[torch.dtype] = None,
             memory: Optional[int] = None) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
     The inverse Jacobian of g is approximated by ``H = -I + sum_i u_i v_i^T`` (starting from
     -I, the inverse Jacobian of g when J_f = 0) and refined by Sherman-Morrison updates; once
     ``memory`` updates are held, the approximation restarts from -I (at the current iterate).
+
+    Args:
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision: as for
+            every solver (:mod:`deq_core.solvers.registry`).
+        memory: rank-one updates kept before the restart (``None``: ``max_iter``, never restart).
+
+    Returns:
+        the :class:`SolverResult`.
     """
     tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
     batch, dim = z0.shape

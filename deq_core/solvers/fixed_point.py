@@ -5,21 +5,30 @@ from typing import Callable, Optional
 
 import torch
 
-from ._tracking import Tracker
+from ._tracking import DEFAULT_STOP_MODE, DIVERGENCE_FACTOR, Tracker
 from .registry import SolverOption, register_solver
 from .result import SolverResult
 
 
 @register_solver("fixed_point", {
-    "damping": SolverOption(1.0, float, lambda v: 0.0 < v <= 1.0, "in (0, 1]",
+    "damping": SolverOption(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]",
                             "weight of f(z) in each update; 1 is plain iteration"),
 })
 def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
-                tol: float, stop_mode: str = "abs", check_every: Optional[int] = None,
-                divergence_factor: float = 1e4, trace: bool = False,
-             precision: Optional[torch.dtype] = None,
+                tol: float, stop_mode: str = DEFAULT_STOP_MODE, check_every: Optional[int] = None,
+                divergence_factor: float = DIVERGENCE_FACTOR, trace: bool = False,
+                precision: Optional[torch.dtype] = None,
                 damping: float = 1.0) -> SolverResult:
-    """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``."""
+    """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
+
+    Args:
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision: as for
+            every solver (:mod:`deq_core.solvers.registry`).
+        damping: the weight of f(z) in each update (1: plain iteration).
+
+    Returns:
+        the :class:`SolverResult`.
+    """
     tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
     buffers = (torch.empty_like(z0), torch.empty_like(z0))  # iterates in turn, no allocation
     z = z0

@@ -1,14 +1,26 @@
 """Name -> solver registry, with each solver's options and their validation.
 
-A solver is a callable ``solver(f, z0, *, max_iter, tol, stop_mode, check_every=None,
-divergence_factor=1e4, trace=False, precision=None, **options) -> SolverResult`` over ``(B, D)``
-tensors. ``precision`` is the dtype f's values are computed in when it is less precise than the
-state (see :mod:`deq_core.solvers.precision`); a solver without that parameter is registered as
-well and simply not told. Registration wraps the solver so that its state must be float32 or
-float64 and its own arithmetic runs outside the caller's autocast, f inside it.
+A solver is a callable ``solver(f, z0, *, max_iter, tol, stop_mode, check_every, divergence_factor,
+trace, precision, **options) -> SolverResult`` whose arguments mean, for every solver:
+
+- ``f``: the map on ``(B, D)`` states; ``z0``: the initial state, float32 or float64, ``(B, D)``;
+- ``max_iter``: the most evaluations of f; ``tol``: the tolerance on the residual of
+  ``stop_mode`` (``"abs"``: ``||f(z) - z||``, ``"rel"``: that over ``||f(z)||``), per sample;
+- ``check_every``: iterations between host reads of the stop test (``None``: 1 on CPU, 4 on
+  accelerators; 0: never, run to ``max_iter``);
+- ``divergence_factor``: the growth of the residual (or of the state) that counts as divergence;
+- ``trace``: record every iteration's residual in ``SolverResult.trace``;
+- ``precision``: the dtype f's values are computed in when it is less precise than the state
+  (see :mod:`deq_core.solvers.precision`); a solver without that parameter is registered as well
+  and simply not told.
+
+How a solve ends is stated in :mod:`deq_core.solvers._tracking`. Registration wraps the solver so
+that its state must be float32 or float64 and its own arithmetic runs outside the caller's
+autocast, f inside it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -27,14 +39,19 @@ SolverFn = Callable[..., SolverResult]
 
 @dataclass(frozen=True)
 class SolverOption:
-    """One solver-specific option: default, type (``int``/``float``/``bool``), range check."""
+    """One solver-specific option: its type (``int``/``float``/``bool``), range check and help.
 
-    default: Any
+    Its default is the default of the solver's keyword parameter of the same name, read at
+    registration, so that a direct call and a config name the same value. ``default`` holds it
+    on the options :func:`solver_options` returns.
+    """
+
     kind: type
     check: Optional[Callable[[Any], bool]] = None
     allowed: str = ""
     help: str = ""
     optional: bool = False
+    default: Any = None
 
 
 _REGISTRY: Dict[str, Tuple[SolverFn, Dict[str, SolverOption]]] = {}
@@ -46,7 +63,8 @@ def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = N
 
     Args:
         name: the name configs and :func:`get_solver` use.
-        options: the solver-specific keyword options, each with its default and check.
+        options: the solver-specific keyword options by name, each with its type and check; every
+            one must be a keyword parameter of the solver with a default (the option's default).
         overwrite: replace a solver registered under ``name`` already.
 
     Returns:
@@ -60,10 +78,22 @@ def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = N
         if name in _REGISTRY and not overwrite:
             raise ValueError(f"a solver named {name!r} is already registered; pass overwrite=True")
         guarded = _state_precision(fn)
-        _REGISTRY[name] = (guarded, dict(options or {}))
+        _REGISTRY[name] = (guarded, _with_defaults(name, fn, options or {}))
         return guarded
 
     return deco
+
+
+def _with_defaults(name: str, fn: SolverFn, options: Mapping[str, SolverOption]) -> Dict[str, SolverOption]:
+    params = inspect.signature(fn).parameters
+    out: Dict[str, SolverOption] = {}
+    for key, opt in options.items():
+        param = params.get(key)
+        if param is None or param.default is inspect.Parameter.empty:
+            raise ValueError(f"solver {name!r}: option {key!r} must be a keyword parameter of the solver "
+                             "with a default (the option's default)")
+        out[key] = dataclasses.replace(opt, default=param.default)
+    return out
 
 
 def _state_precision(fn: SolverFn) -> SolverFn:
@@ -121,9 +151,16 @@ def solver_options(name: str) -> Dict[str, SolverOption]:
 
 
 def validate_solver_options(name: str, options: Mapping[str, Any], field: str = "options") -> Dict[str, Any]:
-    """Return a new dict of ``options`` for solver ``name`` with defaults filled in.
+    """Check a solver's options and fill in the defaults.
 
-    Unknown keys, wrong types and out-of-range values raise, naming ``field`` and what is accepted.
+    Args:
+        name: a registered solver.
+        options: option names and values; unknown keys, wrong types and out-of-range values raise,
+            naming ``field`` and what is accepted.
+        field: the options' name in error messages (a config field or flag).
+
+    Returns:
+        a new dict with every option of the solver.
     """
     spec = solver_options(name)
     if not isinstance(options, Mapping):

@@ -13,7 +13,8 @@ __all__ = ["SolverResult"]
 class SolverResult:
     """Outcome of a batched fixed-point solve; every per-sample field has shape ``(B,)``.
 
-    ``z`` is each sample's lowest-residual finite iterate (in the stop mode's residual). ``steps``
+    ``z`` is each sample's lowest-residual finite iterate (in the stop mode's residual) and ``fz``
+    the map's value there, ``f(z)``, when the solver keeps it (``None`` otherwise). ``steps``
     counts the evaluations of the map a sample needed (it stops counting once the sample converged,
     stalled or diverged). Each sample ends in exactly one of ``converged``, ``stalled`` (at the
     precision floor), ``diverged``, or none of them: it ran out of iterations while still making
@@ -31,6 +32,7 @@ class SolverResult:
     diverged: torch.Tensor
     host_reads: int = 0
     trace: Optional[torch.Tensor] = None
+    fz: Optional[torch.Tensor] = None
     stalled: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:

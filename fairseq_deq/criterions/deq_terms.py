@@ -24,7 +24,7 @@ def _decimals(name: str) -> int:
 
 def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sample_size: int,
                   logging_output: Dict[str, Any], criterion: str, reduce: bool = True) -> torch.Tensor:
-    """Return ``loss + sample_size * stats.jr_loss`` and add the solver statistics to ``logging_output``
+    """Return ``loss + sample_size * stats.jr_term`` and add the solver statistics to ``logging_output``
     (an unreduced, per-token loss is returned as it is: JR is a term of the summed training loss).
 
     fairseq's losses are sums over tokens (or sentences with ``--sentence-avg``) that the trainer
@@ -46,12 +46,12 @@ def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sa
         # Views of a vector the implicit backward pass fills in before the trainer reads them.
         names = ("b_calls",) + _BACKWARD
         out.update({"deq_" + name: value for name, value in zip(names, backward.unbind(0))})
-    if stats.jac_loss is not None:
+    if stats.jac_frobenius is not None:
         out["deq_jr_calls"] = 1
-        out["deq_jr"] = means["jac_loss"]
+        out["deq_jr"] = means["jac_frobenius"]
         out["deq_jr_weight"] = float(stats.jac_weight)
         if reduce:
-            loss = loss + stats.jr_loss * sample_size
+            loss = loss + stats.jr_term * sample_size
     return loss
 
 

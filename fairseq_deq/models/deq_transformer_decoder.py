@@ -24,7 +24,7 @@ class DEQTransformerDecoder(FairseqDecoder):
     ``forward(tokens, mem_key=None, mem_segment=None)``: when a streaming task passes the stream
     key and segment index, the layer attends to the memory of the previous segment of the same
     stream and the memory is updated (detached). The second output holds ``deq_stats`` (the
-    layer's :class:`~deq_core.DEQStats`) and ``deq_backward``, its ``backward_summary`` (ran,
+    layer's :class:`~deq_core.DEQStats`) and ``deq_backward``, its ``backward_summary()`` (ran,
     steps, abs and rel residual of the implicit backward solve), filled in by ``backward()``.
     """
 
@@ -108,7 +108,7 @@ class DEQTransformerDecoder(FairseqDecoder):
             with torch.no_grad():
                 current = self.deq.f.attention_input(z.detach(), u_attn.detach())
             self.memory.write(mem_key, int(mem_segment), mem, current, self.training)
-        extra = {"attn": None, "deq_stats": stats, "deq_backward": stats.backward_summary}
+        extra = {"attn": None, "deq_stats": stats, "deq_backward": stats.backward_summary()}
         return self.dropout_module(self.layer_norm(z)), extra
 
     def output_layer(self, features: torch.Tensor, **unused: Any) -> torch.Tensor:

@@ -11,6 +11,8 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import nn
 
+from deq_core import name_deq_layers
+
 from ..options import DEQOptions, deq_config_from
 from .deq_transformer_decoder import DEQTransformerDecoder
 
@@ -82,7 +84,8 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
             embed_tokens = nn.Embedding(len(dictionary), dim, padding_idx=dictionary.pad())
             nn.init.normal_(embed_tokens.weight, std=dim ** -0.5)
             nn.init.zeros_(embed_tokens.weight[dictionary.pad()])
-        return cls(DEQTransformerDecoder(cfg, task.target_dictionary, embed_tokens, deq_config))
+        model = cls(DEQTransformerDecoder(cfg, task.target_dictionary, embed_tokens, deq_config))
+        return name_deq_layers(model)  # "decoder.deq" in its random draws
 
     def reset_memory(self, training: Optional[bool] = None) -> None:
         """Forget the segment memory (all streams, or those of training/eval mode)."""

@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from deq_core import DEQConfig, DEQLayer, DEQStats, VariationalDropout, apply_weight_norm
+from deq_core import DEQConfig, DEQLayer, DEQStats, VariationalDropout, apply_weight_norm, name_deq_layers
 
 __all__ = ['MDEQ', 'MultiscaleCell']
 
@@ -254,6 +254,7 @@ class MDEQ(nn.Module):
             dict(num_chs=c, reduction=stem_reduction * 2 ** i, module=f'deq.f.blocks.{i}')
             for i, c in enumerate(channels)]
         self._init_weights()
+        name_deq_layers(self)
 
     def _init_weights(self) -> None:
         for m in self.modules():
