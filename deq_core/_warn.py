@@ -5,13 +5,16 @@ import os
 import sys
 import warnings
 
+import torch
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def warn_user(message: str, category: type = UserWarning) -> None:
-    """``warnings.warn`` with the stack level of the first caller outside this package (so that
-    the warning names the user's line and the once-per-location filter works per call site)."""
-    level, frame = 1, sys._getframe(1)
+    """``warnings.warn`` with the stack level of the first caller outside this package and torch
+    (module calls, optimizer hooks), so that the warning names the user's line."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: the caller of warn_user
     while frame is not None and _internal(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
@@ -19,4 +22,5 @@ def warn_user(message: str, category: type = UserWarning) -> None:
 
 def _internal(filename: str) -> bool:
     # "<string>": code generated at import time, such as a dataclass's __init__.
-    return filename == "<string>" or os.path.abspath(filename).startswith(_PACKAGE_DIR)
+    path = os.path.abspath(filename)
+    return filename == "<string>" or path.startswith(_PACKAGE_DIR) or path.startswith(_TORCH_DIR)

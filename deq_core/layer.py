@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._steps import follow_optimizer_steps
 from ._warn import warn_user
 from .config import DEQConfig
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
@@ -97,6 +98,21 @@ class _FlatMap:
                                 f"{sorted(map(str, allowed))}")
 
 
+class _JRWatch:
+    """Records whether a backward pass reached a training pass's output and its JR estimate."""
+
+    def __init__(self, out: torch.Tensor, jac: torch.Tensor) -> None:
+        self.output_reached = self.jr_reached = False
+        out.register_hook(self._output)
+        jac.register_hook(self._jr)
+
+    def _output(self, grad: torch.Tensor) -> None:
+        self.output_reached = True
+
+    def _jr(self, grad: torch.Tensor) -> None:
+        self.jr_reached = True
+
+
 class _ImplicitGrad(torch.autograd.Function):
     """Identity on ``f_out = f(z*)`` whose backward replaces the incoming gradient g by the
     solution u of ``u = u J_f(z*) + g`` (implicit function theorem); autograd then carries u
@@ -141,7 +157,7 @@ class _ImplicitGrad(torch.autograd.Function):
 
 
 class DEQLayer(nn.Module):
-    """Deep equilibrium layer around ``f(z, *inputs, **kwargs)``: returns ``(z*, stats)``.
+    """Deep equilibrium layer around ``f(z, *inputs, **kwargs)``: returns ``(f(z*), stats)``.
 
     The state z may be a tensor or a list/tuple of tensors sharing the batch dimension; its
     initial value is ``z0`` when given, else ``f.init_state(*inputs, **kwargs)`` when f defines
@@ -157,8 +173,10 @@ class DEQLayer(nn.Module):
     Gradients follow ``config.backward`` ("implicit", "phantom" or "unrolled"); during the first
     ``config.pretrain_steps`` training steps the layer runs as an unrolled weight-tied stack. In
     training, Jacobian regularization is computed when the step's Bernoulli(``jac_freq``) draw
-    says so and the current JR weight is positive; add ``stats.jr_term`` to the loss. The step
-    counter is set by the training loop through :meth:`set_num_updates` (fairseq calls it itself).
+    says so and the current JR weight is positive; add ``stats.jr_term`` to the loss (a JR term
+    that a backward pass never reached is reported once). The step count follows the steps of
+    the optimizers holding the layer's parameters, or the training loop sets it through
+    :meth:`set_num_updates` (fairseq's trainer and ``timm_deq.train`` do), which then takes precedence.
 
     With ``config.compile_f`` the solver's evaluations of f (all but one per forward pass, and
     run under ``no_grad``) go through ``torch.compile(f, backend=config.compile_backend)``,
@@ -201,16 +219,33 @@ class DEQLayer(nn.Module):
         self._num_updates = 0
         self._epoch: Optional[int] = None
         self._calls = 0
-        self._stepless_passes = 0  # training passes before the first set_num_updates(); -1 after it
+        self._stepless_passes = 0  # training passes before the first counted step; -1 after it
+        self._explicit_steps = False  # set_num_updates() was called: optimizer steps no longer count
+        self._trained_since_step = False
+        self._jr_watch: Optional[_JRWatch] = None
+        self._jr_unused_warned = False
         # (num_updates, epoch or -1) in the state dict, so that a checkpoint resumes (and an
         # evaluated checkpoint runs) in the right phase; the Python copies above are what
-        # forward() reads, so no device value is read back per call.
+        # forward() reads, so no device value is read back per call. An eval-mode forward reads
+        # the buffer again when something else wrote it (an EMA copy of a trained model).
         self.register_buffer("schedule_state", torch.tensor([0, -1], dtype=torch.int64))
+        self._buffer_seen = self._buffer_key()
+        follow_optimizer_steps(self)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state.pop("_compiled_f_cache", None)  # compiled code is rebuilt on demand, never copied
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        follow_optimizer_steps(self)  # copies (deepcopy, pickle) follow their own optimizers
+
+    def __prepare_scriptable__(self) -> "DEQLayer":
+        raise RuntimeError(
+            "DEQLayer cannot be scripted with torch.jit.script: the solve is a data-dependent Python loop "
+            "over a variable number of evaluations of f, with per-sample freezing and a custom autograd "
+            "backward. Run the model eagerly or with torch.compile (the layer is one graph break there)")
 
     def extra_repr(self) -> str:
         """The main solver and JR settings, for ``repr``."""
@@ -239,27 +274,59 @@ class DEQLayer(nn.Module):
 
     # -- training-step state -----------------------------------------------------------------
     def set_num_updates(self, num_updates: int) -> None:
-        """Tell the layer the optimizer step count (drives pretraining, JR schedule, random draws)."""
-        self._num_updates = int(num_updates)
-        self._calls = 0
-        self._stepless_passes = -1
-        self.schedule_state[0] = self._num_updates
+        """Tell the layer the optimizer step count (drives pretraining, JR schedule, random draws).
+
+        Without it the layer counts the steps of the optimizers that hold its parameters (a step
+        that follows at least one training pass counts once; with gradient accumulation that is
+        one per optimizer step). Once called, the layer follows the count it is given only.
+
+        Args:
+            num_updates: the number of optimizer steps taken so far.
+        """
+        self._explicit_steps = True
+        self._set_step(int(num_updates))
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the layer the epoch (drives ``jac_stop_epoch``)."""
         self._epoch = int(epoch)
         self.schedule_state[1] = self._epoch
+        self._buffer_seen = self._buffer_key()
+
+    def _set_step(self, num_updates: int) -> None:
+        self._num_updates = num_updates
+        self._calls = 0
+        self._stepless_passes = -1
+        self.schedule_state[0] = num_updates
+        self._buffer_seen = self._buffer_key()
+
+    def _optimizer_stepped(self) -> None:
+        """Called after a step of an optimizer that holds a parameter of this layer."""
+        self._check_jr_reached_backward()
+        if self._explicit_steps or not self._trained_since_step:
+            return
+        self._trained_since_step = False
+        self._set_step(self._num_updates + 1)
+
+    def _buffer_key(self) -> Tuple[int, int]:
+        buf = self.schedule_state
+        return id(buf), buf._version
+
+    def _read_schedule_buffer(self) -> None:
+        updates, epoch = (int(v) for v in self.schedule_state.tolist())
+        if updates != self._num_updates:
+            self._calls = 0
+        self._num_updates, self._epoch = updates, (None if epoch < 0 else epoch)
+        self._buffer_seen = self._buffer_key()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        saved = state_dict.get(prefix + "schedule_state")
-        if saved is not None:
-            updates, epoch = (int(v) for v in saved.tolist())
-            self._num_updates, self._epoch, self._calls = updates, (None if epoch < 0 else epoch), 0
+        if prefix + "schedule_state" in state_dict:
+            self._read_schedule_buffer()
 
     @property
     def num_updates(self) -> int:
-        """The optimizer step count last given to :meth:`set_num_updates` (or loaded)."""
+        """The optimizer step count: given to :meth:`set_num_updates`, counted from optimizer
+        steps, or loaded with the state dict."""
         return self._num_updates
 
     @property
@@ -291,10 +358,25 @@ class DEQLayer(nn.Module):
             or cfg.jac_stop_step is not None
         if stepped and self._stepless_passes == _STEPLESS_PASSES_WARNING:
             warn_user(
-                f"DEQLayer has run {self._stepless_passes} training passes and set_num_updates() was never "
-                f"called, so the step count is still {self._num_updates}: pretraining (pretrain_steps="
-                f"{cfg.pretrain_steps}) and the JR schedule do not advance. Call set_num_updates(step) once "
-                "per optimizer step (fairseq's trainer and timm_deq.train do)", RuntimeWarning)
+                f"DEQLayer has run {self._stepless_passes} training passes, set_num_updates() was never "
+                "called and no optimizer holding the layer's parameters has stepped, so the step count is "
+                f"still {self._num_updates}: pretraining (pretrain_steps={cfg.pretrain_steps}) and the JR "
+                "schedule do not advance. Call set_num_updates(step) once per optimizer step (fairseq's "
+                "trainer and timm_deq.train do), or step an optimizer that holds the layer's parameters",
+                RuntimeWarning)
+
+    def _check_jr_reached_backward(self) -> None:
+        watch, self._jr_watch = self._jr_watch, None
+        if watch is None or not watch.output_reached or watch.jr_reached or self._jr_unused_warned:
+            return
+        self._jr_unused_warned = True
+        warn_user(
+            "DEQLayer computed the Jacobian-regularization term in training, and a backward pass reached "
+            "the layer's output but not the JR term: the loss does not include it, so JR has no effect "
+            "and only costs time. Add stats.jr_term to the loss (timm models: model.deq_stats.jr_term, "
+            "or train with python -m timm_deq.train / timm_deq.DEQClassificationTask; fairseq: "
+            "--criterion cross_entropy_jr or adaptive_loss_jr), or set jac_weight=0 to turn JR off",
+            RuntimeWarning)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, *inputs: Any, z0: Optional[State] = None, **kwargs: Any) -> Tuple[State, DEQStats]:
@@ -328,6 +410,11 @@ class DEQLayer(nn.Module):
         self._check_calling_pattern(grad)
         if cfg.check_finite:
             _check_finite(inputs, kwargs, z0)
+        if self.training:
+            self._check_jr_reached_backward()
+            self._trained_since_step = True
+        elif self._buffer_key() != self._buffer_seen:
+            self._read_schedule_buffer()
         jac_on, cut = self._draw() if self.training else (False, 0)
         jac_weight = self.jac_weight if self.training else 0.0
         jac_on = jac_on and grad and jac_weight > 0.0
@@ -354,6 +441,8 @@ class DEQLayer(nn.Module):
                 stats = DEQStats.from_solve(mode, result, max_iter, jac_frobenius=jac, jac_weight=jac_weight)
                 if mode == "implicit" and grad:
                     z = _ImplicitGrad.apply(z, z_in, cfg.backward_solve(), fn.precision, stats)
+                if jac is not None and z.requires_grad:
+                    self._jr_watch = _JRWatch(z, jac)
                 out = spec.unpack(z, spec.dtype)
         self.stats = stats
         return out, stats

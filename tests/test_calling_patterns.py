@@ -143,8 +143,9 @@ def test_name_deq_layers_keeps_given_names_and_rejects_non_strings():
 
 
 def test_options_the_backward_mode_ignores_are_warned_about_by_name():
-    with pytest.warns(UserWarning, match=r"backward='implicit' does not use phantom_steps=3"):
+    with pytest.warns(UserWarning, match=r"backward='implicit' does not use phantom_steps=3") as record:
         DEQConfig(phantom_steps=3)
+    assert record[0].filename == __file__
     with pytest.warns(UserWarning, match=r"backward='phantom' does not use b_solver='anderson', b_max_iter=5, "
                                          r"b_solver_options=\{'m': 2, 'beta': 1.0, 'lam': 0.0001\}"):
         DEQConfig(backward="phantom", b_max_iter=5, b_solver="anderson", b_solver_options={"m": 2})
