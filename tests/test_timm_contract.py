@@ -95,3 +95,22 @@ def test_reset_classifier_keeps_device_dtype_mode_and_the_pooled_width(training)
 def test_scripting_is_refused_with_the_reason():
     with pytest.raises(RuntimeError, match="DEQLayer cannot be scripted.*torch.compile"):
         torch.jit.script(_model())
+
+
+def test_timm_factory_kwargs_device_dtype_and_batchnorm_settings():
+    model = timm.create_model("mdeq_tiny_cifar", device="cpu", dtype=torch.float64, bn_momentum=0.01,
+                              bn_eps=1e-3, drop_path_rate=0.0, **FAST)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model.deq.schedule_state.dtype == torch.int64  # the step count stays an integer
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.01 and m.eps == 1e-3 for m in bns)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 16, 16, dtype=torch.float64)).dtype == torch.float64
+    meta = timm.create_model("mdeq_small", device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("arg", ["drop_path_rate", "drop_block_rate"])
+def test_per_call_random_regularizers_are_refused_naming_the_argument(arg):
+    with pytest.raises(ValueError, match=rf"{arg}=0.1 is not supported by MDEQ.*dropout="):
+        timm.create_model("mdeq_tiny_cifar", **{arg: 0.1})

@@ -246,8 +246,15 @@ class MDEQ(nn.Module):
             head's strided and final convs.
         post_norm_affine: Whether the GroupNorm after the fusion has a learned scale and shift
             (the original configs' ``POST_GN_AFFINE``).
+        drop_path_rate: Must be 0: stochastic depth would make f a different map at every
+            solver step (timm's ``train.py --drop-path`` passes it; a non-zero rate raises).
+        drop_block_rate: Must be 0, for the same reason (``--drop-block``).
+        bn_momentum: Momentum of every BatchNorm (stem and head), as timm's ``--bn-momentum``.
+        bn_eps: Epsilon of every BatchNorm, as timm's ``--bn-eps``.
         deq_cfg: A ``DEQConfig`` or a dict of its fields; other keyword arguments that name
             ``DEQConfig`` fields (``f_max_iter=14``, ``jac_weight=2.5``, ...) override it.
+        device: Device of the parameters and buffers.
+        dtype: Floating-point dtype of the parameters and buffers.
     """
 
     def __init__(
@@ -267,10 +274,24 @@ class MDEQ(nn.Module):
             weight_norm: bool = True,
             layout: str = 'timm',
             post_norm_affine: bool = False,
+            drop_path_rate: float = 0.,
+            drop_block_rate: float = 0.,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             deq_cfg: Union[DEQConfig, Mapping[str, Any], None] = None,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
             **deq_kwargs: Any,
     ) -> None:
         super().__init__()
+        for arg, rate, why in (
+                ('drop_path_rate', drop_path_rate, 'stochastic depth drops residual branches at random per call'),
+                ('drop_block_rate', drop_block_rate, 'DropBlock draws a new spatial mask per call')):
+            if rate:
+                raise ValueError(
+                    f'{arg}={rate} is not supported by MDEQ: {why}, and inside the equilibrium layer f must be '
+                    'the same map at every solver step. Use dropout= (variational dropout: one mask per forward '
+                    'pass, shared by all solver steps) or drop_rate= (before the classifier)')
         if len(channels) != len(head_channels) or not channels:
             raise ValueError(f'channels {tuple(channels)} and head_channels {tuple(head_channels)} must be '
                              'non-empty and of the same length (one per branch)')
@@ -331,7 +352,13 @@ class MDEQ(nn.Module):
             dict(num_chs=c, reduction=stem_reduction * 2 ** i, module=f'states.{i}')
             for i, c in enumerate(channels)]
         self._init_weights()
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = m.momentum if bn_momentum is None else bn_momentum
+                m.eps = m.eps if bn_eps is None else bn_eps
         name_deq_layers(self)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def _init_weights(self) -> None:
         # The equilibrium layer keeps the initialization it was built with.
