@@ -7,13 +7,13 @@ from .norm import apply_weight_norm, remove_weight_norm
 from .solvers import (STOP_MODES, SolverOption, SolverResult, SolveSpec, anderson, broyden, fixed_point,
                       get_solver, list_solvers, register_solver, residuals, unregister_solver)
 from .state import StateSpec
-from .stats import BACKWARD_SUMMARY, DEQStats
+from .stats import BACKWARD_SUMMARY, DEQStats, DEQStatsMeter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEQConfig", "add_deq_args", "parse_solver_options", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS",
-    "DEQLayer", "DEQStats", "BACKWARD_SUMMARY", "equilibrium_pass", "name_deq_layers", "StateSpec",
+    "DEQLayer", "DEQStats", "DEQStatsMeter", "BACKWARD_SUMMARY", "equilibrium_pass", "name_deq_layers", "StateSpec",
     "VariationalDropout", "apply_weight_norm", "remove_weight_norm",
     "JRSchedule", "jac_frobenius_estimate", "spectral_radius",
     "SolverResult", "SolverOption", "SolveSpec", "residuals", "register_solver", "unregister_solver", "get_solver", "list_solvers",

@@ -73,6 +73,10 @@ class DEQConfig:
                                       kind=int, low=0, optional=True)
     divergence_factor: float = _opt(DIVERGENCE_FACTOR, "a residual this many times the first one counts as divergence",
                                     low=1.0, low_open=True)
+    sample_dims: int = _opt(1, "leading state dimensions that index the solvers' samples: 1 (the batch) or "
+                            "2 (batch and position: every position of a sequence is its own sample for "
+                            "every solver decision, and positions stop in order, so a causal f gives exactly "
+                            "causal outputs; the state must be (batch, position, ...))", low=1, high=2)
     check_finite: bool = _opt(True, "raise on non-finite inputs (one host read per forward)")
     compile_f: bool = _opt(False, "run the forward solver's no-grad evaluations of f through "
                            "torch.compile (the one differentiable call of f stays eager: JR needs "

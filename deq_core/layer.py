@@ -76,6 +76,9 @@ class _FlatMap:
         self.f_dtype = spec.dtype
         self.state_dtype = state_dtype_for(spec.dtype)
         self.precision = lower_precision(boundary.compute_dtype, spec.dtype)
+        # (batch, position) samples: positions of one sequence are consecutive rows.
+        self.sequence_length = spec.sample_shape[1] if len(spec.sample_shape) == 2 else None
+        self.groups = spec.sample_shape[0]
 
     def using(self, call: Callable[..., State]) -> "_FlatMap":
         """The same map with f evaluated through ``call``."""
@@ -118,7 +121,9 @@ class _ImplicitGrad(torch.autograd.Function):
     solution u of ``u = u J_f(z*) + g`` (implicit function theorem); autograd then carries u
     through f to its parameters and inputs, giving ``g (I - J)^-1 df/dtheta``.
 
-    The backward solve is the one its forward call was given (``solve``, in ``precision``).
+    The backward solve is the one its forward call was given (``solve``, in ``precision``), with
+    one sample per batch element (``groups`` rows of the flat state) whatever the forward's
+    samples were: the adjoint of a causal map runs from the last position to the first.
     Non-finite entries of g reach u unchanged, and when f runs in float16/bfloat16 a sample
     whose vector-Jacobian products overflowed gets a NaN gradient: a loss scaler must see an
     overflow to skip the step.
@@ -126,9 +131,9 @@ class _ImplicitGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, solve: SolveSpec,
-                precision: torch.dtype, stats: DEQStats) -> torch.Tensor:
+                precision: torch.dtype, groups: int, stats: DEQStats) -> torch.Tensor:
         ctx.save_for_backward(f_out, z_in)
-        ctx.solve, ctx.precision, ctx.stats = solve, precision, stats
+        ctx.solve, ctx.precision, ctx.groups, ctx.stats = solve, precision, groups, stats
         return f_out.detach().clone()
 
     @staticmethod
@@ -140,12 +145,14 @@ class _ImplicitGrad(torch.autograd.Function):
                 "not itself differentiated. Use backward='phantom' or backward='unrolled', whose "
                 "gradients are ordinary autograd graphs and can be differentiated again")
         f_out, z_in = ctx.saved_tensors
-        grad = grad.to(f_out.dtype)
-        overflow = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+        rows = grad.shape
+        grad = grad.to(f_out.dtype).reshape(ctx.groups, -1)
+        overflow = torch.zeros(ctx.groups, dtype=torch.bool, device=grad.device)
         reduced = ctx.precision in REDUCED_PRECISION
 
         def linear_map(u: torch.Tensor) -> torch.Tensor:
-            (vjp,) = torch.autograd.grad(f_out, z_in, u, retain_graph=True)
+            (vjp,) = torch.autograd.grad(f_out, z_in, u.view(rows), retain_graph=True)
+            vjp = vjp.view(ctx.groups, -1)
             if reduced:
                 overflow.logical_or_(~torch.isfinite(vjp).all(dim=1))
             return vjp + grad
@@ -153,7 +160,7 @@ class _ImplicitGrad(torch.autograd.Function):
         result = ctx.solve.run(linear_map, torch.zeros_like(grad), precision=ctx.precision)
         ctx.stats.record_backward(result)
         u = result.z.masked_fill(overflow[:, None], float("nan")) if reduced else result.z
-        return torch.where(torch.isfinite(grad), u, grad), None, None, None, None
+        return torch.where(torch.isfinite(grad), u, grad).view(rows), None, None, None, None, None
 
 
 class DEQLayer(nn.Module):
@@ -440,7 +447,7 @@ class DEQLayer(nn.Module):
                         jac = self._jac(z, z_in) if jac_on else None
                 stats = DEQStats.from_solve(mode, result, max_iter, jac_frobenius=jac, jac_weight=jac_weight)
                 if mode == "implicit" and grad:
-                    z = _ImplicitGrad.apply(z, z_in, cfg.backward_solve(), fn.precision, stats)
+                    z = _ImplicitGrad.apply(z, z_in, cfg.backward_solve(), fn.precision, fn.groups, stats)
                 if jac is not None and z.requires_grad:
                     self._jr_watch = _JRWatch(z, jac)
                 out = spec.unpack(z, spec.dtype)
@@ -467,7 +474,7 @@ class DEQLayer(nn.Module):
     def _prepare(self, inputs, kwargs, z0) -> Tuple[StateSpec, _FlatMap, torch.Tensor]:
         if z0 is None:
             z0 = self._initial_state(inputs, kwargs)
-        spec = StateSpec(z0, "z0")
+        spec = StateSpec(z0, "z0", sample_dims=self.config.sample_dims)
         fn = _FlatMap(self.f, spec, inputs, kwargs, AutocastBoundary(spec.device.type))
         return spec, fn, spec.pack(z0, fn.state_dtype).detach()
 
@@ -494,7 +501,7 @@ class DEQLayer(nn.Module):
         """The no-grad forward solve (through the compiled f when ``compile_f`` is on)."""
         if self.config.compile_f:
             fn = fn.using(self._compiled_f())
-        return solve.run(fn, z0, precision=fn.precision)
+        return solve.run(fn, z0, precision=fn.precision, sequence_length=fn.sequence_length)
 
     def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -536,10 +543,16 @@ class DEQLayer(nn.Module):
 
     # -- diagnostics ---------------------------------------------------------------------------
     def _equilibrium(self, inputs, kwargs, z0) -> Tuple[_FlatMap, torch.Tensor]:
-        """The flat map and its no-grad fixed point at the evaluation limits (for diagnostics)."""
-        _, fn, z0_flat = self._prepare(inputs, kwargs, z0)
+        """The flat map and its no-grad fixed point at the evaluation limits (for diagnostics),
+        with one sample per batch element whatever ``sample_dims`` the solve used."""
+        spec, fn, z0_flat = self._prepare(inputs, kwargs, z0)
         with torch.no_grad(), fn.boundary.outside():
             z = self._solve(fn, z0_flat, self.config.forward_solve(training=False)).z
+        if len(spec.sample_shape) > 1:
+            state = spec.unpack(z, fn.state_dtype)
+            spec = StateSpec(state, "z")
+            fn = _FlatMap(self.f, spec, inputs, kwargs, fn.boundary)
+            z = spec.pack(state, fn.state_dtype)
         return fn, z
 
     def spectral_radius(self, *inputs: Any, z0: Optional[State] = None, n_iter: int = 20,

@@ -10,7 +10,7 @@ import torch
 from ._warn import warn_user
 from .solvers import SolverResult
 
-__all__ = ["DEQStats", "BACKWARD_SUMMARY"]
+__all__ = ["DEQStats", "DEQStatsMeter", "BACKWARD_SUMMARY"]
 
 # The entries of DEQStats.backward_summary(): 1 once the backward solve ran, then batch means.
 BACKWARD_SUMMARY = ("ran", "b_steps", "b_abs_res", "b_rel_res", "b_stalled", "b_diverged")
@@ -188,3 +188,58 @@ class DEQStats:
 
 def _deprecated(old: str, new: str) -> None:
     warn_user(f"DEQStats.{old} is deprecated and will be removed in the next release; use {new}", FutureWarning)
+
+
+class DEQStatsMeter:
+    """Running means of the statistics of many passes, kept on the device and read only by
+    :meth:`summary` (no host read per pass), for a training loop's or an evaluation's log.
+    The JR estimate is averaged over the passes where it ran; ``jac_steps`` is that share."""
+
+    KEYS = ("f_steps", "f_abs_res", "f_rel_res", "f_stalled", "f_diverged", "b_steps", "b_abs_res", "b_rel_res",
+            "b_stalled", "b_diverged", "jac_frobenius")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every pass."""
+        self._sums: Optional[torch.Tensor] = None
+        self._counts: Optional[torch.Tensor] = None
+
+    def update(self, stats: DEQStats) -> None:
+        """Add one pass (after its backward, so that the backward solve is counted too).
+
+        Args:
+            stats: the pass's statistics.
+        """
+        means = stats.means()
+        zero = stats.f_abs_res.new_zeros((), dtype=torch.float32)
+        vec = torch.stack([means.get(k, zero) for k in self.KEYS])
+        cnt = torch.tensor([float(k in means) for k in self.KEYS], device=vec.device)
+        if self._sums is None:
+            self._sums, self._counts = vec, cnt
+        else:
+            self._sums, self._counts = self._sums + vec, self._counts + cnt
+
+    def state(self) -> Optional[torch.Tensor]:
+        """Sums and counts as one tensor (for an all-reduce across processes)."""
+        return None if self._sums is None else torch.cat([self._sums, self._counts])
+
+    def summary(self, state: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """The means as Python floats (one host read).
+
+        Args:
+            state: a :meth:`state` summed over processes (default: this meter's own).
+
+        Returns:
+            every key of :attr:`KEYS` (NaN when unseen, e.g. no backward solve while pretraining,
+            so that per-epoch rows keep their columns) and ``jac_steps``; empty before any pass.
+        """
+        state = self.state() if state is None else state
+        if state is None:
+            return {}
+        n = len(self.KEYS)
+        sums, counts = state[:n].tolist(), state[n:].tolist()
+        out = {k: s / c if c > 0 else float("nan") for k, s, c in zip(self.KEYS, sums, counts)}
+        out["jac_steps"] = counts[-1] / max(counts[0], 1.0)
+        return out

@@ -164,3 +164,40 @@ def test_jr_names_and_their_deprecated_aliases():
         assert stats.jac_loss is stats.jac_frobenius
     with pytest.warns(FutureWarning, match="jr_loss is deprecated.*use jr_term"):
         assert torch.equal(stats.jr_loss, stats.jr_term)
+
+
+class _CausalCell(nn.Module):
+    """f(z, x)_t = tanh(W z_t + V mean(z_{<t}) + x_t) on (B, L, D) states."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.w = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
+        self.v = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.w.weight.mul_(0.4)
+            self.v.weight.mul_(0.4)
+
+    def forward(self, z, x):
+        past = torch.cumsum(z, dim=1) - z
+        counts = torch.arange(z.shape[1], dtype=z.dtype).clamp_min(1).view(1, -1, 1)
+        return torch.tanh(self.w(z) + self.v(past / counts) + x)
+
+
+def test_per_position_samples_solve_the_same_equilibrium_and_keep_gradients_exact():
+    torch.manual_seed(0)
+    f = _CausalCell()
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    weight = torch.randn(3, 7, 4, dtype=torch.float64)
+    grads, outs = {}, {}
+    for dims in (1, 2):
+        layer = DEQLayer(f, sample_dims=dims, f_max_iter=100, f_tol=1e-12, b_max_iter=100, b_tol=1e-12)
+        f.zero_grad()
+        z, stats = layer(x)
+        (z * weight).sum().backward()
+        outs[dims], grads[dims] = z.detach(), torch.cat([p.grad.flatten() for p in f.parameters()])
+        assert stats.f_steps.shape == (3 * 7 if dims == 2 else 3,) and stats.b_steps.shape == (3,)
+        assert layer.spectral_radius(x).shape == (3,) and layer.jacobian_frobenius(x).shape == (3,)
+    assert torch.allclose(outs[1], outs[2], atol=1e-10)
+    assert torch.allclose(grads[1], grads[2], rtol=1e-8)
+    with pytest.raises(ValueError, match="sample_dims must be >= 1 and <= 2"):
+        DEQConfig(sample_dims=3)

@@ -232,3 +232,47 @@ def test_limited_memory_broyden_converges_on_a_slowly_contracting_map(memory, de
     assert bool(full.converged.all()) and bool(res.converged.all()) and not bool(res.diverged.any())
     assert torch.allclose(res.z, exact, atol=1e-5)
     assert int(res.steps.max()) <= 4 * int(full.steps.max())
+
+
+def _causal_problem(b_last, length=6, dim=5, batch=2):
+    """z_t = tanh(A z_t + C mean(z_{<t}) + b_t): position t depends on earlier positions only."""
+    g = torch.Generator().manual_seed(0)
+    a = contraction(dim, 0.6)
+    c = 0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    b = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
+    b[:, -1] = b_last
+
+    def f(flat):
+        z = flat.view(batch, length, dim)
+        past = torch.cumsum(z, dim=1) - z
+        counts = torch.arange(length, dtype=z.dtype).clamp_min(1).view(1, length, 1)
+        return torch.tanh(z @ a.T + (past / counts) @ c.T + b).reshape(batch * length, dim)
+
+    return f, torch.zeros(batch * length, dim, dtype=torch.float64), length
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_sequence_positions_stop_in_order_and_earlier_ones_ignore_later_ones(name):
+    results = []
+    for b_last in (0.0, 3.0):
+        f, z0, length = _causal_problem(b_last)
+        results.append(get_solver(name)(f, z0, max_iter=40, tol=1e-6, sequence_length=length, trace=True))
+    a, b = results
+    rows = a.z.view(2, length, -1)
+    assert torch.equal(a.z.view(2, length, -1)[:, :-1], b.z.view(2, length, -1)[:, :-1])
+    assert torch.equal(a.fz.view(2, length, -1)[:, :-1], b.fz.view(2, length, -1)[:, :-1])
+    assert not torch.equal(rows[:, -1], b.z.view(2, length, -1)[:, -1])
+    steps = a.steps.view(2, length)
+    assert bool((steps[:, 1:] >= steps[:, :-1]).all())  # a position never stops before an earlier one
+    assert bool(a.converged.all()) and not bool(a.diverged.any() or a.stalled.any())
+
+
+def test_a_solver_without_sequence_support_refuses_a_sequence():
+    def plain(f, z0, *, max_iter, tol, stop_mode="abs", check_every=None, divergence_factor=1e4, trace=False):
+        return get_solver("fixed_point")(f, z0, max_iter=max_iter, tol=tol)
+
+    register_solver("no_sequence_test", {})(plain)
+    f, z0, length = _causal_problem(0.0)
+    assert bool(get_solver("no_sequence_test")(f, z0, max_iter=40, tol=1e-6).converged.all())
+    with pytest.raises(TypeError, match="does not accept sequence_length.*sample_dims=1"):
+        get_solver("no_sequence_test")(f, z0, max_iter=40, tol=1e-6, sequence_length=length)

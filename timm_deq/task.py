@@ -8,7 +8,7 @@ from torch import nn
 from timm.task import ClassificationTask
 from timm.utils import unwrap_model
 
-from deq_core import DEQLayer, DEQStats
+from deq_core import DEQLayer, DEQStats, DEQStatsMeter  # noqa: F401  (DEQStatsMeter: re-exported)
 
 __all__ = ['DEQClassificationTask', 'deq_layers', 'set_deq_step', 'DEQStatsMeter']
 
@@ -48,44 +48,3 @@ class DEQClassificationTask(ClassificationTask):
             'jr_term': jr_term,
             'deq_stats': stats,
         }
-
-
-class DEQStatsMeter:
-    """Running means of solver statistics, kept on the device and read only by :meth:`summary`
-    (no host read per step). JR is averaged over the steps where it ran."""
-
-    _KEYS = ('f_steps', 'f_abs_res', 'f_rel_res', 'f_stalled', 'f_diverged', 'b_steps', 'b_abs_res', 'b_rel_res',
-             'b_stalled', 'b_diverged', 'jac_frobenius')
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._sums: Optional[torch.Tensor] = None
-        self._counts: Optional[torch.Tensor] = None
-
-    def update(self, stats: DEQStats) -> None:
-        means = stats.means()
-        zero = stats.f_abs_res.new_zeros((), dtype=torch.float32)
-        vec = torch.stack([means.get(k, zero) for k in self._KEYS])
-        cnt = torch.tensor([float(k in means) for k in self._KEYS], device=vec.device)
-        if self._sums is None:
-            self._sums, self._counts = vec, cnt
-        else:
-            self._sums, self._counts = self._sums + vec, self._counts + cnt
-
-    def state(self) -> Optional[torch.Tensor]:
-        """Sums and counts as one tensor (for an all-reduce across processes)."""
-        return None if self._sums is None else torch.cat([self._sums, self._counts])
-
-    def summary(self, state: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        state = self.state() if state is None else state
-        if state is None:
-            return {}
-        n = len(self._KEYS)
-        sums, counts = state[:n].tolist(), state[n:].tolist()
-        # Every key every time (NaN when unseen, e.g. no backward solve while pretraining), so
-        # per-epoch CSV rows keep the same columns.
-        out = {k: s / c if c > 0 else float('nan') for k, s, c in zip(self._KEYS, sums, counts)}
-        out['jac_steps'] = counts[-1] / max(counts[0], 1.0)
-        return out

@@ -16,6 +16,12 @@ the stop mode after k evaluations of f, u the unit roundoff of the precision f i
   as progress, the step count keeps a convergent map's first transient from counting as none).
 - otherwise the sample **ran out of iterations while still making progress**.
 
+With ``sequence_length`` L, consecutive runs of L samples are the positions of one sequence: a
+position that converged or stalled stays active until every earlier position of its sequence has
+stopped too (a diverged one stops at once). Every decision about a position then depends on
+that position and the ones before it only, so a causal f gives exactly causal outputs, and a
+position never stops while the positions it attends to still move.
+
 Every sample ends in exactly one of these; its ``z`` is its lowest-residual finite iterate and
 ``fz`` the value of f there (both ``z0`` when no iterate had a finite residual).
 """
@@ -82,7 +88,7 @@ class Tracker:
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
                  check_every: Optional[int], divergence_factor: float, trace: bool,
-                 precision: Optional[torch.dtype]) -> None:
+                 precision: Optional[torch.dtype], sequence_length: Optional[int] = None) -> None:
         if z0.dim() != 2:
             raise ValueError(f"solver state must have shape (batch, dim), got {tuple(z0.shape)}")
         if stop_mode not in STOP_MODES:
@@ -91,6 +97,9 @@ class Tracker:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         batch = z0.shape[0]
         dev = z0.device
+        if sequence_length is not None and (sequence_length < 1 or batch % sequence_length):
+            raise ValueError(f"sequence_length must be >= 1 and divide the {batch} samples, got {sequence_length}")
+        self.sequence_length = sequence_length
         self.max_iter = max_iter
         self.tol = tol
         self.rel = stop_mode == "rel"
@@ -144,15 +153,21 @@ class Tracker:
         self.best_res = torch.where(better, res, self.best_res)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
-        newly_conv = was_active & finite & (res <= self.tol) & ~exploded
-        newly_div = was_active & (~finite | exploded)
+        open_ = was_active & ~(self.converged | self.stalled | self.diverged)
+        newly_conv = open_ & finite & (res <= self.tol) & ~exploded
+        newly_div = open_ & (~finite | exploded)
         self.converged = self.converged | newly_conv
         self.diverged = self.diverged | newly_div
-        self.active = was_active & ~newly_conv & ~newly_div
         if self.floor is not None:
-            newly_stalled = self.active & (self._flat >= PATIENCE) & (self.best_rel <= self.floor)
+            newly_stalled = (open_ & ~newly_conv & ~newly_div & (self._flat >= PATIENCE)
+                             & (self.best_rel <= self.floor))
             self.stalled = self.stalled | newly_stalled
-            self.active = self.active & ~newly_stalled
+        stopped = self.converged | self.stalled | self.diverged
+        if self.sequence_length is not None:
+            # A position stops once it and every earlier position of its sequence have.
+            prefix = stopped.view(-1, self.sequence_length).to(torch.int8).cummin(dim=1).values
+            stopped = prefix.view(-1).bool() | self.diverged
+        self.active = ~stopped
         if self._trace is not None:
             self._trace.append(torch.where(finite, res, torch.full_like(res, float("inf"))))
         return self.active

@@ -19,7 +19,7 @@ from .result import SolverResult
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
              tol: float, stop_mode: str = DEFAULT_STOP_MODE, check_every: Optional[int] = None,
              divergence_factor: float = DIVERGENCE_FACTOR, trace: bool = False,
-             precision: Optional[torch.dtype] = None,
+             precision: Optional[torch.dtype] = None, sequence_length: Optional[int] = None,
              m: int = 5, beta: float = 1.0, lam: float = 1e-4) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
@@ -27,8 +27,8 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max
     ``||sum_i alpha_i g_i||`` subject to ``sum_i alpha_i = 1``, where ``g_i = f(z_i) - z_i``.
 
     Args:
-        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision: as for
-            every solver (:mod:`deq_core.solvers.registry`).
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
+            sequence_length: as for every solver (:mod:`deq_core.solvers.registry`).
         m: the number of past iterates mixed.
         beta: the weight of f's values against the iterates in the mix (1: f's values only).
         lam: ridge on the mixing system, relative to the mean squared residual in the history.
@@ -36,7 +36,8 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max
     Returns:
         the :class:`SolverResult`.
     """
-    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
+    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
+                      sequence_length)
     batch, dim = z0.shape
     # Histories are only read in slots already written, so they need no zero fill.
     fs = z0.new_empty(batch, m, dim)

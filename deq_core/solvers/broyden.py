@@ -23,7 +23,7 @@ def _low_rank(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tens
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
             tol: float, stop_mode: str = DEFAULT_STOP_MODE, check_every: Optional[int] = None,
             divergence_factor: float = DIVERGENCE_FACTOR, trace: bool = False,
-            precision: Optional[torch.dtype] = None,
+            precision: Optional[torch.dtype] = None, sequence_length: Optional[int] = None,
             memory: Optional[int] = None) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
@@ -32,14 +32,15 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
     ``memory`` updates are held, the approximation restarts from -I (at the current iterate).
 
     Args:
-        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision: as for
-            every solver (:mod:`deq_core.solvers.registry`).
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
+            sequence_length: as for every solver (:mod:`deq_core.solvers.registry`).
         memory: rank-one updates kept before the restart (``None``: ``max_iter``, never restart).
 
     Returns:
         the :class:`SolverResult`.
     """
-    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
+    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
+                      sequence_length)
     batch, dim = z0.shape
     mem = memory or max_iter
     us = z0.new_empty(batch, mem, dim)  # only slots already written are read

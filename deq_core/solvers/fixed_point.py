@@ -17,19 +17,20 @@ from .result import SolverResult
 def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_iter: int,
                 tol: float, stop_mode: str = DEFAULT_STOP_MODE, check_every: Optional[int] = None,
                 divergence_factor: float = DIVERGENCE_FACTOR, trace: bool = False,
-                precision: Optional[torch.dtype] = None,
+                precision: Optional[torch.dtype] = None, sequence_length: Optional[int] = None,
                 damping: float = 1.0) -> SolverResult:
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
     Args:
-        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision: as for
-            every solver (:mod:`deq_core.solvers.registry`).
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
+            sequence_length: as for every solver (:mod:`deq_core.solvers.registry`).
         damping: the weight of f(z) in each update (1: plain iteration).
 
     Returns:
         the :class:`SolverResult`.
     """
-    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision)
+    tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
+                      sequence_length)
     buffers = (torch.empty_like(z0), torch.empty_like(z0))  # iterates in turn, no allocation
     z = z0
     fz = f(z)

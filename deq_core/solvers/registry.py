@@ -12,7 +12,10 @@ trace, precision, **options) -> SolverResult`` whose arguments mean, for every s
 - ``trace``: record every iteration's residual in ``SolverResult.trace``;
 - ``precision``: the dtype f's values are computed in when it is less precise than the state
   (see :mod:`deq_core.solvers.precision`); a solver without that parameter is registered as well
-  and simply not told.
+  and simply not told;
+- ``sequence_length``: consecutive runs of this many samples are the positions of one sequence,
+  which stop in order (see :mod:`deq_core.solvers._tracking`); a solver without that parameter
+  is registered as well and refuses a sequence.
 
 How a solve ends is stated in :mod:`deq_core.solvers._tracking`. Registration wraps the solver so
 that its state must be float32 or float64 and its own arithmetic runs outside the caller's
@@ -103,6 +106,7 @@ def _state_precision(fn: SolverFn) -> SolverFn:
         return fn
     params = inspect.signature(fn).parameters.values()
     takes_precision = any(p.name == "precision" or p.kind is p.VAR_KEYWORD for p in params)
+    takes_sequence = any(p.name == "sequence_length" or p.kind is p.VAR_KEYWORD for p in params)
 
     @functools.wraps(fn)
     def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -112,6 +116,11 @@ def _state_precision(fn: SolverFn) -> SolverFn:
             raise TypeError(f"solver state z0 must be a float32 or float64 tensor, got {got}; keep the state "
                             "in float32 and evaluate f in half precision inside the map (pass precision= "
                             "its dtype), as DEQLayer does")
+        if not takes_sequence:
+            if kwargs.pop("sequence_length", None) is not None:
+                raise TypeError(f"solver {fn.__name__!r} does not accept sequence_length, which a state with "
+                                "sample_dims=2 needs (its positions stop in order); add the parameter and "
+                                "pass it to the Tracker, or use sample_dims=1")
         boundary = AutocastBoundary(z0.device.type)
         if takes_precision:
             kwargs["precision"] = lower_precision(precision, boundary.compute_dtype)

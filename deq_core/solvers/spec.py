@@ -29,7 +29,8 @@ class SolveSpec:
     options: Dict[str, Any] = field(default_factory=dict)
 
     def run(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
-            precision: Optional[torch.dtype] = None, trace: bool = False) -> SolverResult:
+            precision: Optional[torch.dtype] = None, trace: bool = False,
+            sequence_length: Optional[int] = None) -> SolverResult:
         """Solve ``z = f(z)`` from the ``(B, D)`` state ``z0``.
 
         Args:
@@ -38,6 +39,8 @@ class SolveSpec:
             precision: the dtype f's values are computed in when it is less precise than the
                 state (float16/bfloat16), which sets the precision floor of the stop test.
             trace: record the residual of every iteration.
+            sequence_length: the samples are positions of sequences of this length, which stop
+                in order (a ``sample_dims=2`` state).
 
         Returns:
             the solver's :class:`SolverResult`.
@@ -45,4 +48,5 @@ class SolveSpec:
         return get_solver(self.solver)(
             f, z0, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode,
             check_every=self.check_every, divergence_factor=self.divergence_factor, trace=trace,
-            precision=precision, **self.options)
+            precision=precision, **({} if sequence_length is None else {"sequence_length": sequence_length}),
+            **self.options)
