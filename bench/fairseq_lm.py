@@ -1,6 +1,7 @@
 """DEQ-Transformer LM vs fairseq's transformer_lm of comparable size: training tokens/s, memory, NFE.
 
     python -m bench.fairseq_lm [--device cuda] [--sizes tiny wt103] [--steps 20] [--dtype float16]
+    python -m bench.fairseq_lm --solve-modes     # the causal solve against the joint one
 
 Both models train (forward, backward, Adam step) on the same random batches of the same tokens per
 batch, timed step by step alternately in one run; the ratios are what to read. The DEQ model
@@ -28,7 +29,7 @@ from fairseq.tasks.language_modeling import LanguageModelingTask
 
 import fairseq_deq
 from bench._memory import saved_activation_bytes
-from bench._run import add_device_args, describe, device_from
+from bench._run import add_device_args, describe, device_from, sync
 
 USER_DIR = fairseq_deq.__path__[0]
 
@@ -250,6 +251,68 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> 
     return rows(train_pair(size, device, dtype, steps), size)
 
 
+SOLVE_MODES = {"causal (sample_dims=2)": "2", "joint (sample_dims=1)": "1"}
+
+
+def _max_leak(model, tokens: torch.Tensor, positions: List[int]) -> float:
+    """The largest change of an earlier position's log-probabilities when one token changes."""
+    def log_probs(t):
+        with torch.no_grad():
+            return torch.log_softmax(model(t)[0].double(), dim=-1)
+
+    base, leak = log_probs(tokens), 0.0
+    for t in positions:
+        changed = tokens.clone()
+        changed[:, t] = 4 + (changed[:, t] + 7) % (model.decoder.dictionary.__len__() - 4)
+        leak = max(leak, float((log_probs(changed)[:, :t] - base[:, :t]).abs().max()))
+    return leak
+
+
+def solve_modes(size: str, device: torch.device, steps: int) -> List[str]:
+    """Training cost of the causal solve (every position its own solver sample) against the joint
+    one (one sample per sequence) from the same initial model, timed alternately, and each mode's
+    largest leak: the change of earlier positions' log-probabilities when a later token changes."""
+    _, vocab, seg, batches, _, _ = SIZES[size]
+    batch = batches[device.type == "cuda"]
+    common = ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"]
+    runs = {}
+    for mode, dims in SOLVE_MODES.items():
+        torch.manual_seed(0)
+        task, cfg, model = build_deq(size, [*common, "--sample-dims", dims])
+        model = model.to(device)
+        runs[mode] = (model, task.build_criterion(cfg.criterion), _Counter(model.decoder.deq.f),
+                      torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-4))
+    times: Dict[str, List[float]] = {m: [] for m in runs}
+    evals: Dict[str, List[int]] = {m: [] for m in runs}
+    f_steps: Dict[str, List[float]] = {m: [] for m in runs}
+    for step in range(-2, steps):
+        sample = lm_sample(batch, seg, vocab, step + 2, device)
+        for mode, (model, criterion, counter, optim) in runs.items():
+            model.train()
+            counter.calls = 0
+            sync(device)
+            t0 = time.perf_counter()
+            log, _ = _train_step("deq", model, criterion, optim, sample, step + 2)
+            sync(device)
+            if step >= 0:
+                times[mode].append(time.perf_counter() - t0)
+                evals[mode].append(counter.calls)
+                f_steps[mode].append(float(log["deq_f_steps"]))
+    tokens = torch.randint(4, vocab, (2, seg), generator=torch.Generator().manual_seed(1)).to(device)
+    out = []
+    base = None
+    for mode, (model, _, _, _) in runs.items():
+        model.eval()
+        tps = batch * seg * len(times[mode]) / sum(times[mode])
+        base = base or tps
+        leak = _max_leak(model, tokens, list(range(8, seg, 8)))
+        out.append(f"| {mode}, {size}, {batch}x{seg} tokens | {tps:.0f} tokens/s ({tps / base:.2f}x), "
+                   f"{statistics.mean(f_steps[mode]):.2f} forward steps per sample, "
+                   f"{statistics.mean(evals[mode]):.2f} evaluations of f per update; largest leak to earlier "
+                   f"positions after training {leak:.2e} nats |")
+    return out
+
+
 def main(argv=None) -> None:
     parser = add_device_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None,
@@ -257,6 +320,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed updates per model (after 2 warm-up ones)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="precision of the whole model (float16 is what fairseq's --fp16 does)")
+    parser.add_argument("--solve-modes", action="store_true",
+                        help="instead: the causal solve against the joint one (training cost, leak)")
     args = parser.parse_args(argv)
     device = device_from(args)
     sizes = args.sizes or (["tiny", "wt103"] if device.type == "cuda" else ["tiny"])
@@ -264,6 +329,11 @@ def main(argv=None) -> None:
     print(f"{describe(device)}, {args.dtype}, {args.steps} timed updates per model")
     print("| measurement | result |")
     print("|---|---|")
+    if args.solve_modes:
+        for size in sizes:
+            for row in solve_modes(size, device, args.steps):
+                print(row, flush=True)
+        return
     for size in sizes:
         for row in measure(size, device, getattr(torch, args.dtype), args.steps):
             print(row, flush=True)

@@ -17,11 +17,12 @@ from enum import Enum
 from typing import Any, Dict, Optional, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
 
 from deq_core import DEQConfig
 from deq_core import parse_solver_options as core_parse_solver_options
 
-__all__ = ["DEQOptions", "DEQ_FIELD_NAMES", "deq_config_from", "parse_solver_options"]
+__all__ = ["DEQOptions", "DEQ_FIELD_NAMES", "deq_options", "deq_config_from", "parse_solver_options"]
 
 _NEGATED_PREFIX = "no_"
 
@@ -32,30 +33,55 @@ def _fairseq_name(f: dataclasses.Field) -> str:
     return f.name
 
 
-def _fairseq_field(f: dataclasses.Field) -> Tuple[str, Any, dataclasses.Field]:
-    """(name, type, field) of the fairseq field that carries DEQConfig field ``f``."""
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _fairseq_field(f: dataclasses.Field, default: Any) -> Tuple[str, Any, dataclasses.Field]:
+    """(name, type, field) of the fairseq field that carries DEQConfig field ``f`` with ``default``."""
     meta = f.metadata
     kind, help_text = meta["kind"], meta["help"]
     name = _fairseq_name(f)
+    if f.name == "seed":  # fairseq's own --seed, also in hydra configs
+        return name, int, dataclasses.field(default=II("common.seed"), metadata={"help": help_text})
     if kind is bool:
-        default = f.default
-        if default is True:
-            help_text, default = f"turn off: {help_text}", False
+        if name != f.name:  # a no_<name> switch holds the negation
+            help_text, default = f"turn off: {help_text}", not default
         return name, bool, dataclasses.field(default=default, metadata={"help": help_text})
     if kind is dict:
         return name, str, dataclasses.field(
-            default="", metadata={"help": f"{help_text}, written key=value[,key=value...]"})
+            default=default or "", metadata={"help": f"{help_text}, written key=value[,key=value...]"})
     choices = meta["choices"]
     if isinstance(choices, tuple):
         return name, ChoiceEnum(list(choices)), dataclasses.field(
-            default=f.default, metadata={"help": help_text})
+            default=default, metadata={"help": help_text})
     kind_type = Optional[kind] if meta["optional"] else kind
-    return name, kind_type, dataclasses.field(default=f.default, metadata={"help": help_text})
+    return name, kind_type, dataclasses.field(default=default, metadata={"help": help_text})
 
 
-DEQOptions = dataclasses.make_dataclass(
-    "DEQOptions", [_fairseq_field(f) for f in dataclasses.fields(DEQConfig)], bases=(FairseqDataclass,))
-DEQOptions.__doc__ = "The equilibrium layer's options (one per DEQConfig field) as fairseq config fields."
+def deq_options(name: str = "DEQOptions", **defaults: Any) -> type:
+    """A fairseq dataclass with one field per DEQConfig field (and so one ``--flag``).
+
+    Args:
+        name: the dataclass's name.
+        **defaults: DEQConfig field names and the defaults the fields take instead of
+            DEQConfig's (a model's own defaults, e.g. ``f_stop_mode="rel"``); solver options as
+            ``"key=value,..."`` strings.
+
+    Returns:
+        the dataclass, a subclass of ``FairseqDataclass``.
+    """
+    names = DEQConfig.field_names()
+    unknown = sorted(set(defaults) - set(names))
+    if unknown:
+        raise ValueError(f"unknown DEQ option(s) {unknown}; accepted: {', '.join(names)}")
+    fields = [_fairseq_field(f, defaults.get(f.name, _default(f))) for f in dataclasses.fields(DEQConfig)]
+    options = dataclasses.make_dataclass(name, fields, bases=(FairseqDataclass,))
+    options.__doc__ = "The equilibrium layer's options (one per DEQConfig field) as fairseq config fields."
+    return options
+
+
+DEQOptions = deq_options()
 
 _MISSING = object()
 

@@ -41,9 +41,11 @@ def cli(tool: str) -> List[str]:
     return [found]
 
 
-def run(args: Sequence[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command with one CPU thread (tiny models; the test machine is shared), output merged."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def run(args: Sequence[str], cwd: Path, check: bool = True, warnings: bool = False) -> subprocess.CompletedProcess:
+    """Run a command with one CPU thread (tiny models; the test machine is shared), output merged;
+    Python warnings are silenced unless ``warnings``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONWARNINGS="default" if warnings else "ignore")
     proc = subprocess.run(list(args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=600)
     if check and proc.returncode != 0:

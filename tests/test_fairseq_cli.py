@@ -2,6 +2,7 @@
 fairseq-preprocess, fairseq-train (streaming task with JR, stock task, resume), fairseq-eval-lm,
 and the hub interface on the trained checkpoint."""
 import math
+import random
 import re
 import shutil
 
@@ -113,6 +114,21 @@ def test_resume_from_checkpoint_last_continues_the_update_count(trained, data_bi
     assert all(float(r["jr_weight"]) == 2.0 and float(r["f_steps"]) > 2 for r in inner)
 
 
+def test_a_run_resumed_mid_epoch_continues_exactly(data_bin, tmp_path):
+    """The segment memory is in the checkpoint: after a mid-epoch resume, every update has the
+    loss of the uninterrupted run (fairseq seeds every update from --seed and the update count)."""
+    flags = (*STREAM, "--log-interval", "1", "--jac-freq", "1")
+    whole = run(tiny_train_args(data_bin, tmp_path / "whole", *flags, "--max-update", "12"), cwd=tmp_path)
+    run(tiny_train_args(data_bin, tmp_path / "parts", *flags, "--max-update", "6"), cwd=tmp_path)
+    resumed = run(tiny_train_args(data_bin, tmp_path / "parts", *flags, "--max-update", "12"), cwd=tmp_path)
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch 1 @ 6 updates\)", resumed.stdout)
+    reference = {int(r["num_updates"]): r for r in json_logs(whole.stdout, "train_inner")}
+    after = {int(r["num_updates"]): r for r in json_logs(resumed.stdout, "train_inner")}
+    assert sorted(after) == list(range(7, 13))
+    for update, r in after.items():
+        assert r["loss"] == reference[update]["loss"] and r["f_steps"] == reference[update]["f_steps"], update
+
+
 def test_stock_language_modeling_task_trains_with_adaptive_softmax(data_bin):
     proc = run(tiny_train_args(
         data_bin, data_bin.parent / "stock", "--task", "language_modeling", "--criterion", "adaptive_loss_jr",
@@ -125,24 +141,37 @@ def test_stock_language_modeling_task_trains_with_adaptive_softmax(data_bin):
     assert math.isfinite(float(valid["valid_loss"])) and "valid_f_steps" in valid
 
 
-def _eval_lm(data_bin, checkpoint, overrides: str) -> float:
+def test_the_stock_criterion_trains_without_jr_and_says_so_at_the_first_update(data_bin):
+    proc = run(tiny_train_args(data_bin, data_bin.parent / "stock_ce", "--task", "language_modeling",
+                               "--criterion", "cross_entropy", "--max-update", "3", "--log-interval", "1",
+                               "--jac-freq", "1"), cwd=data_bin.parent, warnings=True)
+    assert proc.stdout.count("a backward pass reached the layer's output but not the JR term") == 1
+    assert "--criterion cross_entropy_jr" in proc.stdout
+    inner = json_logs(proc.stdout, "train_inner")
+    assert len(inner) == 3 and not any("jr" in r for r in inner)
+
+
+def _eval_lm(data_bin, checkpoint, overrides: str):
+    """(loss in bits, forward solver steps per position) that fairseq-eval-lm logs."""
     proc = run(cli("fairseq-eval-lm") + [
         str(data_bin), "--user-dir", USER_DIR, "--path", str(checkpoint), "--task", "deq_language_modeling",
         "--tokens-per-sample", "16", "--batch-size", "8", "--gen-subset", "test", "--cpu",
         "--model-overrides", overrides], cwd=data_bin.parent)
     match = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", proc.stdout)
-    assert match, proc.stdout[-3000:]
-    return float(match.group(1))
+    steps = re.search(r"DEQ forward solve over the evaluation: ([\d.]+) steps per position, abs. residual "
+                      r"([\d.e+-]+), rel. residual ([\d.e+-]+)", proc.stdout)
+    assert match and steps, proc.stdout[-3000:]
+    return float(match.group(1)), float(steps.group(1))
 
 
 def test_eval_lm_with_iteration_limits_and_memory(trained, data_bin):
     save, _ = trained
     checkpoint = save / "checkpoint_last.pt"
-    full = _eval_lm(data_bin, checkpoint, "{}")
-    two_steps = _eval_lm(data_bin, checkpoint, "{'eval_max_iter': 2}")
-    no_memory = _eval_lm(data_bin, checkpoint, "{'mem_len': 0}")
+    (full, full_steps), (two_steps, limited), (no_memory, _) = (
+        _eval_lm(data_bin, checkpoint, overrides) for overrides in ("{}", "{'eval_max_iter': 2}", "{'mem_len': 0}"))
     assert all(math.isfinite(v) for v in (full, two_steps, no_memory))
     assert abs(full - two_steps) > 0.01                         # the override changed the solve
+    assert limited <= 2 < full_steps <= 8                       # and eval-lm reports the solver's work
     # Words of a document come from its own small topic: context from the previous segment helps.
     assert full < no_memory - 0.05
 
@@ -161,18 +190,32 @@ def test_hub_interface_loads_the_checkpoint_and_samples_text(trained, data_bin):
     assert all(re.fullmatch(r"w\d+", w) for w in words)
     scores = lm.score("w1 w2 w1 w2")["positional_scores"]
     assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+    # Scoring never mixes inputs: a sentence scores the same alone and inside a list of 20.
+    rng = random.Random(0)
+    sentences = [" ".join(f"w{rng.randrange(1, 30)}" for _ in range(rng.randrange(3, 12))) for _ in range(20)]
+    together = [h["positional_scores"] for h in lm.score(sentences)]
+    for sentence, scored in zip(sentences, together):
+        alone = lm.score(sentence)["positional_scores"]
+        assert torch.allclose(scored, alone, atol=1e-5), sentence
 
 
 @pytest.mark.parametrize("flags,message", [
     (("--criterion", "adaptive_loss_jr", "--adaptive-softmax-cutoff", "12,24"), "--ddp-backend=legacy_ddp"),
     (("--criterion", "cross_entropy_jr", "--f-max-iter", "0"),
      "f_max_iter must be >= 1, got 0 (command-line flag --f-max-iter)"),
+    (("--f-max-iter", "2", "--f-max-iter-jitter", "1"), "use --f-max-iter >= --f-max-iter-jitter + 2"),
+    (("--mem-len", "-1"), "--mem-len must be >= 0, got -1"),
+    (("--adaptive-input", "--adaptive-input-cutoff", "5,10,15,20,25", "--criterion", "adaptive_loss_jr"),
+     "gives the last of its 6 bands width 64 // 4**5 = 0"),
+    (("--criterion", "cross_entropy_jr", "--adaptive-softmax-cutoff", "12,24"),
+     "--criterion cross_entropy_jr needs a plain softmax; with --adaptive-softmax-cutoff use --criterion "
+     "adaptive_loss_jr"),
 ])
-def test_bad_flag_combinations_fail_before_training(data_bin, tmp_path, flags, message):
+def test_bad_flag_combinations_fail_before_any_data_loads(data_bin, tmp_path, flags, message):
     proc = run(tiny_train_args(data_bin, tmp_path / "ck", "--task", "language_modeling", *flags), cwd=tmp_path,
                check=False)
     assert proc.returncode != 0 and message in proc.stdout
-    assert "begin training epoch" not in proc.stdout
+    assert "begin training epoch" not in proc.stdout and "blocks from" not in proc.stdout
 
 
 def test_memory_efficient_fp16_trains_a_half_model_with_jr_on_cpu(data_bin):

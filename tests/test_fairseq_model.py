@@ -84,6 +84,21 @@ def test_every_deq_core_option_is_a_flag_of_the_same_name(dict_dir):
     assert c.seed == cfg.common.seed                      # fairseq's --seed drives the layer's draws
 
 
+def test_the_base_architecture_shares_the_deq_defaults_and_the_seed_is_fairseqs(dict_dir):
+    from omegaconf import OmegaConf
+
+    configs = {}
+    for arch in ("deq_transformer_lm", "deq_transformer_lm_tiny"):
+        cfg = parse_train_config(dict_dir, "--arch", arch, "--task", "language_modeling", "--tokens-per-sample",
+                                 "16", "--seed", "7")
+        configs[arch] = DEQTransformerLanguageModel.build_model(cfg.model, _Task(dict_dir)).decoder.deq.config
+        # The model's seed is interpolated from common.seed, so a hydra config resolves it too.
+        assert OmegaConf.to_container(cfg, resolve=True)["model"]["seed"] == 7
+    for c in configs.values():
+        assert (c.f_solver, c.b_solver, c.f_stop_mode, c.b_stop_mode, c.sample_dims, c.seed) == \
+            ("anderson", "broyden", "rel", "rel", 2, 7)
+
+
 @pytest.mark.parametrize("arch,pre_ln", [("deq_transformer_lm_wt103", False), ("deq_transformer_lm_wt103_preln", True)])
 def test_wt103_architecture_has_the_papers_shapes(dict_dir, arch, pre_ln):
     cfg = parse_train_config(dict_dir, "--arch", arch, "--task", "language_modeling", "--tokens-per-sample", "150",
@@ -171,7 +186,10 @@ def test_jr_term_is_scaled_by_the_sample_size_and_backward_stats_are_logged(dict
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_keeps_a_float32_solver(dict_dir, dtype):
-    cfg, task, model = build(dict_dir, *TINY, "--criterion", "cross_entropy_jr", "--jac-freq", "1")
+    # Evaluation solves to the tolerance (or the precision floor), so that the half and float32
+    # outputs are two estimates of one fixed point, not two 8-step trajectories of a slow solve.
+    cfg, task, model = build(dict_dir, *TINY, "--criterion", "cross_entropy_jr", "--jac-freq", "1",
+                             "--eval-max-iter", "30")
     criterion = task.build_criterion(cfg.criterion)
     sample = _sample()
     model.eval()

@@ -77,8 +77,22 @@ class DEQTransformerDecoder(FairseqDecoder):
     def max_positions(self) -> int:
         return self.max_target_positions
 
-    def reset_memory(self, training: Optional[bool] = None) -> None:
-        self.memory.reset(training)
+    def get_extra_state(self) -> Dict[str, Any]:
+        """The segment memory of the training streams, saved in the state dict (exact resume)."""
+        return {"memory": self.memory.state_dict()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
+        self.memory.load_state_dict(state.get("memory", {}))
+
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Any], name: str) -> Dict[str, Any]:
+        """fairseq's hook before loading: checkpoints written before the memory was saved load too."""
+        state_dict.setdefault(f"{name}._extra_state" if name else "_extra_state", {"memory": {}})
+        return super().upgrade_state_dict_named(state_dict, name)
+
+    def reset_memory(self, training: Optional[bool] = None, keep_epoch: Optional[int] = None) -> None:
+        """Forget the segment memory (see :meth:`SegmentMemory.reset`)."""
+        self.memory.reset(training, keep_epoch)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, prev_output_tokens: torch.Tensor, src_lengths: Optional[torch.Tensor] = None,
@@ -107,7 +121,7 @@ class DEQTransformerDecoder(FairseqDecoder):
         if mem_key is not None:
             with torch.no_grad():
                 current = self.deq.f.attention_input(z.detach(), u_attn.detach())
-            self.memory.write(mem_key, int(mem_segment), mem, current, self.training)
+            self.memory.write(mem_key, int(mem_segment), mem, current, self.training, self._epoch)
         extra = {"attn": None, "deq_stats": stats, "deq_backward": stats.backward_summary()}
         return self.dropout_module(self.layer_norm(z)), extra
 

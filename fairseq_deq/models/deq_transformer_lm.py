@@ -1,6 +1,7 @@
 """``deq_transformer_lm``: the DEQ-Transformer language model (Bai, Koltun and Kolter, ICML 2021)
 registered with fairseq, and its named architectures."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from deq_core import name_deq_layers
 
-from ..options import DEQOptions, deq_config_from
+from ..options import deq_config_from, deq_options
 from .deq_transformer_decoder import DEQTransformerDecoder
 
 __all__ = ["DEQTransformerLanguageModel", "DEQTransformerLMConfig"]
@@ -21,8 +22,16 @@ __all__ = ["DEQTransformerLanguageModel", "DEQTransformerLMConfig"]
 DEFAULT_MAX_TARGET_POSITIONS = 1024
 
 
+# The DEQ defaults every architecture shares (``--arch deq_transformer_lm`` included): the paper's
+# solver set-up (Anderson forward, Broyden backward, relative stop test), one JR probe, and every
+# position its own solver sample, so that no solver decision at one position looks at the
+# positions after it and the model is exactly causal (the joint solve leaks ~1e-2 nats).
+_DEQ_DEFAULTS = dict(f_solver="anderson", b_solver="broyden", f_stop_mode="rel", b_stop_mode="rel",
+                     jac_probes=1, sample_dims=2)
+
+
 @dataclass
-class DEQTransformerLMConfig(DEQOptions):
+class DEQTransformerLMConfig(deq_options("DEQTransformerLMOptions", **_DEQ_DEFAULTS)):
     """Model options; the equilibrium layer's options come from :class:`DEQOptions`."""
 
     decoder_embed_dim: int = field(default=512, metadata={"help": "model dimension"})
@@ -87,9 +96,10 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
         model = cls(DEQTransformerDecoder(cfg, task.target_dictionary, embed_tokens, deq_config))
         return name_deq_layers(model)  # "decoder.deq" in its random draws
 
-    def reset_memory(self, training: Optional[bool] = None) -> None:
-        """Forget the segment memory (all streams, or those of training/eval mode)."""
-        self.decoder.reset_memory(training)
+    def reset_memory(self, training: Optional[bool] = None, keep_epoch: Optional[int] = None) -> None:
+        """Forget the segment memory: all streams, or those of training/eval mode; with
+        ``keep_epoch``, the training streams written in that epoch stay (a resumed run)."""
+        self.decoder.reset_memory(training, keep_epoch)
 
 
 def _adaptive_input(cfg: Any, vocab_size: int, pad: int) -> AdaptiveInput:
@@ -109,8 +119,13 @@ def _adaptive_input(cfg: Any, vocab_size: int, pad: int) -> AdaptiveInput:
     return embed
 
 
-def _check_model_options(cfg: Any, vocab_size: int) -> None:
-    """Reject option combinations that would fail later or silently do something else."""
+def _check_model_options(cfg: Any, vocab_size: Optional[int] = None) -> None:
+    """Reject option combinations that would fail later or silently do something else.
+
+    Run while arguments are parsed (``vocab_size`` unknown: the cutoffs are checked against it
+    when the model is built) and again when the model is built.
+    """
+    cfg = _WithDefaults(cfg)
     dim, heads = cfg.decoder_embed_dim, cfg.decoder_attention_heads
     if dim % heads or dim % 2:
         raise ValueError(f"--decoder-embed-dim ({dim}) must be even and divisible by "
@@ -122,9 +137,16 @@ def _check_model_options(cfg: Any, vocab_size: int) -> None:
         if value is None:
             continue
         cut = utils.eval_str_list(value, type=int)
-        if not cut or any(b <= a for a, b in zip(cut, cut[1:])) or cut[0] <= 0 or cut[-1] >= vocab_size:
+        top = vocab_size if vocab_size is not None else float("inf")
+        if not cut or any(b <= a for a, b in zip(cut, cut[1:])) or cut[0] <= 0 or cut[-1] >= top:
             raise ValueError(f"{flag} must be increasing cutoffs between 0 and the vocabulary size "
-                             f"({vocab_size}), got {value!r}")
+                             f"({vocab_size or 'of the dictionary'}), got {value!r}")
+        factor_flag = flag.replace("-cutoff", "-factor")
+        factor = cfg.adaptive_input_factor if "input" in flag else cfg.adaptive_softmax_factor
+        if int(dim // factor ** len(cut)) < 1:
+            raise ValueError(f"{flag} {value!r} with {factor_flag} {factor} gives the last of its {len(cut) + 1} "
+                             f"bands width {dim} // {factor}**{len(cut)} = 0 at --decoder-embed-dim {dim}: use "
+                             "fewer cutoffs or a smaller factor")
     if cfg.adaptive_input and cfg.adaptive_input_cutoff is None:
         raise ValueError("--adaptive-input needs --adaptive-input-cutoff")
     if cfg.tie_adaptive_weights:
@@ -140,6 +162,30 @@ def _check_model_options(cfg: Any, vocab_size: int) -> None:
     if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
         raise ValueError("--share-decoder-input-output-embed ties a plain embedding to a plain softmax; "
                          "with adaptive input/softmax use --tie-adaptive-weights")
+    deq = deq_config_from(cfg.values)
+    limit = deq.f_max_iter - deq.f_max_iter_jitter
+    if limit < 2:
+        raise ValueError(f"--f-max-iter {deq.f_max_iter} with --f-max-iter-jitter {deq.f_max_iter_jitter} lets a "
+                         f"training step solve with {limit} evaluation of f, which is not an equilibrium solve: use "
+                         "--f-max-iter >= --f-max-iter-jitter + 2")
+    criterion = safe_getattr(cfg.values, "criterion", None)
+    if criterion == "cross_entropy_jr" and cfg.adaptive_softmax_cutoff:
+        raise ValueError("--criterion cross_entropy_jr needs a plain softmax; with --adaptive-softmax-cutoff use "
+                         "--criterion adaptive_loss_jr")
+
+
+class _WithDefaults:
+    """A model config read with the dataclass defaults for the options it does not hold yet (an
+    architecture function sees only the flags given so far)."""
+
+    def __init__(self, values: Any) -> None:
+        self.values = values
+
+    def __getattr__(self, name: str) -> Any:
+        return safe_getattr(self.values, name, _MODEL_DEFAULTS.get(name))
+
+
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DEQTransformerLMConfig)}
 
 
 # -- architectures -------------------------------------------------------------------------------
@@ -157,13 +203,10 @@ def _base_architecture(args: Any) -> None:
     args.tie_adaptive_weights = safe_getattr(args, "tie_adaptive_weights", False)
     args.tie_adaptive_proj = safe_getattr(args, "tie_adaptive_proj", False)
     args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", False)
-    # The paper's solver set-up: Anderson forward, Broyden backward, relative stop test.
-    args.f_solver = safe_getattr(args, "f_solver", "anderson")
-    args.b_solver = safe_getattr(args, "b_solver", "broyden")
-    args.f_stop_mode = safe_getattr(args, "f_stop_mode", "rel")
-    args.b_stop_mode = safe_getattr(args, "b_stop_mode", "rel")
-    args.jac_probes = safe_getattr(args, "jac_probes", 1)
+    for name, value in _DEQ_DEFAULTS.items():
+        setattr(args, name, safe_getattr(args, name, value))
     deq_config_from(args)  # fail at argument parsing, before any data is loaded
+    _check_model_options(args)  # fail at argument parsing, before any data is loaded
 
 
 @register_model_architecture("deq_transformer_lm", "deq_transformer_lm_wt103")

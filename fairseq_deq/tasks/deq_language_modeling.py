@@ -5,12 +5,17 @@ the model's memory of the previous segment carries over between updates and duri
 and ``fairseq-eval-lm``. The memory is reset at the start of every epoch and every validation.
 """
 import logging
+import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, List, Optional
+
+from torch import nn
 
 from fairseq.data import iterators
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+
+from deq_core import DEQLayer, DEQStatsMeter
 
 from ..data import StreamCollater, segments_per_column, stream_batches
 from ..precision import PrecisionFlags, check_precision_flags
@@ -39,9 +44,11 @@ class DEQLanguageModelingTask(LanguageModelingTask):
         if targets not in (None, ["future"]):
             raise ValueError(f"--task deq_language_modeling predicts the next token only, got targets {targets}")
         super().__init__(args, dictionary, output_dictionary, targets)
+        self._models: List["weakref.ref[nn.Module]"] = []
 
     def build_model(self, cfg: Any, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
+        self._models.append(weakref.ref(model))  # for the solver summary of eval_lm_dataloader
         if not getattr(model, "supports_segment_memory", False):
             raise ValueError(f"--task deq_language_modeling feeds a segment memory, which "
                              f"{type(model).__name__} does not have: use --arch deq_transformer_lm* "
@@ -54,7 +61,19 @@ class DEQLanguageModelingTask(LanguageModelingTask):
                            shard_id: int = 0, num_workers: int = 0, epoch: int = 1, data_buffer_size: int = 0,
                            disable_iterator_cache: bool = False, skip_remainder_batch: bool = False,
                            grouped_shuffling: bool = False, update_epoch_batch_itr: bool = False):
-        """An unshuffled iterator whose row ``b`` continues the same text from batch to batch."""
+        """For the task's own splits (training, validation, ``fairseq-eval-lm``), an unshuffled
+        iterator whose row ``b`` continues the same text from batch to batch, with segment memory.
+        Any other dataset (hub ``score()``/``sample()``, ``fairseq-interactive``: built by
+        ``build_dataset_for_inference``) is batched as fairseq's language modeling task does, every
+        input on its own, with no memory: unrelated sentences never share context."""
+        if not any(ds is dataset for ds in self.datasets.values()):
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+                ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=required_batch_size_multiple,
+                seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
+                skip_remainder_batch=skip_remainder_batch, grouped_shuffling=grouped_shuffling,
+                update_epoch_batch_itr=update_epoch_batch_itr)
         if not disable_iterator_cache and dataset in self.dataset_to_epoch_iter:
             return self.dataset_to_epoch_iter[dataset]
         streams = self._streams(max_tokens, max_sentences)
@@ -92,16 +111,49 @@ class DEQLanguageModelingTask(LanguageModelingTask):
             raise ValueError("--context-window does not apply to --task deq_language_modeling: the segment "
                              "memory (--mem-len) gives every segment its left context; drop --context-window "
                              "or use --task language_modeling")
-        return self.get_batch_iterator(
+        batches = self.get_batch_iterator(
             dataset=dataset, max_tokens=max_tokens, max_sentences=batch_size, num_shards=num_shards,
             shard_id=shard_id, num_workers=num_workers, data_buffer_size=data_buffer_size,
         ).next_epoch_itr(shuffle=False)
+        layers = [m for ref in self._models if ref() is not None for m in ref().modules() if isinstance(m, DEQLayer)]
+        return _SolverSummary(batches, layers)
 
     def begin_epoch(self, epoch: int, model) -> None:
-        """A new pass over the training streams: forget all memory; tell the model the epoch."""
-        model.reset_memory()
+        """A new pass over the training streams: forget the memory of earlier epochs (a run
+        resumed mid-epoch keeps the memory its checkpoint restored); tell the model the epoch."""
+        model.reset_memory(keep_epoch=epoch)
         model.set_epoch(epoch)
 
     def begin_valid_epoch(self, epoch: int, model) -> None:
         """Validation starts its streams from scratch; the training streams' memory is kept."""
         model.reset_memory(training=False)
+
+
+class _SolverSummary:
+    """Batches of ``fairseq-eval-lm`` that, once exhausted, log the equilibrium layers' mean
+    forward solver steps and residuals over the evaluation (beside the perplexity eval-lm logs)."""
+
+    def __init__(self, batches: Any, layers: List[DEQLayer]) -> None:
+        self.batches, self.layers = batches, layers
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def n(self) -> int:
+        return getattr(self.batches, "n", 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        meter = DEQStatsMeter()
+        for batch in self.batches:
+            seen = [layer.stats for layer in self.layers]
+            yield batch
+            for layer, before in zip(self.layers, seen):
+                if layer.stats is not None and layer.stats is not before:
+                    meter.update(layer.stats)
+        summary = meter.summary()
+        if summary:
+            logger.info("DEQ forward solve over the evaluation: {:.2f} steps per position, abs. residual {:.3g}, "
+                        "rel. residual {:.3g}, stalled {:.3f}, diverged {:.3f}".format(
+                            summary["f_steps"], summary["f_abs_res"], summary["f_rel_res"],
+                            summary["f_stalled"], summary["f_diverged"]))
