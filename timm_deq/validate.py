@@ -5,109 +5,180 @@
 
 For each limit the forward solver is hard-stopped after that many iterations (it may stop earlier
 at the tolerance); the table of accuracy against limit is the paper's hard-stop experiment.
-Flags follow timm's ``validate.py`` names where timm has them.
+Flags follow timm's ``validate.py`` names where timm has them (``--amp-dtype``, ``--model-dtype``,
+``--channels-last``, ``--no-prefetcher`` parsed as in ``timm_deq.train``); ``-c/--config`` reads
+flag defaults from YAML, and arguments the run cannot use stop it with an argparse error naming
+the flag.
 """
 import argparse
 import csv
 import logging
 import os
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional
 
 import torch
 
-from timm.data import create_dataset, create_loader, resolve_data_config
-from timm.models import create_model, load_checkpoint
+from timm.data import create_loader, resolve_data_config
 from timm import utils
 
 from deq_core import DEQConfig, add_deq_args
 
+from . import _cli
 from .engine import evaluate
 from .task import deq_layers
 
 _logger = logging.getLogger('validate')
 
-__all__ = ['build_parser', 'main']
+__all__ = ['build_parser', 'setup', 'evaluate_limits', 'main', 'Validation']
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Evaluate a deep equilibrium model at several solver limits')
+    """The command line of :func:`setup`: timm's ``validate.py`` flags that apply to these models,
+    the ``DEQConfig`` flags, ``--eval-max-iter`` (the limits to evaluate at) and ``-c/--config``.
+
+    Returns:
+        the parser (a :class:`timm_deq._cli.Parser`).
+    """
+    parser = _cli.Parser(
+        description='Evaluate a deep equilibrium model at several solver limits',
+        epilog='DEQ flags left unset keep the --model variant\'s own values (e.g. --f-max-iter is 30 in\n'
+               'DEQConfig, 14 in mdeq_small); "--model NAME --help" shows NAME\'s values.')
     parser.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional)')
     parser.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
-    parser.add_argument('--dataset', metavar='NAME', default='')
-    parser.add_argument('--split', metavar='NAME', default='validation')
-    parser.add_argument('--class-map', default='', type=str, metavar='FILENAME')
-    parser.add_argument('--input-img-mode', default=None, type=str)
-    parser.add_argument('--model', '-m', metavar='NAME', default='mdeq_tiny_cifar')
-    parser.add_argument('--checkpoint', default='', type=str, metavar='PATH')
+    parser.add_argument('--dataset', metavar='NAME', default='',
+                        help='dataset type + name ("<type>/<name>"); empty: ImageFolder/ImageTar')
+    parser.add_argument('--split', metavar='NAME', default='validation', help='dataset split to evaluate')
+    parser.add_argument('--class-map', default='', type=str, metavar='FILENAME',
+                        help='path to a class to index mapping file')
+    parser.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode')
+    parser.add_argument('--model', '-m', metavar='NAME', default='mdeq_tiny_cifar', help='name of the model')
+    parser.add_argument('--pretrained', action='store_true', default=False,
+                        help='use the pretrained weights of the model (if published)')
+    parser.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='weights to evaluate')
     parser.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights if present')
-    parser.add_argument('--num-classes', type=int, default=None)
-    parser.add_argument('--gp', default=None, type=str, metavar='POOL')
-    parser.add_argument('--img-size', default=None, type=int, metavar='N')
-    parser.add_argument('--in-chans', type=int, default=None, metavar='N')
-    parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N')
-    parser.add_argument('--crop-pct', default=None, type=float, metavar='N')
-    parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
-    parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
-    parser.add_argument('--interpolation', default='', type=str, metavar='NAME')
-    parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N')
-    parser.add_argument('-j', '--workers', default=4, type=int, metavar='N')
-    parser.add_argument('--log-freq', default=10, type=int, metavar='N')
-    parser.add_argument('--amp', action='store_true', default=False)
-    parser.add_argument('--amp-dtype', default='float16', type=str)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str)
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+    _cli.add_model_input_args(parser)
+    parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size')
+    parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data loader worker processes')
+    parser.add_argument('--log-freq', default=10, type=int, metavar='N', help='batches between log lines')
+    _cli.add_precision_args(parser)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs, metavar='KEY=VALUE',
+                        help='extra keyword arguments of the model (not options that have a flag)')
     parser.add_argument('--eval-max-iter', dest='eval_limits', type=int, nargs='+', default=None, metavar='N',
-                        help='forward solver limits to evaluate at (default: the model\'s eval limit)')
+                        help='forward solver limits to evaluate at (None: the model\'s eval limit)')
     parser.add_argument('--results-file', default='', type=str, metavar='FILENAME',
                         help='write one CSV row per limit here')
     add_deq_args(parser, suppress_defaults=True, exclude=('eval_max_iter',))
+    _cli.note_deq_defaults(parser)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
-    """Evaluate; returns one metrics dict per forward limit (``f_limit`` names the limit)."""
-    args = build_parser().parse_args(argv)
-    args.data_dir = args.data_dir or args.data
-    if not args.data_dir:
-        raise SystemExit('error: a dataset directory is required (positional DIR or --data-dir)')
+@dataclass
+class Validation:
+    """What an evaluation needs, built from the arguments."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: torch.nn.Module
+    loader: object
+    amp_autocast: object
+    limits: List[int]
+
+
+def setup(argv: Optional[List[str]] = None) -> Validation:
+    """Parse arguments; build the model (with its checkpoint), the loader and the limits.
+
+    Args:
+        argv: the command line without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        the evaluation, ready for :func:`evaluate_limits`.
+
+    Raises:
+        SystemExit: argparse's errors (exit status 2), including a missing data folder.
+        timm_deq._cli.UsageError: a value the run cannot use (a ``ValueError`` naming the flag);
+            :func:`main` reports it as an argparse error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _cli.check_data_dir(parser, args)
     if args.eval_limits and min(args.eval_limits) < 1:
-        raise SystemExit(f'error: --eval-max-iter values must be >= 1, got {args.eval_limits}')
+        parser.error(f'argument --eval-max-iter: values must be >= 1, got {args.eval_limits}')
+    amp_dtype, model_dtype = _cli.resolve_dtypes(args)
     device = torch.device(args.device)
     amp_autocast = nullcontext
-    if args.amp:
-        dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=dtype)
+    if amp_dtype is not None:
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
 
-    deq_overrides = {k: getattr(args, k) for k in DEQConfig.field_names() if hasattr(args, k)}
-    factory_kwargs = {} if args.in_chans is None else {'in_chans': args.in_chans}
-    model = create_model(args.model, num_classes=args.num_classes, global_pool=args.gp,
-                         **factory_kwargs, **deq_overrides, **args.model_kwargs)
+    flagged = {'num_classes': ('--num-classes', args.num_classes), 'global_pool': ('--gp', args.gp)}
+    flagged.update({k: ('--' + k.replace('_', '-'), getattr(args, k)) for k in DEQConfig.field_names()
+                    if hasattr(args, k)})
+    if args.in_chans is not None:
+        flagged['in_chans'] = ('--in-chans', args.in_chans)
+    model = _cli.create_model_from_flags(args, flagged, _cli.deq_flag_names(parser))
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
-    model.to(device).eval()
+        _cli.load_weights(model, args.checkpoint, '--checkpoint', use_ema=args.use_ema)
     layers = deq_layers(model)
     if not layers:
-        raise SystemExit(f'error: model {args.model} has no deep equilibrium layer')
+        raise _cli.UsageError(f'argument --model: {args.model} has no deep equilibrium layer to evaluate at '
+                              'several limits')
+    _cli.prepare_model(model, device, model_dtype, args.channels_last).eval()
     data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
-                             input_img_mode=args.input_img_mode)
+    dataset = _cli.create_dataset_from_flags(args, args.split, '--split', class_map=args.class_map,
+                                             input_img_mode=args.input_img_mode)
+    prefetch = not args.no_prefetcher
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, crop_pct=data_config['crop_pct'], device=device,
-        use_prefetcher=device.type == 'cuda')
-
+        num_workers=args.workers, crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device,
+        use_prefetcher=prefetch, img_dtype=model_dtype or torch.float32)
+    loader = _cli.wrap_loader(loader, model_dtype, args.channels_last, prefetch)
     limits = args.eval_limits or [layers[0].config.eval_max_iter or layers[0].config.f_max_iter]
+    return Validation(args=args, device=device, model=model, loader=loader, amp_autocast=amp_autocast,
+                      limits=limits)
+
+
+def evaluate_limits(run: Validation) -> List[Dict[str, float]]:
+    """Evaluate at each forward limit of ``run.limits``.
+
+    Args:
+        run: from :func:`setup`.
+
+    Returns:
+        one metrics dict per limit (``f_limit`` names the limit).
+    """
     results = []
-    for limit in limits:
+    for limit in run.limits:
         with ExitStack() as stack:
-            for layer in layers:
+            for layer in deq_layers(run.model):
                 stack.enter_context(layer.overridden(eval_max_iter=limit))
-            metrics = evaluate(model, loader, device, amp_autocast, log_interval=args.log_freq,
+            metrics = evaluate(run.model, run.loader, run.device, run.amp_autocast, log_interval=run.args.log_freq,
                                log_suffix=f' (limit {limit})')
         results.append(dict(f_limit=float(limit), **metrics))
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
+    """The command line: evaluate at each limit, log the table and write ``--results-file``.
+
+    Args:
+        argv: the command line without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        one metrics dict per forward limit (``f_limit`` names the limit).
+
+    Raises:
+        SystemExit: status 2 with a usage line and a message naming the flag, for any argument
+            the run cannot use; status 0 after ``--help``.
+    """
+    try:
+        run = setup(argv)
+    except _cli.UsageError as err:
+        build_parser().error(str(err))
+    args = run.args
+    results = evaluate_limits(run)
 
     _logger.info('| forward limit | top-1 | top-5 | loss | mean forward steps | mean rel. residual |')
     _logger.info('|---|---|---|---|---|---|')
@@ -123,10 +194,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
     return results
 
 
-def cli() -> None:
-    """Console entry point: timm's logging set-up, then :func:`main` on ``sys.argv``."""
+def cli(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: timm's logging set-up, then :func:`main`.
+
+    Args:
+        argv: the command line without the program name (None: ``sys.argv[1:]``).
+    """
     utils.setup_default_logging()
-    main()
+    main(argv)
 
 
 if __name__ == '__main__':
