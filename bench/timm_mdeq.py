@@ -48,7 +48,10 @@ def measure(names: Sequence[str], device: torch.device, batch: int, img_size: in
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     models, optims = {}, {}
     for name in names:
-        kwargs = {} if jac_freq is None or not name.startswith('mdeq') else {'jac_freq': jac_freq}
+        # The solver phase (pretrain_steps=0): the paper variants' schedule starts with an unrolled stack.
+        kwargs = {'pretrain_steps': 0} if name.startswith('mdeq') else {}
+        if jac_freq is not None and name.startswith('mdeq'):
+            kwargs['jac_freq'] = jac_freq
         models[name] = timm.create_model(name, **kwargs).to(device).train()
         optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3, momentum=0.9)
     y = torch.randint(0, min(m.num_classes for m in models.values()), (batch,), device=device)

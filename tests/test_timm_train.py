@@ -127,3 +127,6 @@ def test_example_recipes_parse_and_build_valid_configs():
         model_cfg = timm.models.get_pretrained_cfg(args.model)
         assert model_cfg is not None, path
         DEQConfig.from_dict(overrides)  # every DEQ value in the recipe is valid
+        # The recipes rely on the variants' defaults for the paper's schedule.
+        cfg = timm.create_model(args.model, device="meta", **overrides).deq.config
+        assert cfg.pretrain_steps > 0 and cfg.f_max_iter_jitter == 2 and cfg.jac_weight > 0, path

@@ -12,7 +12,7 @@ from timm.models import save_for_hf  # noqa: E402
 from timm.utils import CheckpointSaver  # noqa: E402
 from timm_deq.models.mdeq import checkpoint_filter_fn  # noqa: E402
 
-FAST = dict(f_max_iter=2, b_max_iter=2)
+FAST = dict(f_max_iter=2, b_max_iter=2, f_max_iter_jitter=0, pretrain_steps=0)
 # The original MDEQ-Vision reference data: outputs of the authors' code, shipped with the tests.
 REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "mdeq_reference"  # see its README
 
@@ -164,6 +164,9 @@ def test_original_checkpoint_reproduces_the_original_model(reference, tmp_path, 
     assert _max_diff(injection, reference["injection"]) < 1e-5
     assert _max_diff(f_z, reference["f_z"]) < 1e-5
     assert _max_diff(logits, reference["logits"]) < 1e-5
+    # A released checkpoint is a trained model: it solves for the equilibrium, not the unrolled
+    # pretraining stack, although mdeq_small's schedule starts with 510000 pretraining steps.
+    assert model.deq.config.pretrain_steps == 510000 and not model.deq.pretraining
 
 
 def test_original_checkpoint_refuses_the_timm_layout(reference):

@@ -4,6 +4,7 @@
 # Broyden forward/backward limited to 14 steps (reduced by a random 0-2 each step), absolute residual.
 # The first 510k steps train a 5-layer weight-tied unrolled stack (JR weight 0.03); then the solver
 # runs, with JR weight 2.5 at frequency 0.08, growing by 0.1 every 50k steps.
+# The DEQ settings above are the model variant's defaults (timm_deq/models/mdeq.py): no flags needed.
 # DATA is an ImageFolder root with train/ and validation/ (or val/) subfolders.
 set -euo pipefail
 DATA=${1:?usage: $0 /path/to/imagenet [extra timm_deq.train flags]}
@@ -11,7 +12,4 @@ shift
 torchrun --nproc_per_node "${NPROC:-4}" -m timm_deq.train "$DATA" \
   --model mdeq_small -b 32 --opt sgd --momentum 0.9 --lr 0.04 --sched cosine --epochs 100 \
   --warmup-epochs 0 --weight-decay 2e-5 --smoothing 0.0 --amp --amp-dtype bfloat16 -j 12 \
-  --f-max-iter 14 --f-max-iter-jitter 2 --b-max-iter 14 \
-  --pretrain-steps 510000 --unrolled-layers 5 --pretrain-jac-weight 0.03 \
-  --jac-weight 2.5 --jac-freq 0.08 --jac-weight-increment 0.1 --jac-increment-every 50000 \
   --output output/imagenet --experiment mdeq_small_jr "$@"

@@ -154,7 +154,10 @@ def convert_original_state_dict(state_dict: Dict[str, Any], model: nn.Module) ->
 
     for key in own:
         if key.endswith('schedule_state') and key not in out:
-            out[key] = own[key].clone()
+            # A released checkpoint is a trained model: past the unrolled pretraining phase
+            # (step count, epoch unknown), read from the layer's Python copy, not the buffer.
+            layer = model.deq
+            out[key] = own[key].new_tensor([max(layer.num_updates, layer.config.pretrain_steps), -1])
     head = ('fc.',)  # timm adapts or drops the classifier after this filter
     extra = [origin[k] for k in out if k not in own and not k.startswith(head)]
     missing = [k for k in own if k not in out and not k.startswith(head)]
