@@ -2,6 +2,7 @@
 
     python -m bench.fairseq_lm [--device cuda] [--sizes tiny wt103] [--steps 20] [--dtype float16]
     python -m bench.fairseq_lm --solve-modes     # the causal solve against the joint one
+    python -m bench.fairseq_lm --generation      # incremental decoding against full recompute
 
 Both models train (forward, backward, Adam step) on the same random batches of the same tokens per
 batch, timed step by step alternately in one run; the ratios are what to read. The DEQ model
@@ -313,6 +314,37 @@ def solve_modes(size: str, device: torch.device, steps: int) -> List[str]:
     return out
 
 
+def generation(size: str, device: torch.device, prefixes: Tuple[int, ...] = (150, 600), tokens: int = 8) -> List[str]:
+    """Milliseconds per generated token after a prefix: incremental decoding (the new position
+    solved against the cached fixed points) against recomputing the whole sequence every step."""
+    _, vocab, seg, _, _, _ = SIZES[size]
+    torch.manual_seed(0)
+    _, _, model = build_deq(size, ["--task", "language_modeling", "--tokens-per-sample", str(seg), "--cpu"])
+    model = model.to(device).eval()
+    out = []
+    for prefix in prefixes:
+        seq = torch.randint(4, vocab, (1, prefix + tokens), generator=torch.Generator().manual_seed(prefix)).to(device)
+        timings = {}
+        with torch.no_grad():
+            state: Dict = {}
+            model(seq[:, :prefix], incremental_state=state)   # the prefix, cached
+            sync(device)
+            t0 = time.perf_counter()
+            for t in range(prefix, prefix + tokens):
+                model(seq[:, : t + 1], incremental_state=state)
+            sync(device)
+            timings["incremental"] = (time.perf_counter() - t0) / tokens
+            t0 = time.perf_counter()
+            for t in range(prefix, prefix + tokens):
+                model(seq[:, : t + 1])
+            sync(device)
+            timings["full recompute"] = (time.perf_counter() - t0) / tokens
+        out.append(f"| generation after a {prefix}-token prefix, {size} | incremental "
+                   f"{timings['incremental'] * 1e3:.1f} ms/token, full recompute {timings['full recompute'] * 1e3:.1f} "
+                   f"ms/token ({timings['full recompute'] / timings['incremental']:.1f}x) |")
+    return out
+
+
 def main(argv=None) -> None:
     parser = add_device_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None,
@@ -322,6 +354,8 @@ def main(argv=None) -> None:
                         help="precision of the whole model (float16 is what fairseq's --fp16 does)")
     parser.add_argument("--solve-modes", action="store_true",
                         help="instead: the causal solve against the joint one (training cost, leak)")
+    parser.add_argument("--generation", action="store_true",
+                        help="instead: ms per generated token, incremental against full recompute")
     args = parser.parse_args(argv)
     device = device_from(args)
     sizes = args.sizes or (["tiny", "wt103"] if device.type == "cuda" else ["tiny"])
@@ -329,9 +363,9 @@ def main(argv=None) -> None:
     print(f"{describe(device)}, {args.dtype}, {args.steps} timed updates per model")
     print("| measurement | result |")
     print("|---|---|")
-    if args.solve_modes:
+    if args.solve_modes or args.generation:
         for size in sizes:
-            for row in solve_modes(size, device, args.steps):
+            for row in (solve_modes(size, device, args.steps) if args.solve_modes else generation(size, device)):
                 print(row, flush=True)
         return
     for size in sizes:

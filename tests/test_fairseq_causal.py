@@ -56,3 +56,27 @@ def test_the_joint_solve_leaks_and_that_is_why_it_is_not_the_default(dict_dir):
     model.eval()
     tokens = torch.randint(4, VOCAB + 4, (2, LENGTH), generator=torch.Generator().manual_seed(3))
     assert _max_leak(model, tokens, range(8, LENGTH, 8)) > 1e-5
+
+
+def test_incremental_decoding_equals_full_sequence_scoring_and_reorders_for_beams(dict_dir):
+    _, _, model = build(dict_dir, *TINY, "--eval-tol", "1e-10", "--eval-max-iter", "200")
+    model = model.double().eval()
+    tokens = torch.randint(4, VOCAB + 4, (3, 24), generator=torch.Generator().manual_seed(5))
+    full = _log_probs(model, tokens)
+    state = {}
+    steps = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            logits, extra = model(tokens[:, : t + 1], incremental_state=state)
+            assert logits.shape[1] == 1 and extra["deq_stats"].f_steps.numel() == 3  # one new position
+            steps.append(torch.log_softmax(logits.double(), dim=-1)[:, 0])
+    incremental = torch.stack(steps, dim=1)
+    assert float((incremental - full).abs().max()) < 1e-6
+    # Beam search reorders the hypotheses: the cached fixed points follow.
+    order = torch.tensor([2, 0, 0])
+    model.decoder.reorder_incremental_state_scripting(state, order)
+    longer = torch.cat([tokens[order], tokens[order, -1:]], dim=1)
+    with torch.no_grad():
+        logits, _ = model(longer, incremental_state=state)
+    reference = _log_probs(model, longer)[:, -1]
+    assert float((torch.log_softmax(logits.double(), dim=-1)[:, 0] - reference).abs().max()) < 1e-6

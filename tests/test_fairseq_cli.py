@@ -188,6 +188,9 @@ def test_hub_interface_loads_the_checkpoint_and_samples_text(trained, data_bin):
     words = text.split()
     assert words[:2] == ["w1", "w2"] and len(words) > 4
     assert all(re.fullmatch(r"w\d+", w) for w in words)
+    # Incremental beam search, three times as many tokens as the training segment (16).
+    long = lm.sample("w1 w2", beam=4, min_len=48, max_len_b=48).split()
+    assert len(long) == 48 and long[:2] == ["w1", "w2"] and all(re.fullmatch(r"w\d+", w) for w in long)
     scores = lm.score("w1 w2 w1 w2")["positional_scores"]
     assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
     # Scoring never mixes inputs: a sentence scores the same alone and inside a list of 20.

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from fairseq import utils
-from fairseq.models import FairseqDecoder
+from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import AdaptiveSoftmax, FairseqDropout
 from torch import nn
 
@@ -18,7 +18,7 @@ from ..modules import DEQTransformerCell, SegmentMemory, relative_positions
 __all__ = ["DEQTransformerDecoder"]
 
 
-class DEQTransformerDecoder(FairseqDecoder):
+class DEQTransformerDecoder(FairseqIncrementalDecoder):
     """Decoder whose hidden states are the fixed point of :class:`DEQTransformerCell`.
 
     ``forward(tokens, mem_key=None, mem_segment=None)``: when a streaming task passes the stream
@@ -26,6 +26,12 @@ class DEQTransformerDecoder(FairseqDecoder):
     stream and the memory is updated (detached). The second output holds ``deq_stats`` (the
     layer's :class:`~deq_core.DEQStats`) and ``deq_backward``, its ``backward_summary()`` (ran,
     steps, abs and rel residual of the implicit backward solve), filled in by ``backward()``.
+
+    Incremental decoding (``incremental_state``, as fairseq's generators pass it): the state
+    holds the attention inputs of the positions decoded so far, at their fixed points, and each
+    new token solves only for its own position while attending to them, as a segment attends to
+    its memory. A new token attends to at most ``mem_len + tokens_per_sample - 1`` earlier
+    positions, the most any position attends to in training.
     """
 
     def __init__(self, cfg: Any, dictionary, embed_tokens: nn.Module, deq_config: DEQConfig) -> None:
@@ -49,6 +55,7 @@ class DEQTransformerDecoder(FairseqDecoder):
         self.layer_norm = nn.LayerNorm(dim)
         self.memory = SegmentMemory(cfg.mem_len)
         self.max_target_positions = cfg.max_target_positions
+        self.context = cfg.mem_len + cfg.tokens_per_sample - 1  # positions a new token attends to
         self._needs_epoch = deq_config.jac_stop_epoch is not None
         self._epoch: Optional[int] = None
         self.output_projection: Optional[nn.Module] = None
@@ -95,16 +102,41 @@ class DEQTransformerDecoder(FairseqDecoder):
         self.memory.reset(training, keep_epoch)
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, prev_output_tokens: torch.Tensor, src_lengths: Optional[torch.Tensor] = None,
-                mem_key: Optional[str] = None, mem_segment: Optional[int] = None,
-                features_only: bool = False, **unused: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        x, extra = self.extract_features(prev_output_tokens, mem_key=mem_key, mem_segment=mem_segment)
+    def forward(self, prev_output_tokens: torch.Tensor, encoder_out: Any = None,
+                incremental_state: Optional[Dict[str, Dict[str, Optional[torch.Tensor]]]] = None,
+                src_lengths: Optional[torch.Tensor] = None, mem_key: Optional[str] = None,
+                mem_segment: Optional[int] = None, features_only: bool = False,
+                **unused: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Logits (or features) of ``prev_output_tokens``; see the class docstring for the memory
+        and incremental arguments. Returns ``(x, extra)`` as fairseq decoders do."""
+        x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state,
+                                         mem_key=mem_key, mem_segment=mem_segment)
         if not features_only:
             x = self.output_layer(x)
         return x, extra
 
-    def extract_features(self, prev_output_tokens: torch.Tensor, mem_key: Optional[str] = None,
-                         mem_segment: Optional[int] = None, **unused: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    def reorder_incremental_state(self, incremental_state: Dict[str, Dict[str, Optional[torch.Tensor]]],
+                                  new_order: torch.Tensor) -> None:
+        """Follow beam search's reordering of the hypotheses (rows of the cached states)."""
+        cached = self.get_incremental_state(incremental_state, "past")
+        if cached is not None and cached.get("states") is not None:
+            cached["states"] = cached["states"].index_select(0, new_order)
+            self.set_incremental_state(incremental_state, "past", cached)
+
+    def extract_features(self, prev_output_tokens: torch.Tensor,
+                         incremental_state: Optional[Dict[str, Dict[str, Optional[torch.Tensor]]]] = None,
+                         mem_key: Optional[str] = None, mem_segment: Optional[int] = None,
+                         **unused: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """The final-LayerNorm'ed fixed point of every (new) position, and the statistics."""
+        past: Optional[torch.Tensor] = None
+        if incremental_state is not None:
+            if mem_key is not None:
+                raise ValueError("incremental decoding attends to the decoded positions, not to a stream's "
+                                 "segment memory: pass incremental_state or mem_key, not both")
+            cached = self.get_incremental_state(incremental_state, "past")
+            past = None if cached is None else cached.get("states")
+            if past is not None:
+                prev_output_tokens = prev_output_tokens[:, -1:]
         if self.training and self._needs_epoch and self._epoch is None:
             raise ValueError("--jac-stop-epoch needs the epoch number, which fairseq's trainer only "
                              "passes to models through the task: train with --task deq_language_modeling "
@@ -112,16 +144,23 @@ class DEQTransformerDecoder(FairseqDecoder):
         x = self.dropout_module(self.embed_scale * self.embed_tokens(prev_output_tokens))
         u = self.injection(x)
         u_attn, u_ffn = u.chunk(2, dim=-1)
-        mem = None if mem_key is None else self.memory.read(mem_key, int(mem_segment), x)
+        if incremental_state is not None:
+            mem = None if past is None or self.context == 0 else past[:, -self.context:].to(x.dtype)
+        else:
+            mem = None if mem_key is None else self.memory.read(mem_key, int(mem_segment), x)
         klen = x.shape[1] + (0 if mem is None else mem.shape[1])
         pos = relative_positions(klen, self.embed_dim, x.device, x.dtype)
         # The state has the model's dtype (under autocast the ops choose their own precision);
         # the solvers keep their iterates in float32 whatever it is.
         z, stats = self.deq(u_attn, u_ffn, pos, z0=x.new_zeros(x.shape), mem=mem)
-        if mem_key is not None:
+        if mem_key is not None or incremental_state is not None:
             with torch.no_grad():
                 current = self.deq.f.attention_input(z.detach(), u_attn.detach())
-            self.memory.write(mem_key, int(mem_segment), mem, current, self.training, self._epoch)
+            if incremental_state is not None:
+                states = current if past is None else torch.cat([past, current], dim=1)
+                self.set_incremental_state(incremental_state, "past", {"states": states[:, -max(self.context, 1):]})
+            else:
+                self.memory.write(mem_key, int(mem_segment), mem, current, self.training, self._epoch)
         extra = {"attn": None, "deq_stats": stats, "deq_backward": stats.backward_summary()}
         return self.dropout_module(self.layer_norm(z)), extra
 

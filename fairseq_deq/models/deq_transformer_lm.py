@@ -84,7 +84,9 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
         deq_config = deq_config_from(cfg)
         _check_model_options(cfg, len(task.source_dictionary))
         if safe_getattr(cfg, "max_target_positions", None) is None:
-            cfg.max_target_positions = safe_getattr(cfg, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+            # Relative positions and incremental decoding have no inherent limit: generation and
+            # scoring are capped here (--max-target-positions), not at the training segment length.
+            cfg.max_target_positions = max(DEFAULT_MAX_TARGET_POSITIONS, safe_getattr(cfg, "tokens_per_sample", 0))
         dictionary = task.source_dictionary
         dim = cfg.decoder_embed_dim
         if cfg.adaptive_input:
