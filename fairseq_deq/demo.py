@@ -115,6 +115,7 @@ def _perplexity(output: str) -> float:
 
 
 def main(argv: Sequence[str] = ()) -> None:
+    """Run the demo from the command line (``argv``: the arguments without the program name)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="where to put data and checkpoints "
                         "(default: a new temporary directory)")

@@ -19,6 +19,7 @@ _logger = logging.getLogger('demo')
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    """Run the demo from the command line (``argv``: the arguments without the program name)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--output', default='output/demo', help='folder for data, checkpoints and logs')
     parser.add_argument('--epochs', type=int, default=5)

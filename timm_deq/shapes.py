@@ -115,6 +115,7 @@ def make_shapes(root: str, train_per_class: int = 300, val_per_class: int = 60, 
 
 
 def main() -> None:
+    """Run the shape generator from the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('root', help='output folder')
     parser.add_argument('--train-per-class', type=int, default=300)

@@ -37,6 +37,7 @@ class DEQClassificationTask(ClassificationTask):
     """
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, object]:
+        """The model's output, timm's criterion and the layers' JR terms (see the class docstring)."""
         output = self.trainable_module(input)
         task_loss = self.criterion(output, target)
         stats = [layer.stats for layer in deq_layers(self.trainable_module) if layer.stats is not None]

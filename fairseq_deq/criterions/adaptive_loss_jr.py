@@ -34,10 +34,12 @@ class AdaptiveLossJR(AdaptiveLoss):
 
     @classmethod
     def build_criterion(cls, cfg: AdaptiveLossJRConfig, task):
+        """fairseq's factory: the criterion for ``cfg`` and ``task``."""
         check_precision_flags(cfg)
         return super().build_criterion(cfg, task)
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
+        """fairseq's adaptive loss of ``sample`` plus the JR term; returns (loss, sample size, logging output)."""
         if not reduce:
             raise ValueError("adaptive_loss_jr computes the summed loss only (reduce=True)")
         adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
@@ -67,5 +69,6 @@ class AdaptiveLossJR(AdaptiveLoss):
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
+        """fairseq's metrics of the adaptive loss, then the solver and JR metrics."""
         AdaptiveLoss.reduce_metrics(logging_outputs)
         reduce_deq_metrics(logging_outputs)

@@ -27,10 +27,12 @@ class CrossEntropyJRCriterion(CrossEntropyCriterion):
 
     @classmethod
     def build_criterion(cls, cfg: CrossEntropyJRConfig, task):
+        """fairseq's factory: the criterion for ``cfg`` and ``task``."""
         check_precision_flags(cfg)
         return super().build_criterion(cfg, task)
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
+        """fairseq's cross entropy of ``sample`` plus the JR term; returns (loss, sample size, logging output)."""
         net_output = model(**sample["net_input"])
         loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -45,5 +47,6 @@ class CrossEntropyJRCriterion(CrossEntropyCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
+        """fairseq's cross-entropy metrics, then the solver and JR metrics."""
         CrossEntropyCriterion.reduce_metrics(logging_outputs)
         reduce_deq_metrics(logging_outputs)

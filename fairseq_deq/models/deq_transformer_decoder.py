@@ -82,6 +82,7 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         self._epoch = int(epoch)
 
     def max_positions(self) -> int:
+        """The longest input scored or generated (``--max-target-positions``)."""
         return self.max_target_positions
 
     def get_extra_state(self) -> Dict[str, Any]:
@@ -165,6 +166,7 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         return self.dropout_module(self.layer_norm(z)), extra
 
     def output_layer(self, features: torch.Tensor, **unused: Any) -> torch.Tensor:
+        """Logits of ``features`` (the features themselves with an adaptive softmax, which the criterion applies)."""
         if self.adaptive_softmax is not None:
             return features
         return self.output_projection(features)

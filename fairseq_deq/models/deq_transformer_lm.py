@@ -81,6 +81,7 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: DEQTransformerLMConfig, task) -> "DEQTransformerLanguageModel":
+        """fairseq's factory: the model for ``cfg`` on ``task``'s dictionary, options checked."""
         deq_config = deq_config_from(cfg)
         _check_model_options(cfg, len(task.source_dictionary))
         if safe_getattr(cfg, "max_target_positions", None) is None:

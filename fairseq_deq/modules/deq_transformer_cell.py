@@ -57,6 +57,7 @@ class DEQTransformerCell(nn.Module):
 
     def forward(self, z: torch.Tensor, u_attn: torch.Tensor, u_ffn: torch.Tensor, pos: torch.Tensor,
                 mem: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """f(z; u_attn, u_ffn, pos, mem): one weight-tied Transformer-XL layer on the state ``z``."""
         a = self.attention_input(z, u_attn)
         attn = self.attn_dropout(self.attn(a, pos, mem))
         if self.normalize_before:

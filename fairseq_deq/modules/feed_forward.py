@@ -19,4 +19,5 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = VariationalDropout.features1d(activation_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The position-wise feed-forward block on ``x``."""
         return self.fc2(self.dropout(torch.relu(self.fc1(x))))

@@ -65,6 +65,7 @@ class RelativeMultiheadAttention(nn.Module):
         self.dropout = VariationalDropout(attention_dropout)
 
     def forward(self, a: torch.Tensor, pos: torch.Tensor, mem: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal relative-position self-attention of ``x`` over ``[mem; x]``."""
         bsz, tlen, dim = a.shape
         kv_in = a if mem is None else torch.cat([mem.to(a.dtype), a], dim=1)
         klen = kv_in.shape[1]

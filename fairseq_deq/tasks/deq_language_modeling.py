@@ -47,6 +47,7 @@ class DEQLanguageModelingTask(LanguageModelingTask):
         self._models: List["weakref.ref[nn.Module]"] = []
 
     def build_model(self, cfg: Any, from_checkpoint: bool = False):
+        """fairseq's model factory; refuses models without segment memory."""
         model = super().build_model(cfg, from_checkpoint)
         self._models.append(weakref.ref(model))  # for the solver summary of eval_lm_dataloader
         if not getattr(model, "supports_segment_memory", False):
@@ -107,6 +108,7 @@ class DEQLanguageModelingTask(LanguageModelingTask):
     def eval_lm_dataloader(self, dataset, max_tokens: Optional[int] = 36000, batch_size: Optional[int] = None,
                            max_positions=None, num_shards: int = 1, shard_id: int = 0, num_workers: int = 1,
                            data_buffer_size: int = 10, context_window: int = 0):
+        """``fairseq-eval-lm``'s batches: the streamed split, with the solver summary logged at the end."""
         if context_window > 0:
             raise ValueError("--context-window does not apply to --task deq_language_modeling: the segment "
                              "memory (--mem-len) gives every segment its left context; drop --context-window "

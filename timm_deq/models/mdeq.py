@@ -59,6 +59,7 @@ class BranchBlock(nn.Module):
         self.gn3 = nn.GroupNorm(groups, chs, affine=True)
 
     def forward(self, z: torch.Tensor, injection: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block on one branch's state, with the injection added after its second conv (first branch)."""
         y = F.relu(self.gn1(self.conv1(z)))
         y = self.drop(self.conv2(y))
         if injection is not None:
@@ -141,6 +142,7 @@ class MultiscaleCell(nn.Module):
         return state
 
     def forward(self, z: List[torch.Tensor], x: torch.Tensor) -> List[torch.Tensor]:
+        """f(z, x): the branch blocks, the multi-resolution fusion and the post-fusion normalization."""
         ys = [block(zi, x if i == 0 else None) for i, (block, zi) in enumerate(zip(self.blocks, z))]
         out = []
         for j, row in enumerate(self.fuse):
@@ -184,6 +186,7 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual bottleneck on ``x``."""
         shortcut = x if self.downsample is None else self.downsample(x)
         y = F.relu(self.bn1(self.conv1(x)))
         y = F.relu(self.bn2(self.conv2(y)))
@@ -214,6 +217,7 @@ class Stem(nn.Module):
             self.proj = nn.Sequential(nn.Conv2d(width, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The injection: the two strided convs and, where present, the 1x1 projection."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return x if self.proj is None else self.proj(x)
@@ -384,6 +388,7 @@ class MDEQ(nn.Module):
         self.deq.set_num_updates(num_updates)
 
     def set_epoch(self, epoch: int) -> None:
+        """Epoch number for the equilibrium layer (drives ``jac_stop_epoch``)."""
         self.deq.set_epoch(epoch)
 
     # -- timm model interface -------------------------------------------------------------------
@@ -447,14 +452,17 @@ class MDEQ(nn.Module):
         return self.final(y)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's feature map, from the equilibrium states (or the last kept state after pruning)."""
         return self._merge(self._equilibrium(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooling, dropout and the classifier (only the pooled features with ``pre_logits``)."""
         x = self.global_pool(x)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the images ``x``."""
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
