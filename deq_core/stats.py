@@ -18,7 +18,9 @@ BACKWARD_SUMMARY = ("ran", "b_steps", "b_abs_res", "b_rel_res", "b_stalled", "b_
 
 @dataclass(eq=False)
 class DEQStats:
-    """Solver statistics of one pass; per-sample tensors have shape ``(B,)`` and stay on the device.
+    """Solver statistics of one pass; per-sample tensors stay on the device and have one entry per
+    solver sample: ``(B,)``, or ``(B * L,)`` for the forward fields with ``sample_dims=2`` (the
+    backward solve keeps one sample per batch element).
 
     ``jac_frobenius`` is the differentiable batch-mean estimate of ``||J_f(z*)||_F^2 / d`` when
     JR ran this step (else ``None``), ``jac_weight`` the JR weight it ran with, and
