@@ -206,19 +206,28 @@ def test_hub_interface_loads_the_checkpoint_and_samples_text(trained, data_bin):
     (("--criterion", "adaptive_loss_jr", "--adaptive-softmax-cutoff", "12,24"), "--ddp-backend=legacy_ddp"),
     (("--criterion", "cross_entropy_jr", "--f-max-iter", "0"),
      "f_max_iter must be >= 1, got 0 (command-line flag --f-max-iter)"),
-    (("--f-max-iter", "2", "--f-max-iter-jitter", "1"), "use --f-max-iter >= --f-max-iter-jitter + 2"),
     (("--mem-len", "-1"), "--mem-len must be >= 0, got -1"),
-    (("--adaptive-input", "--adaptive-input-cutoff", "5,10,15,20,25", "--criterion", "adaptive_loss_jr"),
-     "gives the last of its 6 bands width 64 // 4**5 = 0"),
-    (("--criterion", "cross_entropy_jr", "--adaptive-softmax-cutoff", "12,24"),
-     "--criterion cross_entropy_jr needs a plain softmax; with --adaptive-softmax-cutoff use --criterion "
-     "adaptive_loss_jr"),
 ])
 def test_bad_flag_combinations_fail_before_any_data_loads(data_bin, tmp_path, flags, message):
     proc = run(tiny_train_args(data_bin, tmp_path / "ck", "--task", "language_modeling", *flags), cwd=tmp_path,
                check=False)
     assert proc.returncode != 0 and message in proc.stdout
     assert "begin training epoch" not in proc.stdout and "blocks from" not in proc.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--f-max-iter", "2", "--f-max-iter-jitter", "1"), "use --f-max-iter >= --f-max-iter-jitter + 2"),
+    (("--adaptive-input", "--adaptive-input-cutoff", "5,10,15,20,25", "--criterion", "adaptive_loss_jr"),
+     "gives the last of its 6 bands width 64 // 4**5 = 0"),
+    (("--criterion", "cross_entropy_jr", "--adaptive-softmax-cutoff", "12,24"),
+     "--criterion cross_entropy_jr needs a plain softmax; with --adaptive-softmax-cutoff use --criterion "
+     "adaptive_loss_jr"),
+])
+def test_more_bad_flag_combinations_fail_while_fairseq_train_parses_its_arguments(data_bin, flags, message):
+    # The same argument parsing fairseq-train runs first (the CLI cases above show it ends the run).
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_train_config(data_bin, "--arch", "deq_transformer_lm_tiny", "--task", "language_modeling",
+                           "--tokens-per-sample", "16", *flags)
 
 
 def test_memory_efficient_fp16_trains_a_half_model_with_jr_on_cpu(data_bin):
