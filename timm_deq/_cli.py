@@ -63,6 +63,24 @@ def _check_timm() -> None:
 _check_timm()
 
 
+def setup_or_usage_error(setup: Any, build_parser: Any, argv: Optional[List[str]]) -> Any:
+    """``setup(argv)``, with a :class:`UsageError` reported as argparse reports errors (usage line,
+    exit status 2), for the entry points' ``main``.
+
+    Args:
+        setup: the entry point's set-up function.
+        build_parser: its parser factory (for the usage line).
+        argv: the command line without the program name.
+
+    Returns:
+        what ``setup`` returns.
+    """
+    try:
+        return setup(argv)
+    except UsageError as err:
+        build_parser().error(str(err))
+
+
 class UsageError(ValueError):
     """A command-line value the run cannot use; the message names the flag and what it accepts.
 

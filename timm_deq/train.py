@@ -587,10 +587,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         SystemExit: status 2 with a usage line and a message naming the flag, for any argument
             the run cannot use; status 0 after ``--help``.
     """
-    try:
-        run = setup(argv)
-    except _cli.UsageError as err:
-        build_parser().error(str(err))
+    run = _cli.setup_or_usage_error(setup, build_parser, argv)
     return dict(train(run), output_dir=run.output_dir)
 
 

@@ -12,7 +12,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import nn
 
-from deq_core import name_deq_layers
+from deq_core import DEQConfig, name_deq_layers
 
 from ..options import deq_config_from, deq_options
 from .deq_transformer_decoder import DEQTransformerDecoder
@@ -83,7 +83,7 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
     def build_model(cls, cfg: DEQTransformerLMConfig, task) -> "DEQTransformerLanguageModel":
         """fairseq's factory: the model for ``cfg`` on ``task``'s dictionary, options checked."""
         deq_config = deq_config_from(cfg)
-        _check_model_options(cfg, len(task.source_dictionary))
+        _check_model_options(cfg, deq_config, len(task.source_dictionary))
         if safe_getattr(cfg, "max_target_positions", None) is None:
             # Relative positions and incremental decoding have no inherent limit: generation and
             # scoring are capped here (--max-target-positions), not at the training segment length.
@@ -122,11 +122,12 @@ def _adaptive_input(cfg: Any, vocab_size: int, pad: int) -> AdaptiveInput:
     return embed
 
 
-def _check_model_options(cfg: Any, vocab_size: Optional[int] = None) -> None:
+def _check_model_options(cfg: Any, deq: DEQConfig, vocab_size: Optional[int] = None) -> None:
     """Reject option combinations that would fail later or silently do something else.
 
     Run while arguments are parsed (``vocab_size`` unknown: the cutoffs are checked against it
-    when the model is built) and again when the model is built.
+    when the model is built) and again when the model is built; ``deq`` is the layer's config
+    the caller built from ``cfg``.
     """
     cfg = _WithDefaults(cfg)
     dim, heads = cfg.decoder_embed_dim, cfg.decoder_attention_heads
@@ -165,7 +166,6 @@ def _check_model_options(cfg: Any, vocab_size: Optional[int] = None) -> None:
     if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
         raise ValueError("--share-decoder-input-output-embed ties a plain embedding to a plain softmax; "
                          "with adaptive input/softmax use --tie-adaptive-weights")
-    deq = deq_config_from(cfg.values)
     limit = deq.f_max_iter - deq.f_max_iter_jitter
     if limit < 2:
         raise ValueError(f"--f-max-iter {deq.f_max_iter} with --f-max-iter-jitter {deq.f_max_iter_jitter} lets a "
@@ -208,8 +208,8 @@ def _base_architecture(args: Any) -> None:
     args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", False)
     for name, value in _DEQ_DEFAULTS.items():
         setattr(args, name, safe_getattr(args, name, value))
-    deq_config_from(args)  # fail at argument parsing, before any data is loaded
-    _check_model_options(args)  # fail at argument parsing, before any data is loaded
+    # Fail at argument parsing, before any data is loaded.
+    _check_model_options(args, deq_config_from(args))
 
 
 @register_model_architecture("deq_transformer_lm", "deq_transformer_lm_wt103")
