@@ -6,6 +6,7 @@ from .layer import DEQLayer, equilibrium_pass, name_deq_layers
 from .norm import apply_weight_norm, remove_weight_norm
 from .solvers import (STOP_MODES, SolverOption, SolverResult, SolveSpec, anderson, broyden, fixed_point,
                       get_solver, list_solvers, register_solver, residuals, unregister_solver)
+from .spectral_norm import apply_spectral_norm, remove_spectral_norm
 from .state import StateSpec
 from .stats import BACKWARD_SUMMARY, DEQStats, DEQStatsMeter
 
@@ -15,6 +16,7 @@ __all__ = [
     "DEQConfig", "add_deq_args", "parse_solver_options", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS",
     "DEQLayer", "DEQStats", "DEQStatsMeter", "BACKWARD_SUMMARY", "equilibrium_pass", "name_deq_layers", "StateSpec",
     "VariationalDropout", "apply_weight_norm", "remove_weight_norm",
+    "apply_spectral_norm", "remove_spectral_norm",
     "JRSchedule", "jac_frobenius_estimate", "spectral_radius",
     "SolverResult", "SolverOption", "SolveSpec", "residuals", "register_solver", "unregister_solver", "get_solver", "list_solvers",
     "anderson", "broyden", "fixed_point",

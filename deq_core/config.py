@@ -20,6 +20,8 @@ DEFAULT_COMPILE_BACKEND = "inductor"
 # Fields only the phantom backward reads, and those only the implicit backward's solve reads.
 _PHANTOM_FIELDS = ("phantom_steps", "phantom_damping")
 _BACKWARD_SOLVE_FIELDS = ("b_solver", "b_max_iter", "b_tol", "b_stop_mode", "b_solver_options")
+# Fields only read when spectral_norm is on.
+_SPECTRAL_NORM_FIELDS = ("spectral_norm_scale", "spectral_norm_learn_scale", "spectral_norm_clip")
 
 
 def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Iterable[str]] = None,
@@ -94,6 +96,19 @@ class DEQConfig:
     jac_stop_step: Optional[int] = _opt(None, "switch JR off from this step on", kind=int, low=0, optional=True)
     jac_stop_epoch: Optional[int] = _opt(None, "switch JR off from this epoch on", kind=int, low=0,
                                          optional=True)
+    # Spectral normalization of f (applied when the layer is built).
+    spectral_norm: bool = _opt(False, "spectral-normalize f's Linear/Conv1d/Conv2d weights when the layer is "
+                               "built: W * s / sigma, sigma a power-iteration estimate of W's largest singular "
+                               "value (of the reshaped (C_out, C_in*k...) kernel for convs), advanced once per "
+                               "training forward pass; f must not be weight-normalized")
+    spectral_norm_scale: Optional[float] = _opt(None, "spectral norm: the target norm s of each weight "
+                                                "(default: 1)", kind=float, low=0.0, low_open=True,
+                                                optional=True)
+    spectral_norm_learn_scale: bool = _opt(False, "spectral norm: learn s per weight, starting from "
+                                           "spectral_norm_scale")
+    spectral_norm_clip: Optional[float] = _opt(None, "spectral norm: bound on |s| (each weight's norm is "
+                                               "min(|s|, clip); a bound for a learned s)", kind=float, low=0.0,
+                                               low_open=True, optional=True)
     # Pretraining.
     pretrain_steps: int = _opt(0, "steps trained as an unrolled weight-tied stack before solving", low=0)
     pretrain_jac_weight: float = _opt(0.0, "JR weight during pretraining", low=0.0)
@@ -110,6 +125,10 @@ class DEQConfig:
         if self.f_max_iter_jitter >= self.f_max_iter:
             raise ValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
                              f"got {self.f_max_iter_jitter}")
+        unused = self._ignored_by_spectral_norm()
+        if unused:
+            warn_user(f"spectral_norm=False does not use {', '.join(unused)}: they have no effect (set "
+                      "spectral_norm=True to spectral-normalize f)")
         ignored = self._ignored_by_backward()
         if ignored:
             warn_user(f"backward={self.backward!r} does not use {', '.join(ignored)}: they have no effect "
@@ -122,6 +141,14 @@ class DEQConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in unused}
         defaults["b_solver_options"] = validate_solver_options(self.b_solver, {})
         return tuple(f"{name}={getattr(self, name)!r}" for name in unused
+                     if getattr(self, name) != defaults[name])
+
+    def _ignored_by_spectral_norm(self) -> Tuple[str, ...]:
+        """Spectral-norm options set away from their defaults while spectral_norm is off."""
+        if self.spectral_norm:
+            return ()
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _SPECTRAL_NORM_FIELDS}
+        return tuple(f"{name}={getattr(self, name)!r}" for name in _SPECTRAL_NORM_FIELDS
                      if getattr(self, name) != defaults[name])
 
     # ----------------------------------------------------------------------------------------

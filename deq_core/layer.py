@@ -15,6 +15,7 @@ from .config import DEQConfig
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
 from .solvers import SolveSpec, SolverResult, residuals
 from .solvers.precision import REDUCED_PRECISION, AutocastBoundary, lower_precision
+from .spectral_norm import apply_spectral_norm
 from .state import State, StateSpec, state_dtype_for
 from .stats import DEQStats
 
@@ -199,6 +200,9 @@ class DEQLayer(nn.Module):
     distributed run agrees and two layers of one model draw independently once named
     (:func:`name_deq_layers` names them by their place in the model; both plugins' models do).
 
+    With ``config.spectral_norm`` the layer applies :func:`~deq_core.apply_spectral_norm` to f
+    when it is built (changing the field on a built layer has no effect).
+
     Args:
         f: the map ``f(z, *inputs, **kwargs)``.
         config: a :class:`DEQConfig`, a mapping of its fields, or ``None`` for the defaults.
@@ -219,6 +223,9 @@ class DEQLayer(nn.Module):
             config = config.replace(**options) if options else config
         else:
             raise TypeError(f"config must be a DEQConfig, a mapping or None, got {type(config).__name__}")
+        if config.spectral_norm:
+            apply_spectral_norm(f, scale=config.spectral_norm_scale, learn_scale=config.spectral_norm_learn_scale,
+                                clip=config.spectral_norm_clip)
         self.f = f
         self.name = name
         self.config: DEQConfig = config
