@@ -1,8 +1,11 @@
-"""What every benchmark's command line shares: the device and thread flags, the header line, and
-waiting for the device before reading a clock."""
+"""What every benchmark's command line shares: the device and thread flags, the header line,
+waiting for the device before reading a clock, and timing functions alternately."""
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from typing import Callable, Dict, List, Mapping
 
 import torch
 
@@ -31,3 +34,19 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU), so that a clock read measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def alternate(fns: Mapping[str, Callable[[], object]], repeats: int, device: torch.device) -> Dict[str, float]:
+    """Median seconds per call of each function of ``fns``, after one warm-up call of each, the
+    calls interleaved (A B C A B C ...) so that machine noise hits every function alike."""
+    for fn in fns.values():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}

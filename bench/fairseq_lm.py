@@ -3,6 +3,7 @@
     python -m bench.fairseq_lm [--device cuda] [--sizes tiny wt103] [--steps 20] [--dtype float16]
     python -m bench.fairseq_lm --solve-modes     # the causal solve against the joint one
     python -m bench.fairseq_lm --generation      # incremental decoding against full recompute
+    python -m bench.fairseq_lm --flops [--forced-steps 6] [--baseline transformer_lm_wiki103]
 
 Both models train (forward, backward, Adam step) on the same random batches of the same tokens per
 batch, timed step by step alternately in one run; the ratios are what to read. The DEQ model
@@ -12,15 +13,21 @@ reduction. The baseline has the same embedding/softmax, width and heads and as m
 outside the embeddings (its FFN width is chosen to match), without memory. Memory: peak CUDA
 allocation per step on GPUs, and on every device the activations autograd saves for backward
 (distinct storages other than parameters, so the weight-normalized weights of the DEQ count).
+
+``--flops``: the FLOPs of one update as ``torch.utils.flop_counter`` counts them (see
+:mod:`bench._flops` for what counts), with JR off and the DEQ held at exactly its training limits
+and at every ``--forced-steps`` k/k; FLOP, time and time-per-FLOP ratios to the baseline, all rows
+timed interleaved (:func:`flop_comparison`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import options, utils
@@ -29,10 +36,12 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 import fairseq_deq
+from bench._flops import FlopRow, count_flops, flop_table, forced_steps
 from bench._memory import saved_activation_bytes
-from bench._run import add_device_args, describe, device_from, sync
+from bench._run import add_device_args, alternate, describe, device_from, sync
 
 USER_DIR = fairseq_deq.__path__[0]
+FORCED_STEPS = (6,)
 
 SIZES = {
     # name: (DEQ arch, vocabulary, segment length, batch per device on cpu / cuda, baseline layers, extra flags)
@@ -147,14 +156,18 @@ def lm_sample(batch: int, seg: int, vocab: int, step: int, device: torch.device)
     return utils.apply_to_sample(lambda t: t.to(device), sample)
 
 
-def _train_step(name: str, model, criterion, optimizer, sample: Dict, step: int) -> Tuple[Dict, int]:
+def _train_step(name: str, model, criterion, optimizer, sample: Dict, step: int,
+                count_saved: bool = True) -> Tuple[Dict, int]:
     """One update; returns the logging output and the activation bytes autograd saved for
-    backward (distinct storages that are not parameters)."""
+    backward (distinct storages that are not parameters; 0 unless ``count_saved``)."""
     model.set_num_updates(step)
     net_input = sample["net_input"] if name == "deq" else {
         k: v for k, v in sample["net_input"].items() if not k.startswith("mem_")}
-    (loss, _, log), saved = saved_activation_bytes(
-        lambda: criterion(model, dict(sample, net_input=net_input)), model.parameters())
+
+    def forward():
+        return criterion(model, dict(sample, net_input=net_input))
+
+    (loss, _, log), saved = saved_activation_bytes(forward, model.parameters()) if count_saved else (forward(), 0)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -250,6 +263,60 @@ def rows(cost: PairCost, size: str) -> List[str]:
 def measure(size: str, device: torch.device, dtype: torch.dtype, steps: int) -> List[str]:
     """:func:`rows` of :func:`train_pair` against the parameter-matched transformer_lm."""
     return rows(train_pair(size, device, dtype, steps), size)
+
+
+def flop_comparison(size: str, device: torch.device, dtype: torch.dtype, steps: int,
+                    forced: Sequence[int] = FORCED_STEPS, baseline: Optional[str] = None) -> List[FlopRow]:
+    """FLOPs and time of an update of the DEQ model of ``size``, at its training limits (its
+    ``f_max_iter`` / ``b_max_iter``) and at k/k solver steps for every k of ``forced``, held there
+    by :func:`bench._flops.forced_steps` (JR off), and of the baseline of :func:`build_pair`.
+
+    Every row's FLOPs are counted over one whole update (forward solve, the differentiable call of
+    f, backward solve, parameter gradients, Adam step) by FlopCounterMode, with the segment
+    memory filled as in training; its time is the median of ``steps`` updates timed interleaved
+    with every other row's (after one warm-up each), on random batches of the same size.
+
+    Args:
+        size: a key of :data:`SIZES`.
+        device: where to train.
+        dtype: the precision of the whole models.
+        steps: timed updates per row.
+        forced: solver steps (forward and backward) to hold the DEQ model at, beside its limits.
+        baseline: as for :func:`build_pair`.
+
+    Returns:
+        one :class:`~bench._flops.FlopRow` per setting: the DEQ rows, then the baseline.
+    """
+    pairs, seg, vocab, label = build_pair(size, device, dtype, baseline)
+    batch = SIZES[size][3][device.type == "cuda"]
+    arch = SIZES[size][0]
+    (_, deq, deq_criterion), (_, base, base_criterion) = pairs
+    layer = deq.decoder.deq
+    optims = {name: torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-4) for name, model, _ in pairs}
+    held = {f"{arch}, training limits": (layer.config.f_max_iter, layer.config.b_max_iter)}
+    held.update({f"{arch}, {k}/{k} steps": (k, k) for k in forced})
+    runs = {key: ("deq", deq, deq_criterion, steps_) for key, steps_ in held.items()}
+    runs[label] = ("base", base, base_criterion, None)
+    updates = {"deq": 0, "base": 0}      # one stream per model: the DEQ's memory continues across rows
+    seen: Dict[str, List[Tuple[float, float]]] = {key: [] for key in runs}
+
+    def run(key: str) -> None:
+        name, model, criterion, solver_steps = runs[key]
+        sample = lm_sample(batch, seg, vocab, updates[name], device)
+        with forced_steps([layer], *solver_steps) if solver_steps else contextlib.nullcontext():
+            _train_step(name, model, criterion, optims[name], sample, updates[name], count_saved=False)
+        updates[name] += 1
+        if name == "deq":
+            d = layer.stats.to_dict()
+            seen[key].append((d["f_steps"], d.get("b_steps", float("nan"))))
+
+    fns = {key: (lambda key=key: run(key)) for key in runs}
+    seconds = alternate(fns, steps, device)
+    counts = {key: count_flops(fn) for key, fn in fns.items()}
+    return [FlopRow(key, counts[key].total, seconds[key], forced=runs[key][3], uncounted=counts[key].uncounted,
+                    steps=None if not seen[key] else (statistics.mean(s[0] for s in seen[key]),
+                                                      statistics.mean(s[1] for s in seen[key])))
+            for key in runs]
 
 
 SOLVE_MODES = {"causal (sample_dims=2)": "2", "joint (sample_dims=1)": "1"}
@@ -356,11 +423,27 @@ def main(argv=None) -> None:
                         help="instead: the causal solve against the joint one (training cost, leak)")
     parser.add_argument("--generation", action="store_true",
                         help="instead: ms per generated token, incremental against full recompute")
+    parser.add_argument("--flops", action="store_true",
+                        help="instead: FLOPs per update (FlopCounterMode), FLOP, time and time-per-FLOP ratios "
+                             "to the baseline, the DEQ at its training limits and at --forced-steps (JR off)")
+    parser.add_argument("--forced-steps", type=int, nargs="+", default=list(FORCED_STEPS), metavar="K",
+                        help="with --flops: also hold the DEQ at exactly K forward and K backward solver steps")
+    parser.add_argument("--baseline", default=None, metavar="ARCH",
+                        help="with --flops: a fairseq LM architecture as the baseline (default: the "
+                             "transformer_lm of the DEQ's width with as many parameters outside the embeddings)")
     args = parser.parse_args(argv)
     device = device_from(args)
     sizes = args.sizes or (["tiny", "wt103"] if device.type == "cuda" else ["tiny"])
     torch.manual_seed(0)
     print(f"{describe(device)}, {args.dtype}, {args.steps} timed updates per model")
+    if args.flops:
+        for size in sizes:
+            rows = flop_comparison(size, device, getattr(torch, args.dtype), args.steps, args.forced_steps,
+                                   args.baseline)
+            batch, seg = SIZES[size][3][device.type == "cuda"], SIZES[size][2]
+            print(f"\n{size}: {batch} x {seg} tokens per update")
+            print("\n".join(flop_table(rows, [rows[-1].label])))
+        return
     print("| measurement | result |")
     print("|---|---|")
     if args.solve_modes or args.generation:

@@ -8,19 +8,21 @@ device; training-step throughput, peak memory and solver steps of ``mdeq_small``
 ``resnet50`` and ``resnet101`` (bfloat16 autocast, batch 64 at 224x224, through
 ``bench.timm_mdeq``); of ``deq_transformer_lm_wt103`` against fairseq's ``transformer_lm_wiki103``
 (whole model in float16 as ``--fp16`` runs it, the same 14 x 150 tokens per update, through
-``bench.fairseq_lm``); the JR overhead of a training step (``bench.core``); mixed precision
-(float16 and bfloat16 autocast solves against float32 through ``bench.core``, a GradScaler step
-with an injected overflow, ``fairseq-train --fp16`` and ``--amp`` updates on a generated corpus);
-training steps of the whole ``torch.compile``d ``mdeq_tiny_cifar`` against eager; the wall time.
+``bench.fairseq_lm``); where the time of one ``mdeq_small`` training step goes (torch.profiler: the
+shares of f, the solvers' bookkeeping, and the stem, head and optimizer); the JR overhead of a
+training step (``bench.core``); mixed precision (float16 and bfloat16 autocast solves against
+float32 through ``bench.core``, a GradScaler step with an injected overflow, ``fairseq-train
+--fp16`` and ``--amp`` updates on a generated corpus); training steps of the whole
+``torch.compile``d ``mdeq_tiny_cifar`` against eager; the wall time.
 
 A row's status is ``pass`` or ``FAIL``. A check fails when tests fail, a section raises, a loss is
 not finite, a solver used more steps than its limit, a reduced-precision solve reports divergence
 where float32 converges, the loss scaler does not skip an overflowed step, a compiled model's
 gradients differ from eager by more than 1e-3 where no solve amplifies them, its solver steps
-differ, or it recompiles after its first step, or the whole
-run took longer than ``--time-limit``. Performance targets (JR overhead) are reported as met or missed in the result
-and do not fail the run. Exit status: 0 when every check passes, 1 when one fails, 2 when the
-device cannot be used. Nothing is installed or downloaded.
+differ, or it recompiles after its first step, a profile's shares do not add up to its step, or
+the whole run took longer than ``--time-limit``. Performance targets (JR overhead) are reported as
+met or missed in the result and do not fail the run. Exit status: 0 when every check passes, 1 when
+one fails, 2 when the device cannot be used. Nothing is installed or downloaded.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_TESTS = ("tests/test_layer_gradients.py", "tests/test_solvers.py")
-SECTIONS = ("core", "timm", "fairseq", "jr", "precision", "fairseq_precision", "compile")
+SECTIONS = ("core", "timm", "profile", "fairseq", "jr", "precision", "fairseq_precision", "compile")
 PASS, FAIL = "pass", "FAIL"
 
 
@@ -142,6 +144,23 @@ def timm_models(s: Settings) -> List[Row]:
     ratios = ", ".join(f"{o}: time {costs[deq].step_time / costs[o].step_time:.2f}x, memory "
                        f"{costs[deq].memory / costs[o].memory:.2f}x" for o in others)
     rows.append(Row(f"{deq} relative to {', '.join(others)}", ratios, PASS))
+    return rows
+
+
+def step_profile(s: Settings) -> List[Row]:
+    """Where one training step of the timm section's MDEQ spends its time (torch.profiler, CUDA
+    activities on a GPU; bfloat16 autocast, JR off), through ``bench.timm_mdeq.profile_step``: f,
+    the solvers' bookkeeping, the stem, head and optimizer, as shares of the step. Fails when the
+    host-time shares do not add up to the step or (on a GPU) no kernel time was recorded."""
+    from bench import timm_mdeq
+
+    name = s.timm_models[0]
+    p = timm_mdeq.profile_step(name, s.device, s.batch, s.img_size, amp=True)
+    host_sum = sum(p.host_us.values())
+    ok = p.wall_us > 0 and abs(host_sum - p.wall_us) <= 0.01 * p.wall_us and \
+        (not p.on_device or sum(p.device_us.values()) > 0)
+    rows = [Row(f"step profile {name}: {part}", result, _status(ok)) for part, result in timm_mdeq.profile_shares(p)]
+    rows[-1].result += f"; bf16 autocast, batch {s.batch} at {s.img_size}px, JR off"
     return rows
 
 
@@ -324,7 +343,8 @@ def compiled_model(s: Settings) -> List[Row]:
                 _status(ok))]
 
 
-_SECTION_FUNCTIONS = {"core": core_tests, "timm": timm_models, "fairseq": fairseq_models, "jr": jr_overhead,
+_SECTION_FUNCTIONS = {"core": core_tests, "timm": timm_models, "profile": step_profile, "fairseq": fairseq_models,
+                      "jr": jr_overhead,
                       "precision": precision, "fairseq_precision": fairseq_precision, "compile": compiled_model}
 
 

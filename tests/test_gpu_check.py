@@ -49,6 +49,8 @@ def test_tiny_run_of_every_section_on_cpu(capsys):
     assert rows[0].startswith("| core tests on cpu") and "passed" in rows[0]
     assert any(r.startswith("| train step mdeq_tiny_cifar") and "solver steps fwd" in r for r in rows)
     assert any(r.startswith("| train step deq_transformer_lm_tiny vs transformer_lm") for r in rows)
+    for part in ("f (the equilibrium function)", "solver bookkeeping", "stem, head, loss and optimizer", "whole step"):
+        assert any(r.startswith(f"| step profile mdeq_tiny_cifar: {part}") for r in rows), part
     assert sum(r.startswith("| JR step / plain step") for r in rows) == 2
     assert sum(r.startswith("| forward solve") and "autocast against float32" in r for r in rows) == 4
     assert any(r.startswith("| GradScaler") and "overflowed step skipped: True" in r for r in rows)
