@@ -58,8 +58,9 @@ def test_the_joint_solve_leaks_and_that_is_why_it_is_not_the_default(dict_dir):
     assert _max_leak(model, tokens, range(8, LENGTH, 8)) > 1e-5
 
 
-def test_incremental_decoding_equals_full_sequence_scoring_and_reorders_for_beams(dict_dir):
-    _, _, model = build(dict_dir, *TINY, "--eval-tol", "1e-10", "--eval-max-iter", "200")
+@pytest.mark.parametrize("injection", ["qkv", "residual"])
+def test_incremental_decoding_equals_full_sequence_scoring_and_reorders_for_beams(dict_dir, injection):
+    _, _, model = build(dict_dir, *TINY, "--eval-tol", "1e-10", "--eval-max-iter", "200", "--injection", injection)
     model = model.double().eval()
     tokens = torch.randint(4, VOCAB + 4, (3, 24), generator=torch.Generator().manual_seed(5))
     full = _log_probs(model, tokens)

@@ -15,7 +15,7 @@ from fairseq.data import Dictionary  # noqa: E402
 from deq_core import DEQConfig  # noqa: E402
 from fairseq_deq.models import DEQTransformerLanguageModel  # noqa: E402
 from fairseq_deq.options import DEQ_FIELD_NAMES  # noqa: E402
-from tests._fairseq_helpers import (USER_DIR, VOCAB, build, parse_train_config, run,  # noqa: E402
+from tests._fairseq_helpers import (USER_DIR, VOCAB, build, make_contractive, parse_train_config, run,  # noqa: E402
                                     write_dictionary)
 
 # fairseq's config conversion goes through hydra's deprecated compose API.
@@ -118,8 +118,32 @@ def test_wt103_architecture_has_the_papers_shapes(dict_dir, arch, pre_ln):
     assert (cfg.model.dropout, cfg.model.attention_dropout) == (0.06, 0.01)
     total = sum(p.numel() for p in model.parameters())
     embeddings = sum(p.numel() for p in dec.embed_tokens.parameters())
-    # 96.45M in all, of which 25.71M tied adaptive embeddings: the paper's 98M counts them too.
-    assert 96.0e6 < total < 97.0e6 and 25.5e6 < embeddings < 26.0e6
+    # 96.94M in all (the cell 69.76M, the d -> 3d injection 1.47M), of which 25.71M tied adaptive
+    # embeddings: the paper's 98M counts them too.
+    assert 96.9e6 < total < 97.0e6 and 25.5e6 < embeddings < 26.0e6
+    assert cell.injection == "qkv" and tuple(dec.injection.weight.shape) == (2100, 700)
+    assert (dec.layer_norm is None) == (not pre_ln)
+
+
+def test_embedding_and_output_dropout_is_locked_over_positions(dict_dir):
+    """The paper's variational dropout outside f: one mask per sequence, the same at every position."""
+    _, _, model = build(dict_dir, *TINY, "--dropout", "0.5")
+    seen = {}
+    model.decoder.injection.register_forward_hook(lambda m, args, out: seen.update(embedded=args[0]))
+    model.decoder.output_dropout.register_forward_hook(lambda m, args, out: seen.update(out=out, inp=args[0]))
+    tokens = torch.full((4, 12), 7)                                  # one token at every position
+    model.train()
+    torch.manual_seed(0)
+    model(tokens, features_only=True)
+    embedded, kept = seen["embedded"], seen["out"] != 0
+    assert bool((embedded == embedded[:, :1]).all())                  # same mask at every position
+    assert not torch.equal(embedded[0], embedded[1])                  # a mask per sequence
+    assert 0.3 < float((embedded[:, 0] == 0).float().mean()) < 0.7
+    assert bool((kept == kept[:, :1]).all()) and not bool(kept.all())
+    assert torch.allclose(seen["out"][kept], 2 * seen["inp"][kept])
+    model.eval()
+    model(tokens, features_only=True)
+    assert torch.equal(seen["out"], seen["inp"])                      # no dropout in evaluation
 
 
 def test_adaptive_input_first_segment_gradients_stay_bounded(dict_dir):
@@ -141,9 +165,9 @@ def test_adaptive_input_first_segment_gradients_stay_bounded(dict_dir):
 
 
 def test_memory_gives_the_same_states_as_solving_both_segments_jointly(dict_dir):
-    _, _, model = build(dict_dir, *TINY, "--f-stop-mode", "abs", "--eval-tol", "1e-11", "--eval-max-iter", "100",
-                        "--mem-len", "16")
-    model = model.double().eval()
+    _, _, model = build(dict_dir, *TINY, "--f-stop-mode", "abs", "--eval-tol", "1e-9", "--eval-max-iter", "200",
+                        "--mem-len", "16", "--injection", "qkv")   # the paper's layer: memory is [a | u_k | u_v]
+    model = make_contractive(model).double().eval()
     tokens = torch.randint(4, VOCAB + 4, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         joint, _ = model(tokens, features_only=True)
@@ -189,7 +213,8 @@ def test_half_precision_model_keeps_a_float32_solver(dict_dir, dtype):
     # Evaluation solves to the tolerance (or the precision floor), so that the half and float32
     # outputs are two estimates of one fixed point, not two 8-step trajectories of a slow solve.
     cfg, task, model = build(dict_dir, *TINY, "--criterion", "cross_entropy_jr", "--jac-freq", "1",
-                             "--eval-max-iter", "30")
+                             "--eval-max-iter", "30", "--injection", "qkv")
+    model = make_contractive(model)
     criterion = task.build_criterion(cfg.criterion)
     sample = _sample()
     model.eval()

@@ -24,31 +24,78 @@ def test_rel_shift_matches_explicit_indexing():
 def test_attention_is_causal_and_uses_memory():
     torch.manual_seed(0)
     attn = RelativeMultiheadAttention(16, 4).eval()
-    a, mem = torch.randn(2, 6, 16), torch.randn(2, 4, 16)
+    a = torch.randn(2, 6, 16)
     pos = relative_positions(10, 16, a.device, a.dtype)
-    out = attn(a, pos, mem)
-    changed = a.clone()
-    changed[:, 3] += 1.0
-    out2 = attn(changed, pos, mem)
-    assert torch.allclose(out[:, :3], out2[:, :3], atol=1e-6)       # the past ignores the future
-    assert not torch.allclose(out[:, 3:], out2[:, 3:], atol=1e-3)
-    out3 = attn(a, pos, mem + 1.0)
-    assert not torch.allclose(out, out3, atol=1e-3)                 # every query sees the memory
+    u, mem = torch.randn(2, 6, 48), torch.randn(2, 4, 48)
+    out = attn(a, pos, mem, u)
+    for which in ("input", "injection"):
+        a2, u2 = a.clone(), u.clone()
+        (a2 if which == "input" else u2)[:, 3] += 1.0
+        out2 = attn(a2, pos, mem, u2)
+        assert torch.allclose(out[:, :3], out2[:, :3], atol=1e-6)   # the past ignores the future
+        assert not torch.allclose(out[:, 3:], out2[:, 3:], atol=1e-3)
+    for part in (slice(0, 16), slice(16, 32), slice(32, 48)):       # memory's input, key and value injection
+        shifted = mem.clone()
+        shifted[..., part] += 1.0
+        assert not torch.allclose(out, attn(a, pos, shifted, u), atol=1e-3)  # every query sees the memory
 
 
-@pytest.mark.parametrize("pre_ln", [False, True])
-def test_cell_supports_the_double_backward_jr_needs(pre_ln):
+def test_attention_injects_into_queries_keys_and_values():
+    """[q, k, v] = W_qkv a + u: adding W_qkv d to u is the same as adding d to the input."""
     torch.manual_seed(0)
-    cell = DEQTransformerCell(16, 4, 32, dropout=0.1, attention_dropout=0.1, normalize_before=pre_ln).train()
+    attn = RelativeMultiheadAttention(16, 4).eval()
+    a, u, d = torch.randn(2, 6, 16), torch.randn(2, 6, 48), torch.randn(2, 6, 16)
+    pos = relative_positions(6, 16, a.device, a.dtype)
+    w_qkv = torch.cat([attn.q_proj.weight, attn.kv_proj.weight])
+    assert torch.allclose(attn(a + d, pos, u=u), attn(a, pos, u=u + d @ w_qkv.T), atol=1e-5)
+
+
+@pytest.mark.parametrize("injection", ["qkv", "residual"])
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_cell_supports_the_double_backward_jr_needs(pre_ln, injection):
+    torch.manual_seed(0)
+    cell = DEQTransformerCell(16, 4, 32, dropout=0.1, attention_dropout=0.1, normalize_before=pre_ln,
+                              injection=injection).train()
     z = torch.randn(2, 5, 16, requires_grad=True)
-    u1, u2 = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    u = torch.randn(2, 5, cell.injection_dim)
     pos = relative_positions(8, 16, z.device, z.dtype)
-    out = cell(z, u1, u2, pos, mem=torch.randn(2, 3, 16))
+    mem = cell.memory_entry(torch.randn(2, 3, 16), torch.randn(2, 3, cell.injection_dim)).detach()
+    out = cell(z, u, pos, mem=mem)
     (vjp,) = torch.autograd.grad(out, z, torch.randn_like(out), create_graph=True)
     vjp.pow(2).sum().backward()
     grads = [p.grad for p in cell.attn.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert cell.attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_cell_layouts_follow_their_equations(pre_ln):
+    torch.manual_seed(0)
+    z, pos = torch.randn(2, 5, 16), relative_positions(5, 16, torch.device("cpu"), torch.float32)
+    paper = DEQTransformerCell(16, 4, 32, normalize_before=pre_ln, injection="qkv").eval()
+    u = torch.randn(2, 5, 48)
+    a = paper.attn_norm(z) if pre_ln else z
+    attn = paper.attn(a, pos, u=u)
+    if pre_ln:
+        h = z + attn
+        expected = h + paper.ffn(paper.ffn_norm(h))
+    else:
+        h = paper.attn_norm(z + attn)
+        expected = paper.ffn_norm(h + paper.ffn(h))
+    assert torch.allclose(paper(z, u, pos), expected, atol=1e-6)
+    residual = DEQTransformerCell(16, 4, 32, normalize_before=pre_ln, injection="residual").eval()
+    u_attn, u_ffn = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    a = (residual.attn_norm(z) if pre_ln else z) + u_attn
+    attn = residual.attn(a, pos)
+    if pre_ln:
+        h = z + attn
+        expected = h + residual.ffn(residual.ffn_norm(h) + u_ffn)
+    else:
+        b = residual.attn_norm(a + attn) + u_ffn
+        expected = residual.ffn_norm(b + residual.ffn(b))
+    assert torch.allclose(residual(z, torch.cat([u_attn, u_ffn], -1), pos), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="injection must be one of"):
+        DEQTransformerCell(16, 4, 32, injection="ffn")
 
 
 def test_stream_batches_keep_each_row_on_one_column_and_cover_every_block_once():

@@ -1,5 +1,5 @@
 """The DEQ-Transformer decoder: embeddings -> injection -> equilibrium of one weight-tied layer
-(with segment memory) -> final LayerNorm -> adaptive softmax or output projection."""
+(with segment memory) -> (final LayerNorm, pre-LN only) -> adaptive softmax or output projection."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from fairseq import utils
 from fairseq.models import FairseqIncrementalDecoder
-from fairseq.modules import AdaptiveSoftmax, FairseqDropout
+from fairseq.modules import AdaptiveSoftmax
 from torch import nn
 
-from deq_core import DEQConfig, DEQLayer, apply_weight_norm
+from deq_core import DEQConfig, DEQLayer, VariationalDropout, apply_weight_norm
 
 from ..modules import DEQTransformerCell, SegmentMemory, relative_positions
 
@@ -27,8 +27,13 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
     layer's :class:`~deq_core.DEQStats`) and ``deq_backward``, its ``backward_summary()`` (ran,
     steps, abs and rel residual of the implicit backward solve), filled in by ``backward()``.
 
+    As in the paper, the injection is a linear map of the embeddings (by default ``d -> 3d``,
+    added to the layer's queries, keys and values; see ``--injection``), and dropout on the embeddings and on the output is
+    variational (locked): one mask per sequence, the same at every position. A post-LN layer's
+    output is already normalized; a pre-LN model ends with a LayerNorm.
+
     Incremental decoding (``incremental_state``, as fairseq's generators pass it): the state
-    holds the attention inputs of the positions decoded so far, at their fixed points, and each
+    holds what the positions decoded so far leave for later ones to attend to, at their fixed points, and each
     new token solves only for its own position while attending to them, as a segment attends to
     its memory. A new token attends to at most ``mem_len + tokens_per_sample - 1`` earlier
     positions, the most any position attends to in training.
@@ -40,19 +45,22 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         self.embed_dim = dim
         self.embed_tokens = embed_tokens
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(dim)
-        self.dropout_module = FairseqDropout(cfg.dropout, module_name=self.__class__.__name__)
-        self.injection = nn.Linear(dim, 2 * dim)
-        nn.init.normal_(self.injection.weight, std=cfg.init_std)
-        nn.init.zeros_(self.injection.bias)
+        self.embed_dropout = VariationalDropout.features1d(cfg.dropout)
         cell = DEQTransformerCell(dim, cfg.decoder_attention_heads, cfg.decoder_ffn_embed_dim,
                                   dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
                                   activation_dropout=cfg.activation_dropout,
-                                  normalize_before=cfg.decoder_normalize_before, init_std=cfg.init_std)
+                                  normalize_before=cfg.decoder_normalize_before, init_std=cfg.init_std,
+                                  injection=cfg.injection)
+        self.injection = nn.Linear(dim, cell.injection_dim)
+        if cfg.init_std is not None:
+            nn.init.normal_(self.injection.weight, std=cfg.init_std)
+            nn.init.zeros_(self.injection.bias)
         if not cfg.no_weight_norm:
             apply_weight_norm(self.injection)
             apply_weight_norm(cell)
         self.deq = DEQLayer(cell, deq_config)
-        self.layer_norm = nn.LayerNorm(dim)
+        self.layer_norm = nn.LayerNorm(dim) if cfg.decoder_normalize_before else None
+        self.output_dropout = VariationalDropout.features1d(cfg.dropout)
         self.memory = SegmentMemory(cfg.mem_len)
         self.max_target_positions = cfg.max_target_positions
         self.context = cfg.mem_len + cfg.tokens_per_sample - 1  # positions a new token attends to
@@ -128,7 +136,7 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
                          incremental_state: Optional[Dict[str, Dict[str, Optional[torch.Tensor]]]] = None,
                          mem_key: Optional[str] = None, mem_segment: Optional[int] = None,
                          **unused: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """The final-LayerNorm'ed fixed point of every (new) position, and the statistics."""
+        """The fixed point of every (new) position (final-LayerNorm'ed in a pre-LN model), and the statistics."""
         past: Optional[torch.Tensor] = None
         if incremental_state is not None:
             if mem_key is not None:
@@ -142,9 +150,8 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
             raise ValueError("--jac-stop-epoch needs the epoch number, which fairseq's trainer only "
                              "passes to models through the task: train with --task deq_language_modeling "
                              "or use --jac-stop-step")
-        x = self.dropout_module(self.embed_scale * self.embed_tokens(prev_output_tokens))
+        x = self.embed_dropout(self.embed_scale * self.embed_tokens(prev_output_tokens))
         u = self.injection(x)
-        u_attn, u_ffn = u.chunk(2, dim=-1)
         if incremental_state is not None:
             mem = None if past is None or self.context == 0 else past[:, -self.context:].to(x.dtype)
         else:
@@ -153,17 +160,19 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         pos = relative_positions(klen, self.embed_dim, x.device, x.dtype)
         # The state has the model's dtype (under autocast the ops choose their own precision);
         # the solvers keep their iterates in float32 whatever it is.
-        z, stats = self.deq(u_attn, u_ffn, pos, z0=x.new_zeros(x.shape), mem=mem)
+        z, stats = self.deq(u, pos, z0=x.new_zeros(x.shape), mem=mem)
         if mem_key is not None or incremental_state is not None:
             with torch.no_grad():
-                current = self.deq.f.attention_input(z.detach(), u_attn.detach())
+                current = self.deq.f.memory_entry(z.detach(), u.detach())
             if incremental_state is not None:
                 states = current if past is None else torch.cat([past, current], dim=1)
                 self.set_incremental_state(incremental_state, "past", {"states": states[:, -max(self.context, 1):]})
             else:
                 self.memory.write(mem_key, int(mem_segment), mem, current, self.training, self._epoch)
         extra = {"attn": None, "deq_stats": stats, "deq_backward": stats.backward_summary()}
-        return self.dropout_module(self.layer_norm(z)), extra
+        if self.layer_norm is not None:
+            z = self.layer_norm(z)
+        return self.output_dropout(z), extra
 
     def output_layer(self, features: torch.Tensor, **unused: Any) -> torch.Tensor:
         """Logits of ``features`` (the features themselves with an adaptive softmax, which the criterion applies)."""

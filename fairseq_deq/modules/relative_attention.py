@@ -42,11 +42,14 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
 class RelativeMultiheadAttention(nn.Module):
     """Causal multi-head attention with Transformer-XL relative positions and a segment memory.
 
-    ``forward(a, pos, mem)``: queries come from ``a`` ``(B, T, d)``, keys and values from
-    ``[mem; a]`` ``(B, M+T, d)``; ``pos`` ``(M+T, d)`` are the sinusoidal embeddings of the
-    distances (see :func:`relative_positions`). Query ``i`` attends to keys ``j <= M + i``.
-    Attention-probability dropout is variational (one mask per equilibrium pass), so every
-    solver iteration evaluates the same function.
+    ``forward(a, pos, mem, u)``: ``[q, k, v] = W_qkv a + u`` at the current positions, ``a``
+    ``(B, T, d)`` the attention input and ``u`` ``(B, T, 3d)`` an input injection (or None);
+    ``mem`` holds earlier positions' attention inputs ``(B, M, d)``, and with an injection their
+    key/value injections too (``[a | u_k | u_v]``, ``(B, M, 3d)``); their keys and values are
+    computed with the current weights. ``pos`` ``(M+T, d)`` are the sinusoidal embeddings of the
+    distances (see :func:`relative_positions`).
+    Query ``i`` attends to keys ``j <= M + i``. Attention-probability dropout is variational (one
+    mask per equilibrium pass), so every solver iteration evaluates the same function.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, attention_dropout: float = 0.0) -> None:
@@ -64,16 +67,21 @@ class RelativeMultiheadAttention(nn.Module):
         self.r_r_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.dropout = VariationalDropout(attention_dropout)
 
-    def forward(self, a: torch.Tensor, pos: torch.Tensor, mem: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal relative-position self-attention of ``x`` over ``[mem; x]``."""
+    def forward(self, a: torch.Tensor, pos: torch.Tensor, mem: Optional[torch.Tensor] = None,
+                u: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal relative-position self-attention of ``a`` (injection ``u``) over ``[mem; a]``."""
         bsz, tlen, dim = a.shape
-        kv_in = a if mem is None else torch.cat([mem.to(a.dtype), a], dim=1)
+        kv_in = a if mem is None else torch.cat([mem[..., :dim].to(a.dtype), a], dim=1)
+        q, kv = self.q_proj(a), self.kv_proj(kv_in)
+        if u is not None:
+            u_kv = u[..., dim:] if mem is None else torch.cat([mem[..., dim:].to(a.dtype), u[..., dim:]], dim=1)
+            q, kv = q + u[..., :dim], kv + u_kv
         klen = kv_in.shape[1]
         if pos.shape[0] != klen:
             raise ValueError(f"got {pos.shape[0]} relative positions for {klen} keys")
         h, dh = self.num_heads, self.head_dim
-        q = self.q_proj(a).view(bsz, tlen, h, dh)
-        k, v = self.kv_proj(kv_in).view(bsz, klen, 2, h, dh).unbind(2)
+        q = q.view(bsz, tlen, h, dh)
+        k, v = kv.view(bsz, klen, 2, h, dh).unbind(2)
         r = self.r_proj(pos).view(klen, h, dh)
 
         q_content = (q + self.r_w_bias).transpose(1, 2)                    # (B, H, T, dh)
