@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench._memory import saved_activation_bytes
 from bench._run import add_device_args, describe, device_from, sync
@@ -118,38 +119,177 @@ def _flat_map(f, x):
     return fn, spec.zeros(torch.float32)
 
 
-def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, float]:
-    """Per case: the share of an Anderson solve (m=5, 30 iterations) spent outside f."""
+def _reference_solvers() -> Optional[Dict[str, Callable]]:
+    """The solvers as they were before the fused bookkeeping (a frozen copy kept with the tests),
+    or None when the tests are not importable from here."""
+    try:
+        from tests._reference_solvers import SOLVERS
+    except ImportError:
+        return None
+    return SOLVERS
+
+
+def _anderson_share(solve: Callable, fn: Callable, z0: torch.Tensor, device: torch.device) -> float:
+    """The share of one Anderson solve (m=5, 30 iterations) spent outside f."""
+    inside = [0.0]
+
+    def timed(z):
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn(z)
+        sync(device)
+        inside[0] += time.perf_counter() - t0
+        return result
+
+    sync(device)
+    t0 = time.perf_counter()
+    solve(timed, z0, max_iter=30, tol=1e-12, check_every=None, m=5)
+    sync(device)
+    return 1 - inside[0] / (time.perf_counter() - t0)
+
+
+def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Per case: the share of an Anderson solve (m=5, 30 iterations) spent outside f, for the
+    solver now (``"after"``) and before the fused bookkeeping (``"before"``, when the frozen
+    reference copy is importable), the two solves alternating."""
+    solvers = {"after": get_solver("anderson")}
+    reference = _reference_solvers()
+    if reference is not None:
+        solvers["before"] = reference["anderson"]
     out = {}
     for name, (f, x) in _cases(device).items():
         fn, z0 = _flat_map(f, x)
-        inside = [0.0]
-
-        def timed(z):
-            sync(device)
-            t0 = time.perf_counter()
-            result = fn(z)
-            sync(device)
-            inside[0] += time.perf_counter() - t0
-            return result
-
-        shares = []
+        shares: Dict[str, List[float]] = {k: [] for k in solvers}
         with torch.no_grad():
+            for solve in solvers.values():  # warm-up
+                _anderson_share(solve, fn, z0, device)
             for _ in range(repeats):
-                inside[0] = 0.0
-                sync(device)
-                t0 = time.perf_counter()
-                get_solver("anderson")(timed, z0, max_iter=30, tol=1e-12, check_every=None)
-                sync(device)
-                total = time.perf_counter() - t0
-                shares.append(1 - inside[0] / total)
-        out[name] = statistics.median(shares)
+                for key, solve in solvers.items():
+                    shares[key].append(_anderson_share(solve, fn, z0, device))
+        out[name] = {k: statistics.median(v) for k, v in shares.items()}
+    return out
+
+
+# aten calls that write some rows of their (larger) first argument: they move the rows of `values`;
+# and calls that read some rows of theirs: they move the rows of their output.
+_ROW_WRITES = ("index_put_", "_index_put_impl_", "index_copy_")
+_ROW_READS = ("index_select",)
+# Factories: their tensor argument gives only the dtype and device; they write their output (but
+# for the empty ones, which write nothing).
+_FACTORIES = ("new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like",
+              "ones_like", "full_like")
+
+
+class _StatePasses(TorchDispatchMode):
+    """Counts the solver's traffic over state-sized tensors, excluding f's own operations (``f``
+    wraps the map so that they are not counted).
+
+    Every aten call that reads or writes a tensor with at least ``state_numel`` elements is one
+    call touching the state; its traffic, in units of the state, is the elements it reads (every
+    tensor argument but an ``out=`` one and the target of a ``copy_``) plus those it writes (its
+    outputs, in place or ``out=``), over ``state_numel``: ``z - fz`` is 3, a Gram row over a
+    history of m is m + 1. Views move nothing and are not counted.
+    """
+
+    def __init__(self, state_numel: int) -> None:
+        super().__init__()
+        self.state_numel = state_numel
+        self.traffic = 0
+        self.calls = 0
+        self._paused = False
+
+    def f(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``fn`` with its operations left out of the count."""
+        def uncounted(z):
+            self._paused = True
+            try:
+                return fn(z)
+            finally:
+                self._paused = False
+        return uncounted
+
+    def _size(self, t) -> int:
+        n = t.numel() if isinstance(t, torch.Tensor) else 0
+        return n if n >= self.state_numel else 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._paused or func.is_view:
+            return out
+        name = func._schema.name.split("::")[-1]
+        moved = 0
+        if name in _ROW_WRITES:
+            moved = 2 * self._size(args[2] if name != "index_copy_" else args[3])
+        elif name in _ROW_READS:
+            moved = 2 * self._size(out)
+        elif name in _FACTORIES:
+            moved = 0 if "empty" in name else self._size(out)
+        else:
+            written = False
+            for i, arg in enumerate(func._schema.arguments):
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                mutable = arg.alias_info is not None and arg.alias_info.is_write
+                if mutable:
+                    written = True
+                    moved += self._size(value) * (1 if arg.is_out or name == "copy_" else 2)
+                elif not isinstance(value, (list, tuple)):
+                    moved += self._size(value)
+            if not written:
+                for t in (out if isinstance(out, (list, tuple)) else (out,)):
+                    moved += self._size(t)
+        if moved:
+            self.calls += 1
+            self.traffic += moved
+        return out
+
+
+_PASS_SOLVERS = {"anderson": {"m": 5}, "broyden": {}, "fixed_point": {}}
+
+
+def state_passes(batch: int = 4, dim: int = 1024, iterations: int = 30) -> Dict[str, Dict[str, Tuple[float, float]]]:
+    """Per solver (Anderson m=5, Broyden with its default memory, fixed point): the calls touching
+    the state and the traffic over it (in states) per iteration, outside f, averaged over an
+    ``iterations``-step solve (the difference of an ``iterations``-step and a 1-step solve, so
+    that set-up and result are left out), now (``"after"``) and before the fused bookkeeping."""
+    torch.manual_seed(0)
+    w = torch.randn(dim, dim) * (0.9 / dim ** 0.5)
+    b = torch.randn(batch, dim)
+
+    def f(z):
+        return torch.tanh(z @ w.T + b)
+
+    versions = {"after": {name: get_solver(name) for name in _PASS_SOLVERS}}
+    reference = _reference_solvers()
+    if reference is not None:
+        versions["before"] = reference
+    out: Dict[str, Dict[str, Tuple[float, float]]] = {}
+    for key, solvers in versions.items():
+        for name, options in _PASS_SOLVERS.items():
+            counts = []
+            for max_iter in (1, iterations):
+                with torch.no_grad(), _StatePasses(batch * dim) as mode:
+                    solvers[name](mode.f(f), torch.zeros(batch, dim), max_iter=max_iter, tol=0.0, check_every=0,
+                                  **options)
+                counts.append((mode.calls, mode.traffic / (batch * dim)))
+            per = tuple((b_ - a_) / (iterations - 1) for a_, b_ in zip(*counts))
+            out.setdefault(name, {})[key] = per
     return out
 
 
 def solver_overhead(device: torch.device, repeats: int) -> List[str]:
-    return [f"| solver time outside f / solve time, anderson m=5, 30 iters, {name} | {share:.1%} | <= 10% |"
-            for name, share in solver_overhead_shares(device, repeats).items()]
+    rows = []
+    for name, passes in state_passes().items():
+        now, before = passes["after"], passes.get("before")
+        was = f"before {before[1]:.1f} ({before[0]:.1f} calls) -> " if before else ""
+        label = f"{name} m=5" if name == "anderson" else name
+        rows.append(f"| passes over the state per iteration outside f, {label}, 30 iters: state traffic (calls "
+                    f"touching the state) | {was}{now[1]:.1f} ({now[0]:.1f} calls) | fewer |")
+    for name, shares in solver_overhead_shares(device, repeats).items():
+        was = f"before {shares['before']:.1%} -> " if "before" in shares else ""
+        rows.append(f"| solver time outside f / solve time, anderson m=5, 30 iters, {name} | "
+                    f"{was}{shares['after']:.1%} | <= 5% |")
+    return rows
 
 
 _PRECISION_SETTINGS = ("before: solver under autocast", "solver outside autocast, no floor",

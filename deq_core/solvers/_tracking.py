@@ -24,17 +24,24 @@ position never stops while the positions it attends to still move.
 
 Every sample ends in exactly one of these; its ``z`` is its lowest-residual finite iterate and
 ``fz`` the value of f there (both ``z0`` when no iterate had a finite residual).
+
+The bookkeeping is written for a solve that a CUDA graph can capture: every buffer is allocated
+before the first iteration and every later operation writes into one (``out=``, in place), no
+decision reads a device value back unless ``check_every`` asks for it, and every shape depends on
+the iteration number only, never on the data. Per-sample selections of state rows (the best
+iterate, the frozen samples of an update) are row gathers (:meth:`RowBuffer.select`) rather than
+masked selects, which read both candidates (and on CPU run several times slower than a copy).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .precision import MIN_GAIN, PATIENCE, floor_for, unit_roundoff
 from .result import SolverResult
 
-__all__ = ["STOP_MODES", "DIVERGENCE_FACTOR", "residuals", "Tracker"]
+__all__ = ["STOP_MODES", "DIVERGENCE_FACTOR", "residuals", "RowBuffer", "Tracker"]
 
 STOP_MODES = ("abs", "rel")  # the residual a solve stops on: ||f(z) - z||, or that over ||f(z)||
 DEFAULT_STOP_MODE = "abs"
@@ -77,6 +84,66 @@ def resolve_check_every(check_every: Optional[int], device: torch.device) -> int
     return check_every
 
 
+class RowBuffer:
+    """Named regions of one ``(rows, D)`` buffer for a batch of ``B`` samples: region ``name``
+    with ``k`` rows per sample holds ``B k`` rows, sample by sample (row ``j`` of sample ``b`` is
+    its ``b k + j``-th row), so a region of one row per sample is a ``(B, D)`` state and one of
+    ``k`` is a ``(B, k, D)`` history (:meth:`history`).
+
+    :meth:`select` is a per-sample choice between two sources as one row gather
+    (``index_select``, a copy of ``B`` rows) rather than a masked select, which reads both.
+
+    Args:
+        like: a ``(B, D)`` tensor giving the batch, width, dtype and device.
+        regions: ``(name, rows per sample)`` in buffer order.
+    """
+
+    def __init__(self, like: torch.Tensor, regions: Sequence[Tuple[str, int]]) -> None:
+        batch, dim = like.shape
+        self.batch = batch
+        self._start: Dict[str, int] = {}
+        self._per: Dict[str, int] = {}
+        total = 0
+        for name, per in regions:
+            if name in self._start or per < 1:
+                raise ValueError(f"region {name!r}: names must be unique and hold >= 1 row per sample")
+            self._start[name], self._per[name] = total, per
+            total += batch * per
+        self.buffer = like.new_empty(total, dim)
+        samples = torch.arange(batch, device=like.device)
+        self._first = {name: samples * per + self._start[name] for name, per in self._per.items()}
+        self._index = [torch.empty_like(samples) for _ in range(3)]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """Region ``name`` as ``(B * rows per sample, D)`` rows (a ``(B, D)`` state for one)."""
+        start = self._start[name]
+        return self.buffer[start:start + self.batch * self._per[name]]
+
+    def history(self, name: str) -> torch.Tensor:
+        """Region ``name`` as a ``(B, rows per sample, D)`` view."""
+        return self[name].view(self.batch, self._per[name], -1)
+
+    def select(self, out: str, mask: torch.Tensor, chosen: Tuple[str, int], other: Tuple[str, int]) -> None:
+        """Write into the one-row region ``out``, per sample, its row of ``chosen`` where ``mask``
+        and of ``other`` elsewhere; a source is ``(region, row of each sample in it)``.
+
+        The gather reads the view spanning both sources, which must not hold ``out``. Allocates
+        nothing and reads nothing back to the host.
+        """
+        lo = min(self._start[chosen[0]], self._start[other[0]])
+        hi = max(self._end(chosen[0]), self._end(other[0]))
+        start = self._start[out]
+        if self._per[out] != 1 or start < hi and start + self.batch > lo:
+            raise ValueError(f"cannot gather into {out!r} from {chosen[0]!r} and {other[0]!r}")
+        a, b, index = self._index
+        torch.add(self._first[chosen[0]], chosen[1] - lo, out=a)
+        torch.add(self._first[other[0]], other[1] - lo, out=b)
+        torch.index_select(self.buffer[lo:hi], 0, torch.where(mask, a, b, out=index), out=self[out])
+
+    def _end(self, name: str) -> int:
+        return self._start[name] + self.batch * self._per[name]
+
+
 class Tracker:
     """Follows a batched solve over ``(B, D)`` iterates.
 
@@ -84,11 +151,18 @@ class Tracker:
     ``check_every`` iterations (0: never, the solve runs to ``max_iter``). When f's values are
     computed in float16 or bfloat16 (``precision``), a sample whose residual levels off at that
     precision's floor is frozen as stalled (see :mod:`deq_core.solvers.precision`).
+
+    The best iterate and its f value are kept, twice each, in one :class:`RowBuffer` (:attr:`rows`)
+    around the solver's own ``regions`` (name, rows per sample): the solver keeps its iterate and
+    a copy of ``f(z)`` there (and tells :meth:`update` where), so that a new best is one row gather
+    from the old best and the candidate (:meth:`RowBuffer.select`). :attr:`active` is updated in
+    place, so a solver may hold it across iterations.
     """
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
                  check_every: Optional[int], divergence_factor: float, trace: bool,
-                 precision: Optional[torch.dtype], sequence_length: Optional[int] = None) -> None:
+                 precision: Optional[torch.dtype], sequence_length: Optional[int] = None,
+                 regions: Sequence[Tuple[str, int]] = ()) -> None:
         if z0.dim() != 2:
             raise ValueError(f"solver state must have shape (batch, dim), got {tuple(z0.shape)}")
         if stop_mode not in STOP_MODES:
@@ -105,72 +179,134 @@ class Tracker:
         self.rel = stop_mode == "rel"
         self.check_every = resolve_check_every(check_every, dev)
         self.divergence_factor = divergence_factor
-        self.best_z = z0.clone()
-        self.best_fz = z0.clone()
-        self.best_res = torch.full((batch,), float("inf"), dtype=z0.dtype, device=dev)
-        self.best_abs = torch.full_like(self.best_res, float("inf"))
-        self.best_rel = torch.full_like(self.best_res, float("inf"))
+        # The two copies of each best sit outermost, so that gathering into one reads a view
+        # that holds the other and every candidate, but not the copy written.
+        self.rows = RowBuffer(z0, [("best_fz0", 1), ("best_z0", 1), *regions, ("best_z1", 1), ("best_fz1", 1)])
+        self.rows["best_z0"].copy_(z0)
+        self.rows["best_fz0"].copy_(z0)
+        self._current = {"best_z": 0, "best_fz": 0}  # which copy holds the best
+        small = dict(dtype=z0.dtype, device=dev)
+        # Residuals (abs, rel) of the current iterate and of each sample's best one, and ||f(z)||.
+        self._cur = torch.empty(2, batch, **small)
+        self._best = torch.full((2, batch), float("inf"), **small)
+        self.best_abs, self.best_rel = self._best[0], self._best[1]
+        self.best_res = self._best[1] if self.rel else self._best[0]
+        self._res = self._cur[1] if self.rel else self._cur[0]
+        self._scale = torch.empty(batch, **small)
+        self._tmp = torch.empty(batch, **small)
+        self._thresholds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # of an exploding residual, state
         self.first_res: Optional[torch.Tensor] = None
         self.steps = torch.zeros(batch, dtype=torch.int32, device=dev)
-        self.active = torch.ones(batch, dtype=torch.bool, device=dev)
-        self.converged = torch.zeros_like(self.active)
-        self.diverged = torch.zeros_like(self.active)
-        self.stalled = torch.zeros_like(self.active)
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.diverged = torch.zeros_like(self.converged)
+        self.stalled = torch.zeros_like(self.converged)
+        # Samples none of converged, stalled or diverged; without sequences, the active ones.
+        self._open = torch.ones_like(self.converged)
+        self.active = self._open if sequence_length is None else torch.ones_like(self.converged)
+        self._masks = torch.empty(5, batch, dtype=torch.bool, device=dev)  # scratch
         self.floor = floor_for(precision)
         self.resolution = STAGNANT_FLOOR_BAND * unit_roundoff(precision or z0.dtype)
         self.z0_norm = torch.linalg.vector_norm(z0, dim=1)
-        self.first_scale: Optional[torch.Tensor] = None
         self._flat = torch.zeros(batch, dtype=torch.int32, device=dev)
+        if sequence_length is not None:
+            shape = (batch // sequence_length, sequence_length)
+            self._prefix = (torch.empty(shape, dtype=torch.int8, device=dev),
+                            torch.empty(shape, dtype=torch.int8, device=dev),
+                            torch.empty(shape, dtype=torch.int64, device=dev))
+        self._g: Optional[torch.Tensor] = None
         self.host_reads = 0
         self.iteration = 0
-        self._trace: Optional[List[torch.Tensor]] = [] if trace else None
+        self._trace = torch.empty(max_iter, batch, **small) if trace else None
 
-    def update(self, z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @property
+    def best_z(self) -> torch.Tensor:
+        """Each sample's lowest-residual iterate so far (``z0`` before any)."""
+        return self.rows[f"best_z{self._current['best_z']}"]
+
+    @property
+    def best_fz(self) -> torch.Tensor:
+        """f at :attr:`best_z`."""
+        return self.rows[f"best_fz{self._current['best_fz']}"]
+
+    @property
+    def spare(self) -> str:
+        """The region of the copy of the best iterate that the next :meth:`update` overwrites: a
+        free ``(B, D)`` scratch until then (it lies on the side of the region the latest iterate
+        was read from)."""
+        return f"best_z{1 - self._current['best_z']}"
+
+    def _keep_best(self, key: str, better: torch.Tensor, at: Tuple[str, int]) -> None:
+        old = self._current[key]
+        self.rows.select(f"{key}{1 - old}", better, at, (f"{key}{old}", 0))
+        self._current[key] = 1 - old
+
+    def update(self, z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None, *,
+               z_at: Tuple[str, int], fz_at: Tuple[str, int]) -> torch.Tensor:
         """Record the residual of iterate ``z`` (with ``fz = f(z)``, and ``g = fz - z`` when the
-        solver has it already); return the active mask.
+        solver has it already); return the active mask. ``z_at`` and ``fz_at`` say where
+        :attr:`rows` holds ``z`` and ``fz``: ``(region, row of each sample in it)``.
 
         A sample stays active until its residual falls to ``tol`` or it diverges; frozen samples
         keep their best iterate and stop counting steps.
         """
         self.iteration += 1
-        abs_res, rel_res, scale = _residuals_and_scale(z, fz, g)
-        res = rel_res if self.rel else abs_res
-        if self.first_res is None:
+        if g is None:
+            if self._g is None:
+                self._g = torch.empty_like(z)
+            g = torch.sub(fz, z, out=self._g)
+        cur, res, scale, tmp = self._cur, self._res, self._scale, self._tmp
+        torch.linalg.vector_norm(g, dim=1, out=cur[0])
+        torch.linalg.vector_norm(fz, dim=1, dtype=scale.dtype, out=scale)  # fz may be a half f output
+        torch.div(cur[0], torch.add(scale, _REL_EPS, out=tmp), out=cur[1])
+        if self._thresholds is None:
             self.first_res = res.clone()
-            self.first_scale = self.z0_norm + scale
-        finite = torch.isfinite(res)
-        exploded = ((res > self.divergence_factor * torch.clamp(self.first_res, min=self.tol))
-                    | (scale > self.divergence_factor * self.first_scale))
-        was_active = self.active
-        self.steps += was_active.to(self.steps.dtype)
+            # A non-finite threshold on the residual tests nothing: the largest float does the same
+            # in `res <= threshold`, which is also the test for a finite residual.
+            big = torch.finfo(res.dtype).max
+            self._thresholds = (torch.nan_to_num(self.divergence_factor * torch.clamp(self.first_res, min=self.tol),
+                                                 nan=big, posinf=big),
+                                self.divergence_factor * (self.z0_norm + scale))
+        good, flag, better, newly_conv, newly_div = self._masks
+        active = self.active  # still the mask of the iterate z until the end of this update
+        # Not diverging: a residual that is finite and not exploding, a state that is not
+        # exploding (`res <= x` is False for NaN and inf; for bools `a > b` is `a & ~b`).
+        torch.le(res, self._thresholds[0], out=good)
+        torch.gt(good, torch.gt(scale, self._thresholds[1], out=flag), out=good)
+        self.steps.add_(active)
         if self.floor is not None:
             # Steps in a row that gained less than MIN_GAIN on the best residual.
-            gained = res < (1.0 - MIN_GAIN) * self.best_res
-            self._flat = torch.where(gained, 0, self._flat + 1)
-        better = was_active & finite & (res < self.best_res)
-        torch.where(better[:, None], z, self.best_z, out=self.best_z)  # in place: no new buffer
-        torch.where(better[:, None], fz, self.best_fz, out=self.best_fz)
-        self.best_res = torch.where(better, res, self.best_res)
-        self.best_abs = torch.where(better, abs_res, self.best_abs)
-        self.best_rel = torch.where(better, rel_res, self.best_rel)
-        open_ = was_active & ~(self.converged | self.stalled | self.diverged)
-        newly_conv = open_ & finite & (res <= self.tol) & ~exploded
-        newly_div = open_ & (~finite | exploded)
-        self.converged = self.converged | newly_conv
-        self.diverged = self.diverged | newly_div
+            torch.lt(res, torch.mul(self.best_res, 1.0 - MIN_GAIN, out=tmp), out=flag)
+            self._flat.add_(1).masked_fill_(flag, 0)
+        # Better: a lower residual, so finite (a comparison with NaN is False).
+        torch.lt(res, self.best_res, out=better).logical_and_(active)
+        self._keep_best("best_z", better, z_at)
+        self._keep_best("best_fz", better, fz_at)
+        torch.where(better, cur, self._best, out=self._best)
+        # Open samples (none of converged, stalled, diverged) are active: without sequences they
+        # are the active ones, with sequences a position that has not stopped is active.
+        open_ = self._open
+        torch.le(res, self.tol, out=newly_conv).logical_and_(good).logical_and_(open_)
+        torch.gt(open_, good, out=newly_div)
+        self.converged.logical_or_(newly_conv)
+        self.diverged.logical_or_(newly_div)
+        torch.gt(self._open, newly_conv, out=self._open)
+        torch.gt(self._open, newly_div, out=self._open)
         if self.floor is not None:
-            newly_stalled = (open_ & ~newly_conv & ~newly_div & (self._flat >= PATIENCE)
-                             & (self.best_rel <= self.floor))
-            self.stalled = self.stalled | newly_stalled
-        stopped = self.converged | self.stalled | self.diverged
+            newly_stalled = torch.ge(self._flat, PATIENCE, out=flag)
+            newly_stalled.logical_and_(torch.le(self.best_rel, self.floor, out=better)).logical_and_(self._open)
+            self.stalled.logical_or_(newly_stalled)
+            torch.gt(self._open, newly_stalled, out=self._open)
         if self.sequence_length is not None:
             # A position stops once it and every earlier position of its sequence have.
-            prefix = stopped.view(-1, self.sequence_length).to(torch.int8).cummin(dim=1).values
-            stopped = prefix.view(-1).bool() | self.diverged
-        self.active = ~stopped
+            stopped, values, indices = self._prefix
+            torch.logical_not(self._open.view(stopped.shape), out=stopped)
+            torch.cummin(stopped, dim=1, out=(values, indices))
+            torch.eq(values.view(-1), 0, out=active)
+            torch.gt(active, self.diverged, out=active)
         if self._trace is not None:
-            self._trace.append(torch.where(finite, res, torch.full_like(res, float("inf"))))
-        return self.active
+            inf = float("inf")
+            torch.nan_to_num(res, nan=inf, posinf=inf, out=self._trace[self.iteration - 1])
+        return active
 
     def done(self) -> bool:
         """Whether to stop now: the limit is reached, or (at a check) no sample is active."""
@@ -183,7 +319,7 @@ class Tracker:
 
     def result(self) -> SolverResult:
         """The solve's outcome: each sample's best iterate, its residuals, steps and flags."""
-        trace = torch.stack(self._trace) if self._trace else None
+        trace = self._trace[:self.iteration].clone() if self._trace is not None and self.iteration else None
         diverged, stalled = self.diverged, self.stalled
         if self.first_res is not None:
             open_ = ~self.converged & ~diverged & ~stalled
@@ -192,6 +328,8 @@ class Tracker:
             at_floor = self.best_rel <= self.resolution
             stalled = stalled | (no_progress & at_floor)
             diverged = diverged | (no_progress & ~at_floor)
-        return SolverResult(z=self.best_z, fz=self.best_fz, steps=self.steps, abs_res=self.best_abs,
-                            rel_res=self.best_rel, converged=self.converged, diverged=diverged,
-                            stalled=stalled, host_reads=self.host_reads, trace=trace)
+        # Copies: views would keep the whole row buffer alive as long as the result.
+        return SolverResult(z=self.best_z.clone(), fz=self.best_fz.clone(), steps=self.steps,
+                            abs_res=self.best_abs.clone(), rel_res=self.best_rel.clone(),
+                            converged=self.converged, diverged=diverged, stalled=stalled,
+                            host_reads=self.host_reads, trace=trace)

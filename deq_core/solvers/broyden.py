@@ -10,12 +10,6 @@ from .registry import SolverOption, register_solver
 from .result import SolverResult
 
 
-def _low_rank(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_i us_i (vs_i . x) for histories of shape (B, n, D) and x of shape (B, D)."""
-    coeff = torch.bmm(vs, x.unsqueeze(2))  # (B, n, 1)
-    return torch.bmm(coeff.transpose(1, 2), us).squeeze(1)
-
-
 @register_solver("broyden", {
     "memory": SolverOption(int, lambda v: v >= 1, ">= 1", "rank-one updates kept before the inverse-Jacobian "
                            "approximation restarts; None keeps max_iter", optional=True),
@@ -39,42 +33,72 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
     Returns:
         the :class:`SolverResult`.
     """
+    # The iterate and a copy of f(z) live in the tracker's rows: a new best is one row gather.
     tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
-                      sequence_length)
+                      sequence_length, regions=[("z", 1), ("fz", 1)])
+    rows = tracker.rows
     batch, dim = z0.shape
     mem = memory or max_iter
     us = z0.new_empty(batch, mem, dim)  # only slots already written are read
     vs = z0.new_empty(batch, mem, dim)
-    z = z0.clone()  # updated in place below
+    # The step s and -H g at the next iterate side by side, so that s.s and s.(-H g) are one pass.
+    pair = z0.new_empty(batch, 2, dim)
+    step, neg_hg = pair[:, 0], pair[:, 1]
+    gs = (torch.empty_like(z0), torch.empty_like(z0))  # g at the current and the next iterate
+    coeff = z0.new_empty(batch * mem)  # (B, n, 1) views: contiguous, as bmm writes them
+    dots = z0.new_empty(batch, 1, 2)
+    denom, scale, factor, ok, flag = (z0.new_empty(batch), z0.new_empty(batch), z0.new_empty(batch),
+                                      torch.empty(batch, dtype=torch.bool, device=z0.device),
+                                      torch.empty(batch, dtype=torch.bool, device=z0.device))
+    z = rows["z"].copy_(z0)  # updated in place below
     fz = f(z)
-    gz = fz - z
+    g = torch.sub(fz, z, out=gs[0])
     k = 0
     while True:
-        active = tracker.update(z, fz, gz)
+        rows["fz"].copy_(fz)
+        active = tracker.update(z, fz, g, z_at=("z", 0), fz_at=("fz", 0))
         if tracker.done():
             return tracker.result()
         # A full history restarts from H = -I: overwriting the oldest update instead leaves an H
         # that no longer satisfies the recent secant conditions, and on a slowly contracting map
         # (spectral radius 0.99) every memory from 2 to 20 diverged that way.
         n = k % mem
-        keep = active[:, None]
-        # Step s = -H g; frozen samples take no step (and so keep their iterate).
-        step = gz - _low_rank(us[:, :n], vs[:, :n], gz) if n else gz.clone()
-        step.masked_fill_(~keep, 0.0)
+        # Step s = -H g; frozen samples take no step (and so keep their iterate). After an update
+        # u v^T of H, -H g is the -H g of the previous H times a per-sample factor (below).
+        if n == 0:
+            step.copy_(g)
+        else:
+            torch.mul(neg_hg, factor[:, None], out=step)
+        step.masked_fill_(torch.logical_not(active, out=flag)[:, None], 0.0)
         z.add_(step)
         fz = f(z)
-        gz_new = fz - z
-        y = gz_new - gz
-        gz = gz_new
-        hy = _low_rank(us[:, :n], vs[:, :n], y).sub_(y) if n else -y
-        sh = _low_rank(vs[:, :n], us[:, :n], step).sub_(step) if n else -step  # H^T s
-        denom = (sh * y).sum(dim=1, keepdim=True)
+        g = torch.sub(fz, z, out=gs[(k + 1) % 2])
+        if n == mem - 1 or k + 2 >= max_iter:
+            k += 1  # the next step restarts, or the next update ends the solve: no use for an update
+            continue
+        # The good Broyden update H += u v^T with v = H^T s, u = (s - H y) / (v . y), y the change
+        # of g. As s = -H g_old, H y = s - (-H g) and s - H y = -H g, the new -H g: so u needs no
+        # pass of its own, v . y = s . s - s . (-H g), and the next step is (-H g) (s . s) / (v . y).
+        c = coeff[:batch * n].view(batch, n, 1)
+        if n == 0:
+            neg_hg.copy_(g)
+            torch.neg(step, out=vs[:, 0])
+        else:
+            torch.bmm(vs[:, :n], g.unsqueeze(2), out=c)
+            torch.baddbmm(g.unsqueeze(1), c.transpose(1, 2), us[:, :n], alpha=-1.0, out=neg_hg.unsqueeze(1))
+            torch.bmm(us[:, :n], step.unsqueeze(2), out=c)
+            torch.baddbmm(step.unsqueeze(1), c.transpose(1, 2), vs[:, :n], beta=-1.0, out=vs[:, n].unsqueeze(1))
+        torch.bmm(step.unsqueeze(1), pair.transpose(1, 2), out=dots)
+        s_s = dots[:, 0, 0]
+        torch.sub(s_s, dots[:, 0, 1], out=denom)
         # Skip the update (zero u, v) for frozen samples and vanishing denominators. Scaling by a
         # per-sample factor is cheaper than a masked select; it is exact where the factor is 0
         # unless the sample's vectors are non-finite, and then the sample has diverged anyway.
-        ok = keep & torch.isfinite(denom) & (denom != 0)
-        scale = torch.where(ok, 1.0 / torch.where(ok, denom, 1.0), 0.0)
-        slot = n
-        torch.mul(step - hy, scale, out=us[:, slot])
-        torch.mul(sh, ok.to(sh.dtype), out=vs[:, slot])
+        torch.lt(torch.abs(denom, out=scale), float("inf"), out=ok)
+        ok.logical_and_(torch.ne(denom, 0.0, out=flag)).logical_and_(active)
+        torch.logical_not(ok, out=flag)
+        torch.reciprocal(denom, out=scale).masked_fill_(flag, 0.0)
+        torch.mul(neg_hg, scale[:, None], out=us[:, n])
+        vs[:, n].mul_(ok[:, None])
+        torch.mul(s_s, scale, out=factor).masked_fill_(flag, 1.0)
         k += 1

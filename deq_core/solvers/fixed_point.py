@@ -29,21 +29,24 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, 
     Returns:
         the :class:`SolverResult`.
     """
+    # The iterates in turn and a copy of f(z) live in the tracker's rows: a new best, or the next
+    # iterate (f(z), or the damped step, for active samples, z for frozen ones), is one row gather.
     tracker = Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
-                      sequence_length)
-    buffers = (torch.empty_like(z0), torch.empty_like(z0))  # iterates in turn, no allocation
-    z = z0
+                      sequence_length, regions=[("z0", 1), ("fz", 1), ("z1", 1)])
+    rows = tracker.rows
+    g = torch.empty_like(z0)
+    z = rows["z0"].copy_(z0)
     fz = f(z)
     k = 0
     while True:
-        active = tracker.update(z, fz)
+        here, there = f"z{k % 2}", f"z{(k + 1) % 2}"
+        rows["fz"].copy_(fz)
+        tracker.update(z, fz, torch.sub(fz, z, out=g), z_at=(here, 0), fz_at=("fz", 0))
         if tracker.done():
             return tracker.result()
-        z_new = buffers[k % 2]
-        if damping == 1.0:
-            torch.where(active[:, None], fz, z, out=z_new)
-        else:
-            torch.where(active[:, None], torch.lerp(z, fz, damping), z, out=z_new)
-        z = z_new
+        if damping != 1.0:
+            torch.lerp(z, fz, damping, out=rows["fz"])
+        rows.select(there, tracker.active, ("fz", 0), (here, 0))
+        z = rows[there]
         fz = f(z)
         k += 1

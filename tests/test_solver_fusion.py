@@ -1,0 +1,242 @@
+"""The fused solver bookkeeping changes no result: iterates (every input f sees), residual traces,
+step counts, outcomes and best iterates equal those of the solvers before it (the frozen copy in
+tests/_reference_solvers.py) within round-off, on the maps of the solver tests; and it moves
+less of the state per iteration."""
+import pytest
+import torch
+
+import tests._reference_solvers as reference
+from bench.core import state_passes
+from deq_core import DEQLayer, get_solver, register_solver
+from tests._maps import MLPCell, TanhCell, contraction
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SOLVERS = ("anderson", "broyden", "fixed_point")
+OPTIONS = {"anderson": [{}, {"m": 3, "beta": 0.5}], "broyden": [{}, {"memory": 4}],
+           "fixed_point": [{}, {"damping": 0.6}]}
+CASES = [(name, options) for name in SOLVERS for options in OPTIONS[name]]
+FIELDS = ("z", "fz", "abs_res", "rel_res")
+FLAGS = ("steps", "converged", "diverged", "stalled")
+
+
+def _recorded(f):
+    seen = []
+
+    def g(z):
+        seen.append(z.detach().clone())
+        return f(z)
+
+    return g, seen
+
+
+def _roundoff(name, dtype):
+    """How far a fused result may be from the reference one, relative to its magnitude (``dtype``
+    the precision f computes in): Anderson and fixed point do the same arithmetic (and agree bit
+    for bit here); Broyden's update is the same algebra in fewer passes (u = -H g_new / (v . y)
+    instead of (s - H y) / (v . y), the next step a multiple of -H g_new), whose round-off the
+    later steps carry along."""
+    eps = torch.finfo(dtype).eps
+    return 8 * eps if name != "broyden" else 2e4 * eps
+
+
+def _compare(name, f, z0, *, iterates=True, chaotic=False, **kw):
+    """Run the fused and the reference solver on the same problem and check that they agree.
+
+    ``chaotic``: a map without a fixed point on which the iterates grow and round-off grows with
+    them; only the outcomes are compared (for Broyden, whose round-off differs)."""
+    f_new, seen_new = _recorded(f)
+    f_old, seen_old = _recorded(f)
+    new = get_solver(name)(f_new, z0, **kw)
+    old = reference.SOLVERS[name](f_old, z0, **kw)
+    if chaotic and name == "broyden":
+        for key in FLAGS[1:]:
+            assert torch.equal(getattr(new, key), getattr(old, key)), key
+        assert bool(torch.isfinite(new.z).all())
+        return new, old, seen_new
+    for key in FLAGS:
+        assert torch.equal(getattr(new, key), getattr(old, key)), (key, getattr(new, key), getattr(old, key))
+    assert new.host_reads == old.host_reads
+    scale = max(float(torch.nan_to_num(old.fz).abs().max()), float(z0.abs().max()), 1.0)
+    rtol = _roundoff(name, kw.get("precision") or z0.dtype)
+    for key in FIELDS:
+        torch.testing.assert_close(getattr(new, key), getattr(old, key), rtol=rtol, atol=rtol * scale,
+                                   equal_nan=True, msg=lambda m, key=key: f"{key}: {m}")
+    if old.trace is not None:
+        torch.testing.assert_close(new.trace, old.trace, rtol=rtol, atol=rtol * scale, equal_nan=True)
+    if iterates:
+        assert len(seen_new) == len(seen_old)
+        torch.testing.assert_close(torch.stack(seen_new), torch.stack(seen_old), rtol=rtol, atol=rtol * scale,
+                                   equal_nan=True)
+    return new, old, seen_new
+
+
+def _linear_problem(batch=3, dim=40, radius=0.95, dtype=torch.float64, seed=0):
+    a = contraction(dim, radius, dtype=dtype, seed=seed)
+    b = torch.randn(batch, dim, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    return (lambda z: z @ a.T + b), torch.zeros_like(b)
+
+
+@pytest.mark.parametrize("name, options", CASES)
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_linear_contraction(name, options, stop_mode, dtype):
+    f, z0 = _linear_problem(dtype=dtype)
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    new, _, _ = _compare(name, f, z0, max_iter=300, tol=tol, stop_mode=stop_mode, trace=True, **options)
+    if name != "fixed_point" or options:
+        assert bool(new.converged.all())
+
+
+@pytest.mark.parametrize("name, options", CASES)
+def test_a_nonlinear_map_in_float32_to_its_floor(name, options):
+    a = contraction(64, 0.9, dtype=torch.float32, seed=3)
+    b = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    _compare(name, lambda z: torch.tanh(z @ a.T + b), torch.zeros(8, 64), max_iter=40, tol=0.0, trace=True,
+             **options)
+
+
+@pytest.mark.parametrize("name, options", CASES)
+def test_per_sample_freezing(name, options):
+    dim = 20
+    mats = torch.stack([contraction(dim, 0.1, seed=1), contraction(dim, 0.9, seed=2)])  # easy, hard
+    b = torch.ones(2, dim, dtype=torch.float64)
+    new, _, seen = _compare(name, lambda z: torch.bmm(mats, z.unsqueeze(2)).squeeze(2) + b, torch.zeros_like(b),
+                            max_iter=200, tol=1e-7, trace=True, **options)
+    easy = int(new.steps[0])
+    assert easy < int(new.steps[1])
+    frozen = torch.stack([z[0] for z in seen[easy:]])
+    assert torch.equal(frozen, frozen[:1].expand_as(frozen))
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_divergence_and_the_best_iterate(name):
+    z0 = torch.zeros(2, 5, dtype=torch.float64)
+    new, _, _ = _compare(name, lambda z: z + 1 + z * z, z0, max_iter=100, tol=1e-6, trace=True, chaotic=True)
+    assert bool(new.diverged.all()) and torch.equal(new.z, z0)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_non_finite_sample_stops_alone(name):
+    def f(z):
+        out = 0.5 * z + 1
+        out[1] = out[1] / 0.0 * z[1]
+        return out
+
+    new, _, _ = _compare(name, f, torch.zeros(3, 4), max_iter=50, tol=1e-5, trace=True)
+    assert new.diverged.tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_maps_without_a_fixed_point(name, dtype):
+    z0 = torch.zeros(4, 10, dtype=dtype)
+    _compare(name, lambda z: z + 1, z0, max_iter=30, tol=1e-6)
+    _compare(name, lambda z: z + 1 + 0.5 * torch.sin(z), z0, max_iter=100, tol=1e-6, chaotic=True)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_warm_start_at_the_noise_floor(name):
+    a = contraction(16, 0.8, dtype=torch.float32)
+    b = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+
+    def f(z):
+        return torch.tanh(0.9 * z @ a.T + b)
+
+    cold = get_solver(name)(f, torch.zeros(8, 16), max_iter=200, tol=1e-12)
+    new, _, _ = _compare(name, f, cold.z, max_iter=30, tol=1e-12, iterates=name != "broyden")
+    assert bool(new.stalled.any())
+
+
+def _causal_problem(b_last, length=6, dim=5, batch=2):
+    g = torch.Generator().manual_seed(0)
+    a = contraction(dim, 0.6)
+    c = 0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    b = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
+    b[:, -1] = b_last
+
+    def f(flat):
+        z = flat.view(batch, length, dim)
+        past = torch.cumsum(z, dim=1) - z
+        counts = torch.arange(length, dtype=z.dtype).clamp_min(1).view(1, length, 1)
+        return torch.tanh(z @ a.T + (past / counts) @ c.T + b).reshape(batch * length, dim)
+
+    return f, torch.zeros(batch * length, dim, dtype=torch.float64), length
+
+
+@pytest.mark.parametrize("name, options", CASES)
+@pytest.mark.parametrize("b_last", [0.0, 3.0])
+def test_sequences_stop_in_order(name, options, b_last):
+    f, z0, length = _causal_problem(b_last)
+    new, _, _ = _compare(name, f, z0, max_iter=40, tol=1e-6, sequence_length=length, trace=True, **options)
+    steps = new.steps.view(2, length)
+    assert bool((steps[:, 1:] >= steps[:, :-1]).all())
+
+
+@pytest.mark.parametrize("memory", [1, 2, 3, 5, 10, 20])
+def test_limited_memory_broyden(memory):
+    f, z0 = _linear_problem(radius=0.99)
+    _compare("broyden", f, z0, max_iter=400, tol=1e-8, memory=memory, trace=True, chaotic=memory == 2)  # 2 diverges
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_precision_floor(name, dtype):
+    torch.manual_seed(0)
+    w = torch.randn(256, 256) * 0.5 / 16
+    x = torch.randn(8, 256)
+
+    def f(z):
+        return torch.tanh((z.to(dtype) @ w.to(dtype)).float() + x)
+
+    new, _, _ = _compare(name, f, torch.zeros(8, 256), max_iter=50, tol=1e-7, stop_mode="rel", precision=dtype,
+                         trace=True, iterates=name != "broyden")
+    assert bool(new.stalled.all())
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_under_autocast(name):
+    torch.manual_seed(0)
+    w = torch.randn(32, 32) * 0.03
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare(name, lambda z: torch.tanh(torch.nn.functional.linear(z, w) + x).float(), torch.zeros(4, 32),
+                 max_iter=30, tol=1e-6, trace=True, iterates=name != "broyden")
+
+
+@pytest.fixture(scope="module")
+def reference_names():
+    for name in SOLVERS:
+        register_solver(f"reference_{name}_fusion_test", {})(reference.SOLVERS[name])
+    return {name: f"reference_{name}_fusion_test" for name in SOLVERS}
+
+
+@pytest.mark.parametrize("f_solver, b_solver", [("anderson", "broyden"), ("broyden", "fixed_point"),
+                                                ("fixed_point", "anderson")])
+@pytest.mark.parametrize("cell", ["tanh", "mlp"])
+def test_a_layer_forward_and_implicit_backward(reference_names, f_solver, b_solver, cell):
+    torch.manual_seed(0)
+    f = TanhCell(12, 5, scale=0.6) if cell == "tanh" else MLPCell(dim=12, hidden=24).double()
+    x = torch.randn(6, 5 if cell == "tanh" else 12, dtype=torch.float64)
+    opts = dict(f_max_iter=40, b_max_iter=40, f_tol=1e-9, b_tol=1e-9, jac_weight=0.0, f_solver_options={},
+                b_solver_options={})
+    outs = []
+    for names in ({"f": f_solver, "b": b_solver}, {"f": reference_names[f_solver], "b": reference_names[b_solver]}):
+        layer = DEQLayer(f, f_solver=names["f"], b_solver=names["b"], **opts)
+        f.zero_grad()
+        z, stats = layer(x)
+        z.pow(2).sum().backward()
+        outs.append((z.detach(), stats.f_steps, stats.b_steps, [p.grad.clone() for p in f.parameters()]))
+    (z_new, fs_new, bs_new, g_new), (z_old, fs_old, bs_old, g_old) = outs
+    assert torch.equal(fs_new, fs_old) and torch.equal(bs_new, bs_old)
+    torch.testing.assert_close(z_new, z_old, rtol=0, atol=1e-12)
+    for a, b in zip(g_new, g_old):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_the_fused_solvers_move_less_of_the_state_per_iteration():
+    passes = state_passes(batch=2, dim=512, iterations=12)
+    for name, counts in passes.items():
+        (calls_after, traffic_after), (calls_before, traffic_before) = counts["after"], counts["before"]
+        assert traffic_after < traffic_before, (name, counts)
+        assert calls_after <= calls_before + 1, (name, counts)
