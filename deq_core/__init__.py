@@ -1,5 +1,6 @@
 """deq_core: deep equilibrium layers with Jacobian regularization, framework-agnostic (torch only)."""
 from .config import BACKWARD_MODES, PROBE_DISTRIBUTIONS, DEQConfig, add_deq_args, parse_solver_options
+from .correction import fixed_point_correction
 from .dropout import VariationalDropout
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
 from .layer import DEQLayer, equilibrium_pass, name_deq_layers
@@ -19,5 +20,5 @@ __all__ = [
     "apply_spectral_norm", "remove_spectral_norm",
     "JRSchedule", "jac_frobenius_estimate", "spectral_radius",
     "SolverResult", "SolverOption", "SolveSpec", "residuals", "register_solver", "unregister_solver", "get_solver", "list_solvers",
-    "anderson", "broyden", "fixed_point",
+    "anderson", "broyden", "fixed_point", "fixed_point_correction",
 ]

@@ -22,6 +22,8 @@ _PHANTOM_FIELDS = ("phantom_steps", "phantom_damping")
 _BACKWARD_SOLVE_FIELDS = ("b_solver", "b_max_iter", "b_tol", "b_stop_mode", "b_solver_options")
 # Fields only read when spectral_norm is on.
 _SPECTRAL_NORM_FIELDS = ("spectral_norm_scale", "spectral_norm_learn_scale", "spectral_norm_clip")
+# Fields of fixed-point correction; the first two switch it on, the last is only read when it is on.
+_CORRECTION_FIELDS = ("fp_correction_states", "fp_correction_steps", "fp_correction_gamma")
 
 
 def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Iterable[str]] = None,
@@ -109,12 +111,28 @@ class DEQConfig:
     spectral_norm_clip: Optional[float] = _opt(None, "spectral norm: bound on |s| (each weight's norm is "
                                                "min(|s|, clip); a bound for a learned s)", kind=float, low=0.0,
                                                low_open=True, optional=True)
+    # Fixed-point correction (training passes with gradients, implicit or phantom backward, after
+    # pretraining): states along the forward solve supervised besides the output.
+    fp_correction_states: int = _opt(0, "fixed-point correction: supervise n states of each training solve, the "
+                                     "iterates at steps (i * limit) // n for i = 1..n-1 and the output (0: off; 1: "
+                                     "the output only, today's loss); see DEQStats.correction_states", low=0)
+    fp_correction_steps: str = _opt("", "fixed-point correction: the solver steps whose iterates are supervised "
+                                    "besides the output, comma-separated, strictly increasing, each in "
+                                    "1..f_max_iter (e.g. '10,20'; '': off); an alternative to "
+                                    "fp_correction_states")
+    fp_correction_gamma: float = _opt(0.8, "fixed-point correction: the k-th of n supervised states has loss weight "
+                                      "gamma^(n-1-k), the output weight 1", low=0.0, high=1.0, low_open=True)
     # Pretraining.
     pretrain_steps: int = _opt(0, "steps trained as an unrolled weight-tied stack before solving", low=0)
     pretrain_jac_weight: float = _opt(0.0, "JR weight during pretraining", low=0.0)
     seed: int = _opt(0, "seed of the per-step random decisions (JR on/off, limit jitter)")
 
     def __post_init__(self) -> None:
+        steps = self.fp_correction_steps
+        if isinstance(steps, (list, tuple)):
+            # A sequence of step indices is accepted and kept as its canonical text, the one form
+            # that the command lines (argparse and fairseq) carry.
+            object.__setattr__(self, "fp_correction_steps", ",".join(_step_text(s) for s in steps))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check_field(f, getattr(self, f.name)))
         for side in ("f", "b"):
@@ -125,6 +143,7 @@ class DEQConfig:
         if self.f_max_iter_jitter >= self.f_max_iter:
             raise ValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
                              f"got {self.f_max_iter_jitter}")
+        self._check_correction()
         unused = self._ignored_by_spectral_norm()
         if unused:
             warn_user(f"spectral_norm=False does not use {', '.join(unused)}: they have no effect (set "
@@ -133,11 +152,17 @@ class DEQConfig:
         if ignored:
             warn_user(f"backward={self.backward!r} does not use {', '.join(ignored)}: they have no effect "
                       "(options of another backward mode, perhaps a model's defaults for it)")
+        unread = self._ignored_by_correction()
+        if unread:
+            warn_user(f"fixed-point correction is off (fp_correction_states=0, fp_correction_steps='') and does "
+                      f"not use {', '.join(unread)}: they have no effect (set fp_correction_states or "
+                      "fp_correction_steps to turn it on)")
 
     def _ignored_by_backward(self) -> Tuple[str, ...]:
-        """Fields set away from their defaults that the chosen backward mode never reads."""
-        unused = {"implicit": _PHANTOM_FIELDS, "phantom": _BACKWARD_SOLVE_FIELDS,
-                  "unrolled": _PHANTOM_FIELDS + _BACKWARD_SOLVE_FIELDS}[self.backward]
+        """Fields set away from their defaults that the chosen backward mode never reads (the
+        phantom steps are read by fixed-point correction in the implicit mode too)."""
+        unused = {"implicit": () if self.fp_correction else _PHANTOM_FIELDS, "phantom": _BACKWARD_SOLVE_FIELDS,
+                  "unrolled": _PHANTOM_FIELDS + _BACKWARD_SOLVE_FIELDS + _CORRECTION_FIELDS}[self.backward]
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in unused}
         defaults["b_solver_options"] = validate_solver_options(self.b_solver, {})
         return tuple(f"{name}={getattr(self, name)!r}" for name in unused
@@ -150,6 +175,51 @@ class DEQConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _SPECTRAL_NORM_FIELDS}
         return tuple(f"{name}={getattr(self, name)!r}" for name in _SPECTRAL_NORM_FIELDS
                      if getattr(self, name) != defaults[name])
+
+    def _ignored_by_correction(self) -> Tuple[str, ...]:
+        """Correction options set away from their defaults while fixed-point correction is off
+        (in the unrolled backward mode :meth:`_ignored_by_backward` names them)."""
+        if self.fp_correction or self.backward == "unrolled":
+            return ()
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "fp_correction_gamma")
+        return (f"fp_correction_gamma={self.fp_correction_gamma!r}",) if self.fp_correction_gamma != default else ()
+
+    def _check_correction(self) -> None:
+        if self.fp_correction_states and self.fp_correction_steps:
+            raise ValueError(f"set fp_correction_states (n states spaced over the limit) or fp_correction_steps "
+                             f"(explicit solver steps), not both; got fp_correction_states="
+                             f"{self.fp_correction_states} and fp_correction_steps={self.fp_correction_steps!r}")
+        shortest = self.f_max_iter - self.f_max_iter_jitter
+        if self.fp_correction_states > shortest:
+            limit = (f"f_max_iter - f_max_iter_jitter = {self.f_max_iter} - {self.f_max_iter_jitter}"
+                     if self.f_max_iter_jitter else "f_max_iter")
+            raise ValueError(f"fp_correction_states must be <= the shortest training forward limit, {limit} = "
+                             f"{shortest} (n states need n distinct solver steps), got {self.fp_correction_states}")
+        steps = _parse_steps(self.fp_correction_steps, self.f_max_iter)
+        object.__setattr__(self, "fp_correction_steps", ",".join(map(str, steps)))
+
+    @property
+    def fp_correction(self) -> bool:
+        """Whether fixed-point correction is on (``fp_correction_states`` or ``fp_correction_steps`` set)."""
+        return self.fp_correction_states > 0 or bool(self.fp_correction_steps)
+
+    def correction_steps(self, max_iter: int) -> Optional[Tuple[int, ...]]:
+        """The solver steps whose states fixed-point correction supervises besides the output.
+
+        Args:
+            max_iter: the forward limit of the pass (``f_max_iter`` less the pass's jitter).
+
+        Returns:
+            ``None`` when correction is off; else the increasing steps: ``(i * max_iter) // n`` for
+            ``i = 1..n-1`` with ``fp_correction_states = n`` (empty for n = 1), or the
+            ``fp_correction_steps`` (some may exceed a jittered limit: those states are z*).
+        """
+        if self.fp_correction_states:
+            n = self.fp_correction_states
+            return tuple((i * max_iter) // n for i in range(1, n))
+        if self.fp_correction_steps:
+            return _parse_steps(self.fp_correction_steps, self.f_max_iter)
+        return None
 
     # ----------------------------------------------------------------------------------------
     def forward_solve(self, training: bool, shortened_by: int = 0) -> SolveSpec:
@@ -238,6 +308,27 @@ class DEQConfig:
     def to_dict(self) -> Dict[str, Any]:
         """Every field and its value, as a new dict (option dicts copied)."""
         return {k: _copy(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _step_text(step: Any) -> str:
+    step = _python_scalar(step)
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"fp_correction_steps must hold integer solver steps, got {step!r} ({type(step).__name__})")
+    return str(step)
+
+
+def _parse_steps(text: str, max_iter: int) -> Tuple[int, ...]:
+    """The solver steps of ``fp_correction_steps`` ("10,20"; "" for none), checked."""
+    accepted = (f"comma-separated solver steps, integers in 1..f_max_iter={max_iter}, strictly increasing "
+                "(e.g. '10,20'), or '' for none")
+    items = [item.strip() for item in text.split(",")] if text.strip() else []
+    try:
+        steps = tuple(int(item) for item in items)
+    except ValueError:
+        raise ValueError(f"fp_correction_steps must be {accepted}; got {text!r}") from None
+    if any(k < 1 or k > max_iter for k in steps) or any(a >= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"fp_correction_steps must be {accepted}; got {text!r}")
+    return steps
 
 
 def _copy(value: Any) -> Any:

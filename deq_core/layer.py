@@ -102,6 +102,37 @@ class _FlatMap:
                                 f"{sorted(map(str, allowed))}")
 
 
+class _StepRecorder:
+    """Wraps the map a solver is given and keeps a detached copy of the argument of its k-th call
+    for each requested k (k = 1 is the first call, whose argument is the solver's z0): the
+    solver's iterates at those steps, taken without touching the solver. Only the requested
+    calls are copied, so it holds ``len(steps)`` states."""
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self.wanted = frozenset(steps)
+        self.calls = 0
+        self.saved: Dict[int, torch.Tensor] = {}
+
+    def wrap(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def recording(z: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls in self.wanted:
+                # A copy: solvers update their iterate buffers in place.
+                self.saved[self.calls] = z.detach().clone()
+            return fn(z)
+        return recording
+
+    def state_at(self, step: int, result: SolverResult) -> torch.Tensor:
+        """The iterate at ``step`` per sample: the argument of the ``step``-th call where the sample
+        was still active then (``result.steps >= step``) and that argument is finite, else the
+        sample's z* (``result.z``): the solve, or the sample, stopped before that step."""
+        saved = self.saved.get(step)
+        if saved is None:
+            return result.z.clone()
+        keep = (result.steps >= step) & torch.isfinite(saved).all(dim=1)
+        return torch.where(keep[:, None], saved, result.z)
+
+
 class _JRWatch:
     """Records whether a backward pass reached a training pass's output and its JR estimate."""
 
@@ -202,6 +233,25 @@ class DEQLayer(nn.Module):
 
     With ``config.spectral_norm`` the layer applies :func:`~deq_core.apply_spectral_norm` to f
     when it is built (changing the field on a built layer has no effect).
+
+    Fixed-point correction (``config.fp_correction_states`` or ``fp_correction_steps``; Bai et
+    al. 2022, DEQ optical flow) supervises states along the forward solve besides the output. It
+    runs in training passes with gradients, in the implicit and phantom modes, after
+    pretraining; in every other pass ``stats.correction_states`` is ``None``. The solver is not
+    changed: the map it is given is wrapped, and the **state at step k** is, per sample, the
+    argument of the k-th evaluation of f by the forward solver (k = 1 is the first evaluation,
+    whose argument is z0 in the built-in solvers; for ``fixed_point`` without damping the state
+    at step k is ``f^(k-1)(z0)``), a detached copy taken at that call only. Where the solve or the sample
+    stopped before its k-th evaluation (it converged, stalled or diverged earlier, or the
+    jittered limit is below k), or that argument is not finite, the state is the sample's z*
+    (the lowest-residual iterate the output is f of). ``stats.correction_states`` holds these
+    states, in order of ``stats.correction_steps`` and in the structure and dtype of the output;
+    each has exactly the iterate's value and the gradient of a phantom chain from it
+    (``phantom_steps`` steps ``z <- z + phantom_damping (f(z) - z)`` from z_k, differentiated
+    by autograd, so each keeps ``phantom_steps`` graphs of f until the backward pass). The output
+    and its gradient are those of the configured backward mode, unchanged. Combine them with
+    :func:`~deq_core.fixed_point_correction` (``states = [*stats.correction_states, output]``,
+    ``gamma = stats.correction_gamma``).
 
     Args:
         f: the map ``f(z, *inputs, **kwargs)``.
@@ -433,6 +483,7 @@ class DEQLayer(nn.Module):
         jac_weight = self.jac_weight if self.training else 0.0
         jac_on = jac_on and grad and jac_weight > 0.0
         jac: Optional[torch.Tensor] = None
+        correction = None
         with equilibrium_pass(self.f):
             spec, fn, z0_flat = self._prepare(inputs, kwargs, z0)
             with fn.boundary.outside():
@@ -442,8 +493,10 @@ class DEQLayer(nn.Module):
                 else:
                     mode, solve = cfg.backward, cfg.forward_solve(self.training, cut)
                     max_iter = solve.max_iter
+                    steps = cfg.correction_steps(max_iter) if self.training and grad else None
+                    recorder = _StepRecorder(steps) if steps else None
                     with torch.no_grad():
-                        result = self._solve(fn, z0_flat, solve)
+                        result = self._solve(fn, z0_flat, solve, recorder)
                     if not grad:
                         z = result.fz if result.fz is not None else fn(result.z)
                     elif mode == "phantom":
@@ -452,7 +505,12 @@ class DEQLayer(nn.Module):
                         z_in = result.z.detach().requires_grad_()
                         z = fn(z_in)
                         jac = self._jac(z, z_in) if jac_on else None
-                stats = DEQStats.from_solve(mode, result, max_iter, jac_frobenius=jac, jac_weight=jac_weight)
+                    if steps is not None:
+                        states = [spec.unpack(self._correction_state(fn, recorder.state_at(k, result)), spec.dtype)
+                                  for k in steps]
+                        correction = (steps, states, cfg.fp_correction_gamma)
+                stats = DEQStats.from_solve(mode, result, max_iter, jac_frobenius=jac, jac_weight=jac_weight,
+                                            correction=correction)
                 if mode == "implicit" and grad:
                     z = _ImplicitGrad.apply(z, z_in, cfg.backward_solve(), fn.precision, fn.groups, stats)
                 if jac is not None and z.requires_grad:
@@ -504,11 +562,14 @@ class DEQLayer(nn.Module):
             self.__dict__["_compiled_f_cache"] = cached  # not a submodule: stays out of the state dict
         return cached[2]
 
-    def _solve(self, fn: _FlatMap, z0: torch.Tensor, solve: SolveSpec) -> SolverResult:
-        """The no-grad forward solve (through the compiled f when ``compile_f`` is on)."""
+    def _solve(self, fn: _FlatMap, z0: torch.Tensor, solve: SolveSpec,
+               recorder: Optional[_StepRecorder] = None) -> SolverResult:
+        """The no-grad forward solve (through the compiled f when ``compile_f`` is on), the
+        solver's calls of the map counted and recorded by ``recorder`` when given."""
         if self.config.compile_f:
             fn = fn.using(self._compiled_f())
-        return solve.run(fn, z0, precision=fn.precision, sequence_length=fn.sequence_length)
+        call = fn if recorder is None else recorder.wrap(fn)
+        return solve.run(call, z0, precision=fn.precision, sequence_length=fn.sequence_length)
 
     def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -521,16 +582,29 @@ class DEQLayer(nn.Module):
         The value returned is f(z*), the first step's f, as in every other mode; the gradient is
         the one of the k-step chain (``f(z*) + (z_k - stopgrad(z_k))``, exact in value).
         """
+        z, f_star, jac = self._phantom_chain(fn, z_star, jac_on)
+        return f_star.detach() + (z - z.detach()), jac
+
+    def _phantom_chain(self, fn: _FlatMap, z: torch.Tensor,
+                       jac_on: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``phantom_steps`` damped steps ``z <- z + phantom_damping (f(z) - z)`` from (a detached)
+        ``z``, under autograd: the last z, f at the first z, and the JR estimate there when ``jac_on``."""
         cfg = self.config
-        z = z_star.detach().requires_grad_(jac_on)
-        jac = f_star = None
+        z = z.detach().requires_grad_(jac_on)
+        jac = f_first = None
         for i in range(cfg.phantom_steps):
             f_z = fn(z)
             if i == 0:
-                f_star = f_z
+                f_first = f_z
                 jac = self._jac(f_z, z) if jac_on else None
             z = torch.lerp(z, f_z, cfg.phantom_damping)
-        return f_star.detach() + (z - z.detach()), jac
+        return z, f_first, jac
+
+    def _correction_state(self, fn: _FlatMap, z_k: torch.Tensor) -> torch.Tensor:
+        """A supervised state of fixed-point correction: the value of the iterate ``z_k`` exactly,
+        the gradient of the phantom chain from it (``z_k + (z' - stopgrad(z'))``, z' the chain's end)."""
+        end, _, _ = self._phantom_chain(fn, z_k, False)
+        return z_k + (end - end.detach())
 
     def _unrolled(self, fn: _FlatMap, z0: torch.Tensor,
                   jac_on: bool) -> Tuple[SolverResult, torch.Tensor, Optional[torch.Tensor]]:

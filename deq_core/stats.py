@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._warn import warn_user
 from .solvers import SolverResult
+from .state import State
 
 __all__ = ["DEQStats", "DEQStatsMeter", "BACKWARD_SUMMARY"]
 
@@ -28,6 +29,14 @@ class DEQStats:
     filled in when the implicit backward pass runs. :meth:`to_dict` turns everything into Python
     floats with a single host read; :meth:`backward_summary` gives the backward means as a
     device vector filled in place, for loggers that keep their values before ``backward()``.
+
+    With fixed-point correction on (``DEQConfig.fp_correction_states``/``fp_correction_steps``) a
+    training pass with gradients, in the implicit or phantom mode and after pretraining, also
+    carries ``correction_states``: the solver's iterates at the solver steps ``correction_steps``
+    (in that order), each in the structure and dtype of the layer's output and differentiable by
+    a phantom gradient from it (see :class:`~deq_core.DEQLayer`), and ``correction_gamma``, the
+    weight of :func:`~deq_core.fixed_point_correction`. Both lists are empty for
+    ``fp_correction_states=1`` and ``None`` in every pass where correction does not run.
     """
 
     mode: str
@@ -47,11 +56,15 @@ class DEQStats:
     b_diverged: Optional[torch.Tensor] = None
     b_converged: Optional[torch.Tensor] = None
     b_stalled: Optional[torch.Tensor] = None
+    correction_states: Optional[List[State]] = field(default=None, repr=False)
+    correction_steps: Optional[Tuple[int, ...]] = None
+    correction_gamma: float = 0.0
     _summary: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @classmethod
     def from_solve(cls, mode: str, result: SolverResult, max_iter: int,
-                   jac_frobenius: Optional[torch.Tensor] = None, jac_weight: float = 0.0) -> "DEQStats":
+                   jac_frobenius: Optional[torch.Tensor] = None, jac_weight: float = 0.0,
+                   correction: Optional[Tuple[Sequence[int], Sequence[State], float]] = None) -> "DEQStats":
         """The statistics of a forward pass.
 
         Args:
@@ -61,16 +74,21 @@ class DEQStats:
             max_iter: the forward limit the pass ran with.
             jac_frobenius: the differentiable JR estimate when JR ran, else ``None``.
             jac_weight: the JR weight of this step (kept only when JR ran).
+            correction: ``(steps, states, gamma)`` of fixed-point correction when it ran (the
+                solver steps, the states at them, the weight), else ``None``.
 
         Returns:
             the new :class:`DEQStats`.
         """
         solved = mode != "unrolled"
+        steps, states, gamma = correction if correction is not None else (None, None, 0.0)
         return cls(mode=mode, f_steps=result.steps, f_abs_res=result.abs_res, f_rel_res=result.rel_res,
                    f_diverged=result.diverged, f_converged=result.converged if solved else None,
                    f_stalled=result.stalled if solved else None, f_max_iter=max_iter,
                    host_reads=result.host_reads, jac_frobenius=jac_frobenius,
-                   jac_weight=jac_weight if jac_frobenius is not None else 0.0)
+                   jac_weight=jac_weight if jac_frobenius is not None else 0.0,
+                   correction_states=None if states is None else list(states),
+                   correction_steps=None if steps is None else tuple(steps), correction_gamma=float(gamma))
 
     def record_backward(self, result: SolverResult) -> None:
         """Store the implicit backward solve's outcome (called by the layer's backward pass).
@@ -177,6 +195,8 @@ class DEQStats:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 setattr(out, f.name, value.detach())
+        if self.correction_states is not None:
+            out.correction_states = [_map_state(torch.Tensor.detach, s) for s in self.correction_states]
         return out
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "DEQStats":
@@ -185,7 +205,16 @@ class DEQStats:
             value = getattr(out, f.name)
             if isinstance(value, torch.Tensor):
                 setattr(out, f.name, value.clone())
+        if out.correction_states is not None:
+            out.correction_states = [_map_state(torch.Tensor.clone, s) for s in out.correction_states]
         return out
+
+
+def _map_state(fn: Any, state: State) -> State:
+    """``fn`` applied to each tensor of a state, keeping its structure."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    return type(state)(fn(t) for t in state)
 
 
 def _deprecated(old: str, new: str) -> None:

@@ -11,7 +11,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss, AdaptiveLossConfig
 
 from ..precision import PrecisionFlags, check_precision_flags
-from .deq_terms import add_deq_terms, reduce_deq_metrics
+from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics
 
 __all__ = ["AdaptiveLossJR", "AdaptiveLossJRConfig"]
 
@@ -24,7 +24,7 @@ class AdaptiveLossJRConfig(AdaptiveLossConfig, PrecisionFlags):
 @register_criterion("adaptive_loss_jr", dataclass=AdaptiveLossJRConfig)
 class AdaptiveLossJR(AdaptiveLoss):
     """Adaptive-softmax loss (summed over tokens, as fairseq's ``adaptive_loss``) + sample size x
-    JR term; logs the forward/backward solver steps and residuals and the JR estimate.
+    JR term, with fixed-point correction when the model's layer returns correction states; logs the forward/backward solver steps and residuals and the JR estimate.
 
     Like ``adaptive_loss`` it needs ``--ddp-backend legacy_ddp`` (checked when it is built), and
     it computes summed losses only (``reduce=True``): the clusters' per-token losses have
@@ -50,12 +50,7 @@ class AdaptiveLossJR(AdaptiveLoss):
         target = model.get_targets(sample, net_output)
         nsentences = target.size(0)
         target = target.reshape(-1)
-        logits, targets = adaptive_softmax(net_output[0], target)
-        loss = net_output[0].new_zeros(1)
-        for cluster_logits, cluster_target in zip(logits, targets):
-            if cluster_target is not None:
-                loss = loss + F.cross_entropy(cluster_logits, cluster_target, ignore_index=self.padding_idx,
-                                              reduction="sum")
+        loss = self._summed_loss(adaptive_softmax, net_output[0], target)
         ntokens = utils.strip_pad(target, self.padding_idx).numel()
         sample_size = nsentences if self.sentence_avg else ntokens
         logging_output = {
@@ -64,8 +59,21 @@ class AdaptiveLossJR(AdaptiveLoss):
             "nsentences": nsentences,
             "sample_size": sample_size,
         }
+        loss = add_correction_terms(loss, net_output, model.decoder,
+                                    lambda features: self._summed_loss(adaptive_softmax, features, target),
+                                    logging_output)
         loss = add_deq_terms(loss, net_output, sample_size, logging_output, "adaptive_loss_jr")
         return loss, sample_size, logging_output
+
+    def _summed_loss(self, adaptive_softmax, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The adaptive softmax's summed cross entropy of ``features`` against the flat ``target``."""
+        logits, targets = adaptive_softmax(features, target)
+        loss = features.new_zeros(1)
+        for cluster_logits, cluster_target in zip(logits, targets):
+            if cluster_target is not None:
+                loss = loss + F.cross_entropy(cluster_logits, cluster_target, ignore_index=self.padding_idx,
+                                              reduction="sum")
+        return loss
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:

@@ -9,7 +9,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 
 from ..precision import PrecisionFlags, check_precision_flags
-from .deq_terms import add_deq_terms, reduce_deq_metrics
+from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics
 
 __all__ = ["CrossEntropyJRCriterion", "CrossEntropyJRConfig"]
 
@@ -21,8 +21,8 @@ class CrossEntropyJRConfig(CrossEntropyCriterionConfig, PrecisionFlags):
 
 @register_criterion("cross_entropy_jr", dataclass=CrossEntropyJRConfig)
 class CrossEntropyJRCriterion(CrossEntropyCriterion):
-    """Token-level cross entropy (summed, as fairseq's ``cross_entropy``) + sample size x JR term;
-    logs the forward/backward solver steps and residuals and the JR estimate. Refuses precision
+    """Token-level cross entropy (summed, as fairseq's ``cross_entropy``) + sample size x JR term,
+    with fixed-point correction when the model's layer returns correction states; logs the forward/backward solver steps and residuals and the JR estimate. Refuses precision
     flags that cannot run on this device (:func:`~fairseq_deq.precision.check_precision_flags`)."""
 
     @classmethod
@@ -32,7 +32,7 @@ class CrossEntropyJRCriterion(CrossEntropyCriterion):
         return super().build_criterion(cfg, task)
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
-        """fairseq's cross entropy of ``sample`` plus the JR term; returns (loss, sample size, logging output)."""
+        """fairseq's cross entropy of ``sample`` (corrected) plus the JR term; returns (loss, sample size, logging output)."""
         net_output = model(**sample["net_input"])
         loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -42,6 +42,11 @@ class CrossEntropyJRCriterion(CrossEntropyCriterion):
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
         }
+        def loss_of_features(features: torch.Tensor) -> torch.Tensor:
+            return self.compute_loss(model, (model.decoder.output_layer(features), net_output[1]), sample,
+                                     reduce=reduce)[0]
+
+        loss = add_correction_terms(loss, net_output, model.decoder, loss_of_features, logging_output, reduce)
         loss = add_deq_terms(loss, net_output, sample_size, logging_output, "cross_entropy_jr", reduce)
         return loss, sample_size, logging_output
 

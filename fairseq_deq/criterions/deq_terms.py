@@ -1,15 +1,16 @@
-"""What the JR criterions add to fairseq's losses: the JR term and the solver metrics."""
+"""What the JR criterions add to fairseq's losses: the JR term, fixed-point correction and the
+solver metrics."""
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from fairseq import utils
 from fairseq.logging import metrics
 
-from deq_core import BACKWARD_SUMMARY, DEQStats
+from deq_core import BACKWARD_SUMMARY, DEQStats, fixed_point_correction
 
-__all__ = ["add_deq_terms", "reduce_deq_metrics"]
+__all__ = ["add_deq_terms", "add_correction_terms", "reduce_deq_metrics"]
 
 # logging-output key -> metric name (averaged over "deq_calls"; the backward ones over "deq_b_calls")
 _FORWARD = {"deq_f_steps": "f_steps", "deq_f_abs_res": "f_abs_res", "deq_f_rel_res": "f_rel_res",
@@ -31,12 +32,19 @@ def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sa
     divides by the summed sample size, so the JR term is scaled by the sample size: after the
     division the gradient is that of ``mean loss + gamma * JR`` (the paper's objective), also
     across data-parallel workers. Values stay on the device; they are read when logged.
+
+    A pass with fixed-point correction states raises unless :func:`add_correction_terms` ran on
+    this ``logging_output`` first (the states would cost memory and supervise nothing).
     """
     extra = net_output[1] if len(net_output) > 1 else None
     stats = extra.get("deq_stats") if isinstance(extra, dict) else None
     if not isinstance(stats, DEQStats):
         raise ValueError(f"--criterion {criterion} needs a model whose decoder returns DEQ statistics "
                          f"(--arch deq_transformer_lm*); use the criterion without _jr for other models")
+    if stats.correction_states and "deq_fp_correction_calls" not in logging_output:
+        raise ValueError(f"--criterion {criterion} applies fixed-point correction to summed losses (reduce=True) "
+                         f"only, and this pass returned {len(stats.correction_states)} correction states "
+                         "(--fp-correction-states/--fp-correction-steps) that no loss would use; turn correction off")
     out = logging_output
     means = stats.means()
     out["deq_calls"] = 1
@@ -55,6 +63,47 @@ def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sa
     return loss
 
 
+def add_correction_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], decoder: Any,
+                         loss_of_features: Callable[[torch.Tensor], torch.Tensor],
+                         logging_output: Dict[str, Any], reduce: bool = True) -> torch.Tensor:
+    """Fixed-point correction of a summed loss: ``loss`` (of the output) plus
+    ``gamma^(n-1-k) loss_of_features(decoder.features_from_deq_state(z_k))`` for each correction
+    state z_k of the pass (:func:`deq_core.fixed_point_correction`); ``loss`` itself when the
+    pass has none (correction off, evaluation, pretraining) or for an unreduced loss.
+
+    Args:
+        loss: the criterion's summed loss of the decoder's output.
+        net_output: the model's ``(x, extra)``, ``extra["deq_stats"]`` the layer's statistics.
+        decoder: the model's decoder; ``features_from_deq_state(z)`` must give, from a state of
+            its equilibrium layer, the features ``extract_features`` gives from the fixed point
+            (the final LayerNorm of a pre-LN model, the output dropout).
+        loss_of_features: the criterion's summed loss of such features (output layer included).
+        logging_output: gets ``deq_fp_correction`` (what correction added, detached).
+        reduce: whether ``loss`` is summed.
+
+    Returns:
+        the corrected loss.
+    """
+    extra = net_output[1] if len(net_output) > 1 else None
+    stats = extra.get("deq_stats") if isinstance(extra, dict) else None
+    if not reduce or not isinstance(stats, DEQStats) or not stats.correction_states:
+        return loss
+    features_of = getattr(decoder, "features_from_deq_state", None)
+    if features_of is None:
+        raise ValueError(f"fixed-point correction (--fp-correction-states/--fp-correction-steps) needs "
+                         f"{type(decoder).__name__}.features_from_deq_state(z), the decoder's features of a state "
+                         "of its equilibrium layer; turn correction off for this model")
+    features = [features_of(z) for z in stats.correction_states]
+
+    def loss_fn(item: Optional[torch.Tensor]) -> torch.Tensor:
+        return loss if item is None else loss_of_features(item)
+
+    total = fixed_point_correction([*features, None], loss_fn, stats.correction_gamma)
+    logging_output["deq_fp_correction_calls"] = 1
+    logging_output["deq_fp_correction"] = (total - loss).detach()
+    return total
+
+
 def reduce_deq_metrics(logging_outputs: Sequence[Dict[str, Any]]) -> None:
     """Log averages of the solver statistics (summed over workers and micro-batches)."""
     def total(key: str) -> float:
@@ -69,6 +118,11 @@ def reduce_deq_metrics(logging_outputs: Sequence[Dict[str, Any]]) -> None:
     if b_calls > 0:
         for name in _BACKWARD:
             metrics.log_scalar(name, total("deq_" + name) / b_calls, b_calls, round=_decimals(name))
+    fp_calls = total("deq_fp_correction_calls")
+    if fp_calls > 0:
+        # Per unit of sample size, as fairseq's loss (in nats, not bits).
+        size = max(total("sample_size"), 1.0)
+        metrics.log_scalar("fp_correction", total("deq_fp_correction") / size, size, round=4)
     jr_calls = total("deq_jr_calls")
     if jr_calls > 0:
         metrics.log_scalar("jr", total("deq_jr") / jr_calls, jr_calls, round=4)

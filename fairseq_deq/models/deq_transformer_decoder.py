@@ -170,9 +170,15 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
             else:
                 self.memory.write(mem_key, int(mem_segment), mem, current, self.training, self._epoch)
         extra = {"attn": None, "deq_stats": stats, "deq_backward": stats.backward_summary()}
+        return self.features_from_deq_state(z), extra
+
+    def features_from_deq_state(self, z: torch.Tensor) -> torch.Tensor:
+        """The features :meth:`extract_features` gives for the equilibrium layer's state ``z``
+        (final LayerNorm in a pre-LN model, output dropout); fixed-point correction applies it
+        to the solver states it supervises."""
         if self.layer_norm is not None:
             z = self.layer_norm(z)
-        return self.output_dropout(z), extra
+        return self.output_dropout(z)
 
     def output_layer(self, features: torch.Tensor, **unused: Any) -> torch.Tensor:
         """Logits of ``features`` (the features themselves with an adaptive softmax, which the criterion applies)."""

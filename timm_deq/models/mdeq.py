@@ -455,6 +455,27 @@ class MDEQ(nn.Module):
         """The head's feature map, from the equilibrium states (or the last kept state after pruning)."""
         return self._merge(self._equilibrium(x))
 
+    def forward_from_deq_state(self, z: List[torch.Tensor]) -> torch.Tensor:
+        """The logits :meth:`forward` computes from the equilibrium layer's output, for another
+        state ``z`` of the layer (one tensor per branch): fixed-point correction supervises the
+        solver's states through it.
+
+        The head's BatchNorms normalize with the batch's statistics in training, as for the
+        output, but do not update their running statistics: those stay the fixed points'.
+        """
+        norms = [m for part in (self.incre, self.downsamp, self.final) for m in part.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        try:
+            for m in norms:
+                m.momentum = 0.0  # running <- (1 - 0) * running: unchanged
+            logits = self.forward_head(self._merge([self.states[i](z[i]) for i in range(len(self.states))]))
+        finally:
+            for m, (momentum, count) in zip(norms, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(count)
+        return logits
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pooling, dropout and the classifier (only the pooled features with ``pre_logits``)."""
         x = self.global_pool(x)
