@@ -1,5 +1,5 @@
 """Core benchmark: JR overhead, saved-for-backward memory, solver overhead, mixed-precision solves,
-TorchDEQ comparison.
+the backward from the forward's inverse-Jacobian estimate, TorchDEQ comparison.
 
     python -m bench.core [--device cuda] [--repeats 5] [--only mixed_precision ...]
 
@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench._memory import saved_activation_bytes
-from bench._run import add_device_args, describe, device_from, sync
+from bench._run import add_device_args, alternate, describe, device_from, sync
 from bench.cells import ConvCell, TransformerCell
 from deq_core import DEQConfig, DEQLayer, get_solver
 from deq_core.state import StateSpec
@@ -348,6 +348,93 @@ def mixed_precision(device: torch.device, repeats: int) -> List[str]:
     return rows
 
 
+# The forward of the inverse-backward section: Broyden, a fixed 12 evaluations (11 updates held).
+_INVERSE_FORWARD = dict(f_solver="broyden", f_max_iter=12, f_tol=1e-12, check_every=0)
+_REFINE_STEPS = (0, 1, 2, 4)
+_TIGHT_BACKWARD = dict(b_max_iter=200, b_tol=1e-6)  # float32 states: about their floor
+
+
+def inverse_backward_runs(device: torch.device, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Per case: the implicit backward at the usual limit (the config's b_max_iter/b_tol), from
+    the forward Broyden solve's inverse-Jacobian estimate with ``b_refine_steps`` k = 0, 1, 2, 4
+    (``"k=..."``), and, as the baseline of the same work, from zero with ``b_max_iter = k + 2``
+    (``"zero k=..."``: the first evaluation, at 0, is idle and the first step gives u = grad, the
+    estimate with H = -I), each against the implicit backward solved tight: the median backward
+    time (one forward per setting, its backward repeated with the graph kept, all settings
+    alternating), the cosine similarity and relative error of the parameter gradient, the mean
+    backward steps and relative residual; plus ``"forward"``, the training forward that keeps
+    the estimate timed against the plain one, and the estimate's size.
+    """
+    settings: Dict[str, Dict[str, object]] = {"implicit": {}}
+    for k in _REFINE_STEPS:
+        settings[f"k={k}"] = dict(b_init="forward_inverse", b_refine_steps=k)
+        settings[f"zero k={k}"] = dict(b_max_iter=k + 2)
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name, (f, x) in _cases(device).items():
+        params = list(f.parameters())
+        weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        layers = {key: DEQLayer(f, **_INVERSE_FORWARD, **opts) for key, opts in settings.items()}
+        tight = DEQLayer(f, **_INVERSE_FORWARD, **_TIGHT_BACKWARD)
+        losses, stats = {}, {}
+        for key, layer in [*layers.items(), ("tight", tight)]:
+            z, stats[key] = layer(x)
+            losses[key] = (z * weight).sum()
+
+        def backward(key):
+            return lambda: torch.autograd.grad(losses[key], params, retain_graph=True)
+
+        def flat(key):
+            return torch.cat([g.flatten() for g in backward(key)()])
+
+        ref = flat("tight")
+        times = alternate({key: backward(key) for key in layers}, repeats, device)
+        rows: Dict[str, Dict[str, float]] = {}
+        for key in layers:
+            grad = flat(key)
+            means = stats[key].means()
+            rows[key] = dict(seconds=times[key], cos=float(torch.nn.functional.cosine_similarity(grad, ref, dim=0)),
+                             err=float((grad - ref).norm() / ref.norm()), b_steps=float(means["b_steps"]),
+                             b_rel_res=float(means["b_rel_res"]))
+        forwards = alternate({"plain": lambda: layers["implicit"](x), "estimate": lambda: layers["k=0"](x)},
+                             repeats, device)
+        fn, z0 = _flat_map(f, x)
+        with torch.no_grad():
+            est = DEQConfig(**_INVERSE_FORWARD).forward_solve(training=True).run(fn, z0, inverse=True)
+        inv = est.inverse
+        size = inv.u.untyped_storage().nbytes() + inv.v.untyped_storage().nbytes()  # the buffers they view
+        w = weight.reshape(z0.shape)
+        rows["forward"] = dict(ratio=forwards["estimate"] / forwards["plain"], mib=size / 2 ** 20,
+                               vectors=float(inv.u.shape[1]),
+                               moved=float((inv.solve_transposed(w) - w).norm() / w.norm()),
+                               ref_rel_res=float(stats["tight"].means()["b_rel_res"]))
+        out[name] = rows
+    return out
+
+
+def inverse_backward(device: torch.device, repeats: int) -> List[str]:
+    cfg = DEQConfig()
+    rows = []
+    for name, runs in inverse_backward_runs(device, repeats).items():
+        base, fwd = runs["implicit"]["seconds"], runs["forward"]
+        for key, r in runs.items():
+            if key == "forward":
+                continue
+            if key == "implicit":
+                label = f"implicit from zero, b_max_iter={cfg.b_max_iter}, b_tol={cfg.b_tol:g}"
+            elif key.startswith("zero"):
+                label = f"baseline: from zero, b_max_iter={int(key[7:]) + 2}"
+            else:
+                label = f"from the forward's inverse estimate, b_refine_steps={key[2:]}"
+            rows.append(f"| backward, {name}, {label}: time vs implicit, grad cosine / rel. error vs tight solve "
+                        f"(rel. res. {fwd['ref_rel_res']:.0e}), b_steps, b_rel_res | {r['seconds'] / base:.2f}x "
+                        f"({r['seconds'] * 1e3:.1f} ms), {r['cos']:.6f} / {r['err']:.1e}, {r['b_steps']:.1f}, "
+                        f"{r['b_rel_res']:.1e} | cheaper, cos > 0.99 |")
+        rows.append(f"| training forward keeping the estimate / plain, {name}, broyden 12 iters | {fwd['ratio']:.2f}x; "
+                    f"estimate {fwd['vectors']:.0f} u, v pairs per sample, {fwd['mib']:.1f} MiB held until the "
+                    f"backward; it moves the gradient by ||u0 - grad|| / ||grad|| = {fwd['moved']:.1e} | ~1x |")
+    return rows
+
+
 def torchdeq_comparison(device: torch.device, repeats: int) -> Optional[Dict[str, Dict[str, float]]]:
     """Per case: TorchDEQ 0.1.0's Anderson time over ours to the same absolute tolerance, with
     the steps, final residuals and host reads per solve; None when torchdeq is not installed."""
@@ -402,7 +489,7 @@ def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
 
 
 _SECTIONS = {"jr_overhead": jr_overhead, "memory": memory, "solver_overhead": solver_overhead,
-             "mixed_precision": mixed_precision, "torchdeq": against_torchdeq}
+             "mixed_precision": mixed_precision, "inverse_backward": inverse_backward, "torchdeq": against_torchdeq}
 
 
 def main(argv=None) -> None:

@@ -9,17 +9,21 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from ._warn import warn_user
-from .solvers import DIVERGENCE_FACTOR, STOP_MODES, SolveSpec, list_solvers, validate_solver_options
+from .solvers import DIVERGENCE_FACTOR, STOP_MODES, SolveSpec, list_solvers, returns_inverse, validate_solver_options
 
-__all__ = ["DEQConfig", "BACKWARD_MODES", "STOP_MODES", "PROBE_DISTRIBUTIONS", "add_deq_args",
+__all__ = ["DEQConfig", "BACKWARD_MODES", "BACKWARD_INITS", "STOP_MODES", "PROBE_DISTRIBUTIONS", "add_deq_args",
            "parse_solver_options"]
 
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
+# Initial points of the implicit backward solve: zero, or the forward solver's inverse-Jacobian
+# estimate applied to the incoming gradient.
+BACKWARD_INITS = ("zero", "forward_inverse")
 PROBE_DISTRIBUTIONS = ("normal", "rademacher")
 DEFAULT_COMPILE_BACKEND = "inductor"
 # Fields only the phantom backward reads, and those only the implicit backward's solve reads.
 _PHANTOM_FIELDS = ("phantom_steps", "phantom_damping")
-_BACKWARD_SOLVE_FIELDS = ("b_solver", "b_max_iter", "b_tol", "b_stop_mode", "b_solver_options")
+_BACKWARD_SOLVE_FIELDS = ("b_solver", "b_max_iter", "b_tol", "b_stop_mode", "b_solver_options", "b_init",
+                          "b_refine_steps")
 # Fields only read when spectral_norm is on.
 _SPECTRAL_NORM_FIELDS = ("spectral_norm_scale", "spectral_norm_learn_scale", "spectral_norm_clip")
 # Fields of fixed-point correction; the first two switch it on, the last is only read when it is on.
@@ -67,6 +71,16 @@ class DEQConfig:
     b_stop_mode: str = _opt("rel", "backward residual mode (rel: independent of the loss scale)",
                             choices=STOP_MODES)
     b_solver_options: Dict[str, Any] = _opt({}, "backward solver options")
+    b_init: str = _opt("zero", "initial point u0 of the implicit backward solve u = u J + grad: zero, or "
+                       "forward_inverse: u0 = grad (I - J)^-1 as estimated by the forward Broyden solve's "
+                       "low-rank inverse Jacobian (SHINE, Ramzi et al. 2022), needs f_solver='broyden'; the "
+                       "estimate's vectors (at most the forward memory per sample) are kept until the backward",
+                       choices=BACKWARD_INITS)
+    b_refine_steps: Optional[int] = _opt(None, "with b_init=forward_inverse: backward solver steps from the "
+                                         "estimate, replacing b_max_iter (the solve costs k + 1 vector-Jacobian "
+                                         "products, the first the estimate's residual; 0: the estimate is the "
+                                         "gradient; None: the usual b_max_iter/b_tol solve, started there)",
+                                         kind=int, low=0, optional=True)
     phantom_steps: int = _opt(5, "phantom gradient: number of damped unrolled steps from z*", low=1)
     phantom_damping: float = _opt(0.8, "phantom gradient: damping of each step", low=0.0, high=1.0,
                                   low_open=True)
@@ -143,6 +157,10 @@ class DEQConfig:
         if self.f_max_iter_jitter >= self.f_max_iter:
             raise ValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
                              f"got {self.f_max_iter_jitter}")
+        if self.forward_inverse and not returns_inverse(self.f_solver):
+            raise ValueError(f"b_init='forward_inverse' applies the forward solver's inverse-Jacobian estimate, which "
+                             f"f_solver={self.f_solver!r} does not keep: set f_solver='broyden' (the quasi-Newton "
+                             "solver, whose low-rank estimate it uses), or b_init='zero'")
         self._check_correction()
         unused = self._ignored_by_spectral_norm()
         if unused:
@@ -152,6 +170,13 @@ class DEQConfig:
         if ignored:
             warn_user(f"backward={self.backward!r} does not use {', '.join(ignored)}: they have no effect "
                       "(options of another backward mode, perhaps a model's defaults for it)")
+        unread = self._ignored_by_b_init()
+        if unread:
+            how = f"b_init={self.b_init!r}" + (f" with b_refine_steps={self.b_refine_steps}"
+                                                if self.forward_inverse and self.b_refine_steps is not None else "")
+            warn_user(f"{how} does not use {', '.join(unread)}: they have no effect (b_refine_steps is read with "
+                      "b_init='forward_inverse' only, and replaces b_max_iter there; at 0 steps the solver takes "
+                      "no step)")
         unread = self._ignored_by_correction()
         if unread:
             warn_user(f"fixed-point correction is off (fp_correction_states=0, fp_correction_steps='') and does "
@@ -163,10 +188,33 @@ class DEQConfig:
         phantom steps are read by fixed-point correction in the implicit mode too)."""
         unused = {"implicit": () if self.fp_correction else _PHANTOM_FIELDS, "phantom": _BACKWARD_SOLVE_FIELDS,
                   "unrolled": _PHANTOM_FIELDS + _BACKWARD_SOLVE_FIELDS + _CORRECTION_FIELDS}[self.backward]
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in unused}
+        return self._changed(unused)
+
+    def _ignored_by_b_init(self) -> Tuple[str, ...]:
+        """Implicit-backward fields set away from their defaults that its initial point leaves
+        unread: b_refine_steps from zero; b_max_iter when b_refine_steps replaces it; the solver and
+        its options at 0 steps (the solve then only measures the estimate's residual)."""
+        if self.backward != "implicit":
+            return ()
+        if not self.forward_inverse:
+            unused: Tuple[str, ...] = ("b_refine_steps",)
+        elif self.b_refine_steps is None:
+            unused = ()
+        else:
+            unused = ("b_max_iter",) + (("b_solver", "b_solver_options") if self.b_refine_steps == 0 else ())
+        return self._changed(unused)
+
+    def _changed(self, names: Tuple[str, ...]) -> Tuple[str, ...]:
+        """``name=value`` of the fields among ``names`` set away from their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in names}
         defaults["b_solver_options"] = validate_solver_options(self.b_solver, {})
-        return tuple(f"{name}={getattr(self, name)!r}" for name in unused
-                     if getattr(self, name) != defaults[name])
+        return tuple(f"{name}={getattr(self, name)!r}" for name in names if getattr(self, name) != defaults[name])
+
+    @property
+    def forward_inverse(self) -> bool:
+        """Whether the implicit backward starts from the forward solver's inverse-Jacobian estimate
+        (``backward='implicit'`` and ``b_init='forward_inverse'``)."""
+        return self.backward == "implicit" and self.b_init == "forward_inverse"
 
     def _ignored_by_spectral_norm(self) -> Tuple[str, ...]:
         """Spectral-norm options set away from their defaults while spectral_norm is off."""
@@ -241,8 +289,12 @@ class DEQConfig:
                          self.divergence_factor, dict(self.f_solver_options))
 
     def backward_solve(self) -> SolveSpec:
-        """The implicit backward pass's linear solve, as a :class:`~deq_core.solvers.SolveSpec`."""
-        return SolveSpec(self.b_solver, self.b_max_iter, self.b_tol, self.b_stop_mode, self.check_every,
+        """The implicit backward pass's linear solve, as a :class:`~deq_core.solvers.SolveSpec`: at
+        most ``b_max_iter`` evaluations, or ``b_refine_steps + 1`` from the forward's estimate (the
+        first measures the estimate's residual)."""
+        refined = self.forward_inverse and self.b_refine_steps is not None
+        max_iter = self.b_refine_steps + 1 if refined else self.b_max_iter
+        return SolveSpec(self.b_solver, max_iter, self.b_tol, self.b_stop_mode, self.check_every,
                          self.divergence_factor, dict(self.b_solver_options))
 
     # ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
@@ -13,7 +14,7 @@ from ._steps import follow_optimizer_steps
 from ._warn import warn_user
 from .config import DEQConfig
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
-from .solvers import SolveSpec, SolverResult, residuals
+from .solvers import InverseEstimate, SolveSpec, SolverResult, residuals
 from .solvers.precision import REDUCED_PRECISION, AutocastBoundary, lower_precision
 from .spectral_norm import apply_spectral_norm
 from .state import State, StateSpec, state_dtype_for
@@ -159,13 +160,20 @@ class _ImplicitGrad(torch.autograd.Function):
     Non-finite entries of g reach u unchanged, and when f runs in float16/bfloat16 a sample
     whose vector-Jacobian products overflowed gets a NaN gradient: a loss scaler must see an
     overflow to skip the step.
+
+    With ``inverse``, the forward solver's estimate ``H ~= J_g^-1`` of ``g(z) = f(z) - z`` in the
+    forward's sample layout, the solve starts from ``u0 = -H^T g`` (the row ``g (I - J_f)^-1``
+    of the estimate, per forward sample: with ``sample_dims=2`` per position, so the estimate
+    ignores the coupling between positions that the solve then corrects), and the stats count
+    the steps taken from it (the solve's evaluations less the first, which measures u0's residual).
     """
 
     @staticmethod
-    def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, solve: SolveSpec,
-                precision: torch.dtype, groups: int, stats: DEQStats) -> torch.Tensor:
+    def forward(ctx, f_out: torch.Tensor, z_in: torch.Tensor, solve: SolveSpec, precision: torch.dtype,
+                groups: int, stats: DEQStats, inverse: Optional[InverseEstimate] = None) -> torch.Tensor:
         ctx.save_for_backward(f_out, z_in)
         ctx.solve, ctx.precision, ctx.groups, ctx.stats = solve, precision, groups, stats
+        ctx.inverse = inverse
         return f_out.detach().clone()
 
     @staticmethod
@@ -189,10 +197,18 @@ class _ImplicitGrad(torch.autograd.Function):
                 overflow.logical_or_(~torch.isfinite(vjp).all(dim=1))
             return vjp + grad
 
-        result = ctx.solve.run(linear_map, torch.zeros_like(grad), precision=ctx.precision)
+        if ctx.inverse is None:
+            u0 = torch.zeros_like(grad)
+        else:
+            # In the forward's flat layout (its samples), outside any autocast of the caller.
+            with AutocastBoundary(grad.device.type).outside():
+                u0 = ctx.inverse.solve_transposed(grad.reshape(ctx.inverse.u.shape[0], -1)).view(ctx.groups, -1)
+        result = ctx.solve.run(linear_map, u0, precision=ctx.precision)
+        if ctx.inverse is not None:
+            result = dataclasses.replace(result, steps=(result.steps - 1).clamp_(min=0))
         ctx.stats.record_backward(result)
         u = result.z.masked_fill(overflow[:, None], float("nan")) if reduced else result.z
-        return torch.where(torch.isfinite(grad), u, grad).view(rows), None, None, None, None, None
+        return torch.where(torch.isfinite(grad), u, grad).view(rows), None, None, None, None, None, None
 
 
 class DEQLayer(nn.Module):
@@ -252,6 +268,18 @@ class DEQLayer(nn.Module):
     and its gradient are those of the configured backward mode, unchanged. Combine them with
     :func:`~deq_core.fixed_point_correction` (``states = [*stats.correction_states, output]``,
     ``gamma = stats.correction_gamma``).
+
+    With ``config.b_init="forward_inverse"`` (implicit mode, ``f_solver="broyden"``) the backward
+    solve starts from the forward solve's own estimate of ``(I - J_f)^-1`` (SHINE, Ramzi et al.
+    2022): Broyden's ``H = -I + sum_i u_i v_i^T`` approximates the inverse Jacobian of
+    ``f(z) - z``, so the row ``u = g (I - J_f)^-1`` the backward solves for is estimated as
+    ``u0 = -H^T g = g - sum_i (u_i . g) v_i``, per forward sample with the H the solver held at
+    the sample's stop (see :func:`~deq_core.solvers.broyden`). ``b_refine_steps = k`` then takes
+    k backward solver steps from u0 (k + 1 vector-Jacobian products, the first measuring u0's
+    residual; k = 0 returns u0), ``None`` the usual solve from there. The training forward keeps
+    the estimate's vectors, at most ``2 * memory`` states per sample (``f_solver_options
+    ["memory"]``, default ``f_max_iter``), until the backward pass; the forward's values and
+    every other path are unchanged.
 
     Args:
         f: the map ``f(z, *inputs, **kwargs)``.
@@ -495,8 +523,9 @@ class DEQLayer(nn.Module):
                     max_iter = solve.max_iter
                     steps = cfg.correction_steps(max_iter) if self.training and grad else None
                     recorder = _StepRecorder(steps) if steps else None
+                    inverse = grad and mode == "implicit" and cfg.forward_inverse
                     with torch.no_grad():
-                        result = self._solve(fn, z0_flat, solve, recorder)
+                        result = self._solve(fn, z0_flat, solve, recorder, inverse=inverse)
                     if not grad:
                         z = result.fz if result.fz is not None else fn(result.z)
                     elif mode == "phantom":
@@ -512,7 +541,8 @@ class DEQLayer(nn.Module):
                 stats = DEQStats.from_solve(mode, result, max_iter, jac_frobenius=jac, jac_weight=jac_weight,
                                             correction=correction)
                 if mode == "implicit" and grad:
-                    z = _ImplicitGrad.apply(z, z_in, cfg.backward_solve(), fn.precision, fn.groups, stats)
+                    z = _ImplicitGrad.apply(z, z_in, cfg.backward_solve(), fn.precision, fn.groups, stats,
+                                            result.inverse if inverse else None)
                 if jac is not None and z.requires_grad:
                     self._jr_watch = _JRWatch(z, jac)
                 out = spec.unpack(z, spec.dtype)
@@ -563,13 +593,18 @@ class DEQLayer(nn.Module):
         return cached[2]
 
     def _solve(self, fn: _FlatMap, z0: torch.Tensor, solve: SolveSpec,
-               recorder: Optional[_StepRecorder] = None) -> SolverResult:
+               recorder: Optional[_StepRecorder] = None, inverse: bool = False) -> SolverResult:
         """The no-grad forward solve (through the compiled f when ``compile_f`` is on), the
-        solver's calls of the map counted and recorded by ``recorder`` when given."""
+        solver's calls of the map counted and recorded by ``recorder`` when given, with the
+        solver's inverse-Jacobian estimate when ``inverse``."""
         if self.config.compile_f:
             fn = fn.using(self._compiled_f())
         call = fn if recorder is None else recorder.wrap(fn)
-        return solve.run(call, z0, precision=fn.precision, sequence_length=fn.sequence_length)
+        result = solve.run(call, z0, precision=fn.precision, sequence_length=fn.sequence_length, inverse=inverse)
+        if inverse and result.inverse is None:
+            raise RuntimeError(f"b_init='forward_inverse': the forward solver {solve.solver!r} was asked for its "
+                               "inverse-Jacobian estimate and returned none (SolverResult.inverse)")
+        return result
 
     def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         cfg = self.config

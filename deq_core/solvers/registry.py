@@ -16,6 +16,9 @@ trace, precision, **options) -> SolverResult`` whose arguments mean, for every s
 - ``sequence_length``: consecutive runs of this many samples are the positions of one sequence,
   which stop in order (see :mod:`deq_core.solvers._tracking`); a solver without that parameter
   is registered as well and refuses a sequence.
+- ``inverse`` (only passed when true): also return the solver's estimate of the inverse
+  Jacobian of ``f(z) - z`` at the returned iterates (``SolverResult.inverse``); only a solver
+  with that parameter keeps one (``broyden``), any other refuses the request.
 
 How a solve ends is stated in :mod:`deq_core.solvers._tracking`. Registration wraps the solver so
 that its state must be float32 or float64 and its own arithmetic runs outside the caller's
@@ -35,7 +38,7 @@ from .precision import AutocastBoundary, lower_precision
 from .result import SolverResult
 
 __all__ = ["SolverOption", "register_solver", "unregister_solver", "get_solver", "list_solvers",
-           "validate_solver_options"]
+           "validate_solver_options", "returns_inverse"]
 
 SolverFn = Callable[..., SolverResult]
 
@@ -107,6 +110,7 @@ def _state_precision(fn: SolverFn) -> SolverFn:
     params = inspect.signature(fn).parameters.values()
     takes_precision = any(p.name == "precision" or p.kind is p.VAR_KEYWORD for p in params)
     takes_sequence = any(p.name == "sequence_length" or p.kind is p.VAR_KEYWORD for p in params)
+    takes_inverse = any(p.name == "inverse" for p in params)
 
     @functools.wraps(fn)
     def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -121,6 +125,9 @@ def _state_precision(fn: SolverFn) -> SolverFn:
                 raise TypeError(f"solver {fn.__name__!r} does not accept sequence_length, which a state with "
                                 "sample_dims=2 needs (its positions stop in order); add the parameter and "
                                 "pass it to the Tracker, or use sample_dims=1")
+        if not takes_inverse and kwargs.pop("inverse", False):
+            raise TypeError(f"solver {fn.__name__!r} keeps no inverse-Jacobian estimate to return (inverse=True); "
+                            "of the built-in solvers only 'broyden' does")
         boundary = AutocastBoundary(z0.device.type)
         if takes_precision:
             kwargs["precision"] = lower_precision(precision, boundary.compute_dtype)
@@ -129,6 +136,13 @@ def _state_precision(fn: SolverFn) -> SolverFn:
 
     solve._deq_state_precision = True
     return solve
+
+
+def returns_inverse(name: str) -> bool:
+    """Whether solver ``name`` can return its inverse-Jacobian estimate (has an ``inverse``
+    parameter; of the built-in solvers, ``broyden``)."""
+    fn = get_solver(name)
+    return "inverse" in inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
 
 
 def unregister_solver(name: str) -> None:

@@ -6,7 +6,43 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SolverResult"]
+__all__ = ["SolverResult", "InverseEstimate"]
+
+
+@dataclass
+class InverseEstimate:
+    """A quasi-Newton solver's low-rank estimate of the inverse Jacobian of ``g(z) = f(z) - z``
+    at each sample's returned iterate: ``H = -I + sum_{i < rank} u_i v_i^T`` (``u_i = u[:, i]``,
+    ``v_i = v[:, i]``), so that ``(I - J_f)^-1 ~= -H = I - sum_{i < rank} u_i v_i^T``.
+
+    ``u`` and ``v`` have shape ``(B, r, D)`` in the solver's flat layout, ``r`` at most the
+    solver's memory (views of its history buffers, which stay allocated as long as the estimate
+    is); ``rank`` (``(B,)``, int64) says how many leading slots belong to each sample's H, the
+    slots past it are ignored (they may hold anything). A sample of rank 0 has ``H = -I``, and
+    so does one whose estimate evaluates to a non-finite value (the application checks).
+    """
+
+    u: torch.Tensor
+    v: torch.Tensor
+    rank: torch.Tensor
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``-H x ~= (I - J_f)^-1 x`` for each sample's column ``x`` (``(B, D)``)."""
+        return self._apply(x, self.v, self.u)
+
+    def solve_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """``-H^T x ~= (I - J_f)^-T x``, i.e. the row ``x (I - J_f)^-1``, for each sample's ``x``
+        (``(B, D)``): the solution of ``w = w J_f + x`` that an implicit backward pass solves for."""
+        return self._apply(x, self.u, self.v)
+
+    def _apply(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``x - sum_{i < rank} right_i (left_i . x)`` per sample; ``x`` where that is not finite."""
+        slots = torch.arange(left.shape[1], device=x.device) < self.rank[:, None]  # (B, r)
+        coeff = torch.bmm(left, x.unsqueeze(2)).squeeze(2)  # left_i . x
+        coeff = torch.where(slots, coeff, 0.0).unsqueeze(1)
+        out = torch.baddbmm(x.unsqueeze(1), coeff, right, alpha=-1.0).squeeze(1)
+        ok = torch.isfinite(out).all(dim=1, keepdim=True)
+        return torch.where(ok, out, x)
 
 
 @dataclass
@@ -21,7 +57,8 @@ class SolverResult:
     progress. The rules are stated once, in :mod:`deq_core.solvers._tracking`. ``stalled`` is all
     False when a solver does not set it. ``host_reads`` counts device-to-host reads the solver made.
     ``trace`` (when requested) holds the stop-mode residual of every iteration, shape
-    ``(iterations, B)``.
+    ``(iterations, B)``. ``inverse`` (when requested from a solver that keeps one, ``broyden``)
+    is the solver's :class:`InverseEstimate` at the returned iterates.
     """
 
     z: torch.Tensor
@@ -34,6 +71,7 @@ class SolverResult:
     trace: Optional[torch.Tensor] = None
     fz: Optional[torch.Tensor] = None
     stalled: Optional[torch.Tensor] = None
+    inverse: Optional[InverseEstimate] = None
 
     def __post_init__(self) -> None:
         if self.stalled is None:

@@ -30,7 +30,7 @@ class SolveSpec:
 
     def run(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
             precision: Optional[torch.dtype] = None, trace: bool = False,
-            sequence_length: Optional[int] = None) -> SolverResult:
+            sequence_length: Optional[int] = None, inverse: bool = False) -> SolverResult:
         """Solve ``z = f(z)`` from the ``(B, D)`` state ``z0``.
 
         Args:
@@ -41,6 +41,8 @@ class SolveSpec:
             trace: record the residual of every iteration.
             sequence_length: the samples are positions of sequences of this length, which stop
                 in order (a ``sample_dims=2`` state).
+            inverse: also return the solver's inverse-Jacobian estimate (``SolverResult.inverse``;
+                a solver that keeps none raises).
 
         Returns:
             the solver's :class:`SolverResult`.
@@ -49,4 +51,4 @@ class SolveSpec:
             f, z0, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode,
             check_every=self.check_every, divergence_factor=self.divergence_factor, trace=trace,
             precision=precision, **({} if sequence_length is None else {"sequence_length": sequence_length}),
-            **self.options)
+            **({"inverse": True} if inverse else {}), **self.options)
