@@ -174,9 +174,10 @@ class DEQConfig:
         if unread:
             how = f"b_init={self.b_init!r}" + (f" with b_refine_steps={self.b_refine_steps}"
                                                 if self.forward_inverse and self.b_refine_steps is not None else "")
-            warn_user(f"{how} does not use {', '.join(unread)}: they have no effect (b_refine_steps is read with "
-                      "b_init='forward_inverse' only, and replaces b_max_iter there; at 0 steps the solver takes "
-                      "no step)")
+            why = ("b_refine_steps is read with b_init='forward_inverse' only" if not self.forward_inverse
+                   else "b_refine_steps replaces b_max_iter" + (", and at 0 steps no backward solver runs"
+                                                                if self.b_refine_steps == 0 else ""))
+            warn_user(f"{how} does not use {', '.join(unread)}: they have no effect ({why})")
         unread = self._ignored_by_correction()
         if unread:
             warn_user(f"fixed-point correction is off (fp_correction_states=0, fp_correction_steps='') and does "

@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ __all__ = ["probe", "run_vision"]
 MODEL = "mdeq_tiny_cifar"
 
 
-def _train_args(s: Settings, data: Path, out: Path, jr: bool, seed: int) -> List[str]:
+def _train_args(s: Settings, data: Path, out: Path, jr: bool, seed: int, extra: Sequence[str] = ()) -> List[str]:
     return [
         str(data), "--model", MODEL, "--img-size", str(s.img_size), "--epochs", str(s.epochs),
         "-b", str(s.batch_size), "-j", "0", "--device", s.device, "--seed", str(seed),
@@ -35,6 +35,7 @@ def _train_args(s: Settings, data: Path, out: Path, jr: bool, seed: int) -> List
         "--f-max-iter", str(s.f_max_iter), "--b-max-iter", str(s.b_max_iter),
         "--jac-weight", str(s.jac_weight if jr else 0.0), "--jac-freq", str(s.jac_freq),
         "--output", str(out), "--experiment", "train", "--checkpoint-hist", "1", "--log-interval", "1000",
+        *extra,
     ]
 
 
@@ -52,7 +53,9 @@ def probe(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, m
     handle = layer.register_forward_hook(keep_inputs, with_kwargs=True)
     model.eval()
     try:
-        with layer.overridden(eval_max_iter=max_iter, eval_tol=None, b_max_iter=max_iter):
+        # The steps the standard solves need, whatever backward the model trains with.
+        with layer.overridden(eval_max_iter=max_iter, eval_tol=None, b_max_iter=max_iter, b_init="zero",
+                              b_refine_steps=None):
             with torch.enable_grad():
                 loss = F.cross_entropy(model(images), targets)
                 params = [p for p in model.parameters() if p.requires_grad]
@@ -78,13 +81,16 @@ def _probe_batch(loader, n: int, device: torch.device):
     return torch.cat(images)[:n].to(device), torch.cat(targets)[:n].to(device)
 
 
-def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int) -> Dict[str, Any]:
+def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int, arm: str = "",
+              extra: Sequence[str] = (), model_args: Sequence[str] = ()) -> Dict[str, Any]:
     """Train one model through ``timm_deq.train`` (the CLI's code path), probing after every
-    epoch, then evaluate its last checkpoint at the hard-stop limits through ``timm_deq.validate``."""
-    name = f"{'jr' if jr else 'nojr'}_seed{seed}"
+    epoch, then evaluate its last checkpoint at the hard-stop limits through ``timm_deq.validate``.
+    ``extra`` are more training flags, ``model_args`` flags that change the model (given to
+    validation too), ``arm`` their name in the run's folder."""
+    name = f"{arm or ('jr' if jr else 'nojr')}_seed{seed}"
     out = work / name
     with log_to(out / "log.txt"):
-        run = timm_train.setup(_train_args(s, data, out, jr, seed))
+        run = timm_train.setup(_train_args(s, data, out, jr, seed, [*extra, *model_args]))
         images, targets = _probe_batch(run.loader_eval, s.probe_images, run.device)
         model = run.task.get_trainable_module()
         epochs = [dict(epoch=0, **probe(model, images, targets, s.probe_max_iter))]
@@ -103,7 +109,7 @@ def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int) -> Dict[
         checkpoint = Path(run.output_dir) / "last.pth.tar"
         hard_stop = timm_validate.main([
             str(data), "--model", MODEL, "--img-size", str(s.img_size), "--checkpoint", str(checkpoint),
-            "-b", "256", "-j", "0", "--device", s.device,
+            "-b", "256", "-j", "0", "--device", s.device, *model_args,
             "--eval-max-iter", *map(str, s.hard_stop_limits)])
     result = dict(name=name, jr=jr, seed=seed, config=deq_layers(model)[0].config.to_dict(), epochs=epochs,
                   hard_stop=[{k: r[k] for k in ("f_limit", "top1", "f_steps", "f_rel_res")} for r in hard_stop])

@@ -1,0 +1,81 @@
+"""Short MDEQ training runs with the implicit backward, the backward from the forward's inverse
+estimate, spectral normalization and fixed-point correction, side by side:
+
+    python -m bench.methods [--quick | --tiny] [--seeds N] [--only ARM ...]
+
+Every arm trains ``mdeq_tiny_cifar`` on scikit-learn's bundled digits through ``timm_deq.train``
+(the settings of ``python -m bench.evidence --quick``, JR off so that only the method differs,
+forward Broyden in every arm since the inverse-estimate backward needs it), then prints final
+top-1, the solver steps a held-out batch needs to reach the tolerances after training, the
+steps of the last epoch's evaluation and the training time per epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from bench.evidence.digits import write_digits
+from bench.evidence.settings import PRESETS
+from bench.evidence.vision import train_one
+from bench.evidence._jobs import run_jobs
+
+# arm -> (training flags, flags that change the model: given to validation too)
+ARMS: Dict[str, Tuple[Sequence[str], Sequence[str]]] = {
+    "implicit": ((), ()),
+    "forward inverse, k=0": (("--b-init", "forward_inverse", "--b-refine-steps", "0"), ()),
+    "forward inverse, k=2": (("--b-init", "forward_inverse", "--b-refine-steps", "2"), ()),
+    "spectral norm": ((), ("--model-kwargs", "weight_norm=False", "--spectral-norm")),
+    "fp correction (3 states)": (("--fp-correction-states", "3"), ()),
+}
+_COMMON = ("--f-solver", "broyden")
+
+
+def _mean_std(values: List[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def main(argv: Sequence[str] = ()) -> None:
+    """Run the arms and print the table (``argv``: the arguments without the program name)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.methods", description=__doc__.splitlines()[0])
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="the CPU settings of bench.evidence --quick (default)")
+    preset.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
+                        help="a smoke run (figures mean nothing)")
+    parser.set_defaults(preset="quick")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
+    parser.add_argument("--only", nargs="+", choices=list(ARMS), default=None, help="run only these arms")
+    parser.add_argument("--work", type=Path, default=Path("output/methods"), help="data, checkpoints and logs")
+    args = parser.parse_args(list(argv))
+    s = PRESETS[args.preset].override(seeds=args.seeds)
+    arms = args.only or list(ARMS)
+    data = args.work / "digits"
+    write_digits(data, s.img_size, limit=s.digits_limit)
+    jobs = [(s, data, args.work, False, seed, _slug(arm), (*_COMMON, *ARMS[arm][0]), ARMS[arm][1])
+            for seed in range(s.seeds) for arm in arms]
+    runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "method runs")
+    print(f"\nmdeq_tiny_cifar on digits at {s.img_size}px, {s.epochs} epochs, {s.seeds} seed(s) per arm, JR off, "
+          f"forward Broyden <= {s.f_max_iter}, backward <= {s.b_max_iter} (preset {s.name})\n")
+    print("| arm | top-1 | probe forward steps | probe backward steps | eval forward steps | s/epoch |")
+    print("|---|---|---|---|---|---|")
+    for arm in arms:
+        mine = [r for r in runs if r["name"].startswith(_slug(arm) + "_seed")]
+        last = [r["epochs"][-1] for r in mine]
+        seconds = [r["epochs"][-1]["seconds"] / s.epochs for r in mine]
+        print(f"| {arm} | {_mean_std([e['top1'] for e in last])} | {_mean_std([e['f_steps'] for e in last])} | "
+              f"{_mean_std([e['b_steps'] for e in last])} | {_mean_std([e['eval_f_steps'] for e in last])} | "
+              f"{_mean_std(seconds)} |")
+
+
+def _slug(arm: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
