@@ -27,21 +27,6 @@ _READS = ("__bool__", "item", "tolist", "__float__", "__int__")
 JR_OVERHEAD_TARGET = 1.3  # a JR training step costs at most this many plain ones
 
 
-def _alternate(fns: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
-    """Median seconds per call of each function, calls interleaved A B A B ... after a warm-up."""
-    for fn in fns.values():
-        fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 class _HostReads(TorchFunctionMode):
     """Counts tensor-to-host reads (bool(), item(), tolist(), float(), int())."""
 
@@ -81,7 +66,7 @@ def jr_overhead_ratios(device: torch.device, repeats: int) -> Dict[str, float]:
                 (z.float().pow(2).mean() + stats.jr_term).backward()
             return run
 
-        t = _alternate({"plain": step(plain), "jr": step(with_jr)}, repeats, device)
+        t = alternate({"plain": step(plain), "jr": step(with_jr)}, repeats, device)
         ratios[name] = t["jr"] / t["plain"]
     return ratios
 
@@ -326,7 +311,7 @@ def mixed_precision_solves(device: torch.device, repeats: int) -> Dict[str, Dict
             runs[f"{label}, {_PRECISION_SETTINGS[2]}"] = (
                 lambda under=under, dtype=dtype: solver(under, z0, precision=dtype, **kw))
         with torch.no_grad():
-            times = _alternate(runs, repeats, device)
+            times = alternate(runs, repeats, device)
             rows = {}
             for key, run in runs.items():
                 res = run()
@@ -463,7 +448,7 @@ def torchdeq_comparison(device: torch.device, repeats: int) -> Optional[Dict[str
             return anderson_solver(fn, z0, max_iter=60, tol=tol, stop_mode="abs", m=5, lam=1e-4)
 
         with torch.no_grad():
-            t = _alternate({"ours": ours, "theirs": theirs}, repeats, device)
+            t = alternate({"ours": ours, "theirs": theirs}, repeats, device)
             res = ours()
             their_z, _, info = theirs()
             their_res = float((fn(their_z) - their_z).norm(dim=1).max())
