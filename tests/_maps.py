@@ -12,6 +12,43 @@ def contraction(dim: int, radius: float, dtype=torch.float64, seed: int = 0) -> 
     return a * (radius / torch.linalg.eigvals(a).abs().max())
 
 
+def causal_problem(b_last, length=6, dim=5, batch=2):
+    """A flat map of ``batch`` sequences of ``length`` positions, ``z_t = tanh(A z_t + C mean(z_{<t}) + b_t)``
+    (position t depends on earlier positions only, the last one's ``b`` set to ``b_last``), its
+    zero initial state and the sequence length."""
+    g = torch.Generator().manual_seed(0)
+    a = contraction(dim, 0.6)
+    c = 0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    b = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
+    b[:, -1] = b_last
+
+    def f(flat):
+        z = flat.view(batch, length, dim)
+        past = torch.cumsum(z, dim=1) - z
+        counts = torch.arange(length, dtype=z.dtype).clamp_min(1).view(1, length, 1)
+        return torch.tanh(z @ a.T + (past / counts) @ c.T + b).reshape(batch * length, dim)
+
+    return f, torch.zeros(batch * length, dim, dtype=torch.float64), length
+
+
+class CausalCell(nn.Module):
+    """f(z, x)_t = tanh(W z_t + V mean(z_{<t}) + x_t) on (B, L, D) float64 states, W and V torch's
+    init times ``scale``: positions coupled, each depending on the earlier ones only."""
+
+    def __init__(self, dim: int = 4, scale: float = 0.4):
+        super().__init__()
+        self.w = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
+        self.v = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.w.weight.mul_(scale)
+            self.v.weight.mul_(scale)
+
+    def forward(self, z, x):
+        past = torch.cumsum(z, dim=1) - z
+        counts = torch.arange(z.shape[1], dtype=z.dtype).clamp_min(1).view(1, -1, 1)
+        return torch.tanh(self.w(z) + self.v(past / counts) + x)
+
+
 class TanhCell(nn.Module):
     """f(z, x) = tanh(W z + U x + b), a contraction for small W."""
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deq_core import DEQConfig, DEQLayer, name_deq_layers
-from tests._maps import MLPCell, TanhCell
+from tests._maps import CausalCell, MLPCell, TanhCell
 
 
 def _limit_layer(solver, backward, limit):
@@ -166,26 +166,9 @@ def test_jr_names_and_their_deprecated_aliases():
         assert torch.equal(stats.jr_loss, stats.jr_term)
 
 
-class _CausalCell(nn.Module):
-    """f(z, x)_t = tanh(W z_t + V mean(z_{<t}) + x_t) on (B, L, D) states."""
-
-    def __init__(self, dim=4):
-        super().__init__()
-        self.w = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
-        self.v = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            self.w.weight.mul_(0.4)
-            self.v.weight.mul_(0.4)
-
-    def forward(self, z, x):
-        past = torch.cumsum(z, dim=1) - z
-        counts = torch.arange(z.shape[1], dtype=z.dtype).clamp_min(1).view(1, -1, 1)
-        return torch.tanh(self.w(z) + self.v(past / counts) + x)
-
-
 def test_per_position_samples_solve_the_same_equilibrium_and_keep_gradients_exact():
     torch.manual_seed(0)
-    f = _CausalCell()
+    f = CausalCell(scale=0.4)
     x = torch.randn(3, 7, 4, dtype=torch.float64)
     weight = torch.randn(3, 7, 4, dtype=torch.float64)
     grads, outs = {}, {}

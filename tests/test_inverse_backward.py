@@ -10,7 +10,7 @@ from torch import nn
 
 from deq_core import DEQConfig, DEQLayer, get_solver, register_solver
 from deq_core.solvers import InverseEstimate, returns_inverse
-from tests._maps import TanhCell, contraction
+from tests._maps import CausalCell, TanhCell, contraction
 
 INVERSE = dict(f_solver="broyden", b_init="forward_inverse")
 TIGHT_BACKWARD = dict(b_max_iter=300, b_tol=1e-12)
@@ -219,27 +219,9 @@ def test_refinement_steps_approach_the_exact_implicit_gradient(memory, capsys):
     assert _cosine_and_error(g, ref)[1] < 1e-8
 
 
-class _Causal(nn.Module):
-    """f(z, x)_t = tanh(W z_t + V mean(z_{<t}) + x_t): positions coupled, so a per-position
-    estimate misses the coupling and the refinement must restore it."""
-
-    def __init__(self, dim=4):
-        super().__init__()
-        self.w = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
-        self.v = nn.Linear(dim, dim, bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            self.w.weight.mul_(0.5)
-            self.v.weight.mul_(0.5)
-
-    def forward(self, z, x):
-        past = torch.cumsum(z, dim=1) - z
-        counts = torch.arange(z.shape[1], dtype=z.dtype).clamp_min(1).view(1, -1, 1)
-        return torch.tanh(self.w(z) + self.v(past / counts) + x)
-
-
 def test_per_position_estimates_refine_to_the_implicit_gradient():
     torch.manual_seed(0)
-    f = _Causal()
+    f = CausalCell(scale=0.5)  # positions coupled: a per-position estimate misses it, refinement restores it
     x = torch.randn(2, 5, 4, dtype=torch.float64)
     weight = torch.randn(2, 5, 4, dtype=torch.float64)
     forward = dict(f_solver="broyden", f_max_iter=60, f_tol=1e-11, sample_dims=2)

@@ -8,7 +8,7 @@ import torch
 import tests._reference_solvers as reference
 from bench.core import state_passes
 from deq_core import DEQLayer, get_solver, register_solver
-from tests._maps import MLPCell, TanhCell, contraction
+from tests._maps import MLPCell, TanhCell, causal_problem, contraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,26 +148,10 @@ def test_a_warm_start_at_the_noise_floor(name):
     assert bool(new.stalled.any())
 
 
-def _causal_problem(b_last, length=6, dim=5, batch=2):
-    g = torch.Generator().manual_seed(0)
-    a = contraction(dim, 0.6)
-    c = 0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)
-    b = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
-    b[:, -1] = b_last
-
-    def f(flat):
-        z = flat.view(batch, length, dim)
-        past = torch.cumsum(z, dim=1) - z
-        counts = torch.arange(length, dtype=z.dtype).clamp_min(1).view(1, length, 1)
-        return torch.tanh(z @ a.T + (past / counts) @ c.T + b).reshape(batch * length, dim)
-
-    return f, torch.zeros(batch * length, dim, dtype=torch.float64), length
-
-
 @pytest.mark.parametrize("name, options", CASES)
 @pytest.mark.parametrize("b_last", [0.0, 3.0])
 def test_sequences_stop_in_order(name, options, b_last):
-    f, z0, length = _causal_problem(b_last)
+    f, z0, length = causal_problem(b_last)
     new, _, _ = _compare(name, f, z0, max_iter=40, tol=1e-6, sequence_length=length, trace=True, **options)
     steps = new.steps.view(2, length)
     assert bool((steps[:, 1:] >= steps[:, :-1]).all())

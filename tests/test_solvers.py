@@ -5,7 +5,7 @@ import torch
 
 from deq_core import DEQConfig, SolverOption, SolverResult, get_solver, list_solvers, register_solver
 from deq_core.solvers import solver_options, validate_solver_options
-from tests._maps import contraction
+from tests._maps import causal_problem, contraction
 
 SOLVERS = ("fixed_point", "anderson", "broyden")
 
@@ -234,28 +234,11 @@ def test_limited_memory_broyden_converges_on_a_slowly_contracting_map(memory, de
     assert int(res.steps.max()) <= 4 * int(full.steps.max())
 
 
-def _causal_problem(b_last, length=6, dim=5, batch=2):
-    """z_t = tanh(A z_t + C mean(z_{<t}) + b_t): position t depends on earlier positions only."""
-    g = torch.Generator().manual_seed(0)
-    a = contraction(dim, 0.6)
-    c = 0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)
-    b = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
-    b[:, -1] = b_last
-
-    def f(flat):
-        z = flat.view(batch, length, dim)
-        past = torch.cumsum(z, dim=1) - z
-        counts = torch.arange(length, dtype=z.dtype).clamp_min(1).view(1, length, 1)
-        return torch.tanh(z @ a.T + (past / counts) @ c.T + b).reshape(batch * length, dim)
-
-    return f, torch.zeros(batch * length, dim, dtype=torch.float64), length
-
-
 @pytest.mark.parametrize("name", SOLVERS)
 def test_sequence_positions_stop_in_order_and_earlier_ones_ignore_later_ones(name):
     results = []
     for b_last in (0.0, 3.0):
-        f, z0, length = _causal_problem(b_last)
+        f, z0, length = causal_problem(b_last)
         results.append(get_solver(name)(f, z0, max_iter=40, tol=1e-6, sequence_length=length, trace=True))
     a, b = results
     rows = a.z.view(2, length, -1)
@@ -272,7 +255,7 @@ def test_a_solver_without_sequence_support_refuses_a_sequence():
         return get_solver("fixed_point")(f, z0, max_iter=max_iter, tol=tol)
 
     register_solver("no_sequence_test", {})(plain)
-    f, z0, length = _causal_problem(0.0)
+    f, z0, length = causal_problem(0.0)
     assert bool(get_solver("no_sequence_test")(f, z0, max_iter=40, tol=1e-6).converged.all())
     with pytest.raises(TypeError, match="does not accept sequence_length.*sample_dims=1"):
         get_solver("no_sequence_test")(f, z0, max_iter=40, tol=1e-6, sequence_length=length)
