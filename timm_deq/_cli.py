@@ -36,6 +36,9 @@ _logger = logging.getLogger(__name__)
 # The first timm release with everything the entry points use (setup.cfg pins it).
 TIMM_FOR_ENTRY_POINTS = '1.0.31'
 
+# The epilog of both entry points' --help.
+DEQ_FLAGS_EPILOG = ('DEQ flags left unset keep the --model variant\'s own values (e.g. --f-max-iter is 30 in\n'
+                    'DEQConfig, 14 in mdeq_small); "--model NAME --help" shows NAME\'s values.')
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 MODEL_DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.float16,
                 'bfloat16': torch.bfloat16}

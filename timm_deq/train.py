@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = _cli.Parser(
         description='Train a deep equilibrium model with timm and Jacobian regularization',
-        epilog='DEQ flags left unset keep the --model variant\'s own values (e.g. --f-max-iter is 30 in\n'
-               'DEQConfig, 14 in mdeq_small); "--model NAME --help" shows NAME\'s values.')
+        epilog=_cli.DEQ_FLAGS_EPILOG)
     group = parser.add_argument_group('Dataset parameters')
     group.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional)')
     group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')

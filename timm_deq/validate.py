@@ -44,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = _cli.Parser(
         description='Evaluate a deep equilibrium model at several solver limits',
-        epilog='DEQ flags left unset keep the --model variant\'s own values (e.g. --f-max-iter is 30 in\n'
-               'DEQConfig, 14 in mdeq_small); "--model NAME --help" shows NAME\'s values.')
+        epilog=_cli.DEQ_FLAGS_EPILOG)
     parser.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional)')
     parser.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
     parser.add_argument('--dataset', metavar='NAME', default='',
