@@ -352,6 +352,12 @@ class DEQConfig:
             attr = prefix + name
             if hasattr(namespace, attr):
                 values[name] = getattr(namespace, attr)
+        for side in ("f", "b"):
+            # The parser's default options belong to its default solver: another one chosen on the
+            # command line gets its own defaults (as from_dict gives a new solver without options).
+            options = values.get(f"{side}_solver_options")
+            if isinstance(options, _DefaultOptions) and values.get(f"{side}_solver", options.solver) != options.solver:
+                del values[f"{side}_solver_options"]
         return cls.from_dict(values, base=base)
 
     def replace(self, **changes: Any) -> "DEQConfig":
@@ -386,6 +392,14 @@ def _parse_steps(text: str, max_iter: int) -> Tuple[int, ...]:
 
 def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
+
+
+class _DefaultOptions(dict):
+    """The default of a solver-options flag, which remembers the solver whose options it holds."""
+
+    def __init__(self, options: Mapping[str, Any], solver: str) -> None:
+        super().__init__(options)
+        self.solver = solver
 
 
 def _python_scalar(value: Any) -> Any:
@@ -474,8 +488,10 @@ def add_deq_args(parser: argparse.ArgumentParser, prefix: str = "", defaults: Op
             continue
         meta = f.metadata
         flag = "--" + (prefix + f.name).replace("_", "-")
-        default = getattr(defaults, f.name)
-        kw: Dict[str, Any] = {"default": argparse.SUPPRESS if suppress_defaults else _copy(default),
+        default = _copy(getattr(defaults, f.name))
+        if meta["kind"] is dict:
+            default = _DefaultOptions(default, getattr(defaults, f.name.replace("_options", "")))
+        kw: Dict[str, Any] = {"default": argparse.SUPPRESS if suppress_defaults else default,
                               "dest": prefix + f.name, "help": meta["help"]}
         kind = meta["kind"]
         if kind is bool:

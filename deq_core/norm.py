@@ -1,11 +1,12 @@
 """DEQ weight normalization, computed once per equilibrium pass rather than per solver step."""
 from __future__ import annotations
 
-from typing import Iterable, Tuple, Type
+import contextlib
+from typing import Callable, ContextManager, Iterable, Tuple, Type
 
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.parametrizations import _WeightNorm, weight_norm
 
 __all__ = ["apply_weight_norm", "remove_weight_norm", "DEFAULT_WEIGHT_NORM_TYPES"]
 
@@ -40,6 +41,9 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     """Fold every weight-norm parametrization back into a plain weight (the inverse of
     :func:`apply_weight_norm`, keeping the current normalized values).
 
+    Other parametrizations (spectral norm) are left alone; a weight holding weight norm together
+    with another parametrization raises ``ValueError``.
+
     Args:
         module: the module whose submodules are searched.
         name: the parametrized parameter's name.
@@ -47,7 +51,26 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     Returns:
         ``module``.
     """
-    for m in module.modules():
-        if parametrize.is_parametrized(m, name):
+    return _fold_parametrizations(module, name, _WeightNorm, "weight norm")
+
+
+def _fold_parametrizations(module: nn.Module, name: str, kind: Type[nn.Module], label: str,
+                           context: Callable[[nn.ModuleList], ContextManager] = lambda _: contextlib.nullcontext(),
+                           ) -> nn.Module:
+    """Fold every parametrization of type ``kind`` of ``name`` in ``module``'s submodules back into
+    a plain weight (keeping its current value, computed inside ``context(parametrizations)``);
+    weights parametrized otherwise are left alone, and a weight holding ``kind`` together with
+    another parametrization raises ``ValueError`` (``label`` names ``kind`` there). Returns ``module``."""
+    for m in list(module.modules()):
+        if not parametrize.is_parametrized(m, name):
+            continue
+        plist = m.parametrizations[name]
+        if not any(isinstance(p, kind) for p in plist):
+            continue
+        if len(plist) != 1:
+            raise ValueError(f"{type(m).__name__}.{name} holds {label} with other parametrizations "
+                             f"({', '.join(type(p).__name__ for p in plist)}); remove them with "
+                             "torch.nn.utils.parametrize.remove_parametrizations")
+        with context(plist):
             parametrize.remove_parametrizations(m, name, leave_parametrized=True)
     return module

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .norm import _fold_parametrizations
+
 __all__ = ["apply_spectral_norm", "remove_spectral_norm", "SpectralNorm", "CONV_MODES",
            "DEFAULT_SPECTRAL_NORM_TYPES"]
 
@@ -168,12 +170,14 @@ def _describe(parametrizations: nn.Module) -> str:
 
 @contextlib.contextmanager
 def _frozen(parametrizations: Iterable[nn.Module]) -> Iterator[None]:
-    """The parametrizations in evaluation mode for the block (no power-iteration step)."""
+    """The parametrizations in evaluation mode for the block (no power-iteration step), without
+    gradient tracking."""
     modes = [(p, p.training) for p in parametrizations]
     for p, _ in modes:
         p.train(False)
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
         for p, mode in modes:
             p.train(mode)
@@ -286,16 +290,4 @@ def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     Returns:
         ``module``.
     """
-    for m in list(module.modules()):
-        if not parametrize.is_parametrized(m, name):
-            continue
-        plist = m.parametrizations[name]
-        if not any(isinstance(p, SpectralNorm) for p in plist):
-            continue
-        if len(plist) != 1:
-            raise ValueError(f"{type(m).__name__}.{name} holds spectral norm with other parametrizations "
-                             f"({_describe(plist)}); remove them with torch.nn.utils.parametrize."
-                             "remove_parametrizations")
-        with _frozen(plist), torch.no_grad():
-            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-    return module
+    return _fold_parametrizations(module, name, SpectralNorm, "spectral norm", _frozen)

@@ -41,6 +41,19 @@ def test_namespace_round_trip_without_mutation():
     assert cfg.jac_weight == 2.5 and cfg.jac_stop_epoch is None
 
 
+def test_another_solver_on_the_command_line_gets_its_own_default_options():
+    # The parser's default options are the default solver's: Anderson's m/beta/lam must not reach
+    # Broyden, whose options are only `memory`; options given, or the same solver, are kept.
+    parser = add_deq_args(argparse.ArgumentParser(), defaults=DEQConfig(f_solver_options={"m": 7}))
+    cfg = DEQConfig.from_namespace(parser.parse_args(["--f-solver", "broyden", "--b-solver", "anderson"]))
+    assert cfg.f_solver_options == DEQConfig(f_solver="broyden").f_solver_options == {"memory": None}
+    assert cfg.b_solver_options == {"m": 5, "beta": 1.0, "lam": 1e-4}
+    cfg = DEQConfig.from_namespace(parser.parse_args(["--f-solver", "broyden", "--f-solver-options", "memory=4"]))
+    assert cfg.f_solver_options == {"memory": 4}
+    assert DEQConfig.from_namespace(parser.parse_args(["--f-solver", "anderson"])).f_solver_options["m"] == 7
+    assert DEQConfig.from_namespace(parser.parse_args([])).f_solver_options["m"] == 7
+
+
 def test_prefixed_flags():
     parser = argparse.ArgumentParser()
     add_deq_args(parser, prefix="deq_", exclude=("seed",))

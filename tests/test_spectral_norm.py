@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deq_core import (DEQConfig, DEQLayer, add_deq_args, apply_spectral_norm, apply_weight_norm,
-                      remove_spectral_norm)
+                      remove_spectral_norm, remove_weight_norm)
 from deq_core.spectral_norm import SpectralNorm
 from tests._maps import MLPCell
 
@@ -269,6 +269,20 @@ def test_remove_folds_the_current_normalized_weight_without_advancing(count_powe
     wn = apply_weight_norm(nn.Linear(3, 3))
     remove_spectral_norm(wn)                               # weight norm is not touched
     assert parametrize.is_parametrized(wn, "weight")
+
+
+def test_remove_weight_norm_leaves_spectral_norm_alone():
+    f = MLPCell()
+    apply_weight_norm(f.fc1)
+    apply_spectral_norm(f.fc2, scale=0.5)
+    remove_weight_norm(f)
+    assert not parametrize.is_parametrized(f.fc1)
+    assert isinstance(_sn(f.fc2), SpectralNorm)            # still normalized, not folded
+    apply_weight_norm(f.fc1)
+    parametrize.register_parametrization(f.fc1, "weight", nn.Identity())
+    with pytest.raises(ValueError, match=r"Linear\.weight holds weight norm with other parametrizations "
+                                         r"\(_WeightNorm, Identity\)"):
+        remove_weight_norm(f.fc1)
 
 
 # -- refused cases ----------------------------------------------------------------------------------------
