@@ -50,13 +50,13 @@ def _cases(device: torch.device, batch: int = 8):
     }
 
 
-def jr_overhead_ratios(device: torch.device, repeats: int) -> Dict[str, float]:
-    """Per case: time of a full implicit training step (12 forward + 12 backward iterations) with
-    JR (one probe) over the same step without it."""
+def jr_overhead_ratios(device: torch.device, repeats: int, batch: int = 8) -> Dict[str, float]:
+    """Per case (``batch`` samples): time of a full implicit training step (12 forward + 12
+    backward iterations) with JR (one probe) over the same step without it."""
     ratios = {}
     fixed = dict(f_max_iter=12, f_tol=1e-12, b_max_iter=12, b_tol=1e-12, jac_freq=1.0, jac_probes=1,
                  check_every=0)
-    for name, (f, x) in _cases(device).items():
+    for name, (f, x) in _cases(device, batch).items():
         plain = DEQLayer(f, **fixed, jac_weight=0.0)
         with_jr = DEQLayer(f, **fixed, jac_weight=1.0)
 

@@ -9,7 +9,8 @@ device; training-step throughput, peak memory and solver steps of ``mdeq_small``
 ``bench.timm_mdeq``); of ``deq_transformer_lm_wt103`` against fairseq's ``transformer_lm_wiki103``
 (whole model in float16 as ``--fp16`` runs it, the same 14 x 150 tokens per update, through
 ``bench.fairseq_lm``); where the time of one ``mdeq_small`` training step goes (torch.profiler: the
-shares of f, the solvers' bookkeeping, and the stem, head and optimizer); the JR overhead of a
+shares of f, the solvers' bookkeeping, and the stem, head and optimizer); eager against
+CUDA-graph-replayed forward solves and training steps (``bench.graphs``); the JR overhead of a
 training step (``bench.core``); mixed precision (float16 and bfloat16 autocast solves against
 float32 through ``bench.core``, a GradScaler step with an injected overflow, ``fairseq-train
 --fp16`` and ``--amp`` updates on a generated corpus); training steps of the whole
@@ -19,10 +20,11 @@ A row's status is ``pass`` or ``FAIL``. A check fails when tests fail, a section
 not finite, a solver used more steps than its limit, a reduced-precision solve reports divergence
 where float32 converges, the loss scaler does not skip an overflowed step, a compiled model's
 gradients differ from eager by more than 1e-3 where no solve amplifies them, its solver steps
-differ, or it recompiles after its first step, a profile's shares do not add up to its step, or
-the whole run took longer than ``--time-limit``. Performance targets (JR overhead) are reported as
-met or missed in the result and do not fail the run. Exit status: 0 when every check passes, 1 when
-one fails, 2 when the device cannot be used. Nothing is installed or downloaded.
+differ, or it recompiles after its first step, a graph replay's result differs from eager, a
+profile's shares do not add up to its step, or the whole run took longer than ``--time-limit``.
+Performance targets (JR overhead) are reported as met or missed in the result and do not fail
+the run. Exit status: 0 when every check passes, 1 when one fails, 2 when the device cannot be
+used. Nothing is installed or downloaded.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_TESTS = ("tests/test_layer_gradients.py", "tests/test_solvers.py")
-SECTIONS = ("core", "timm", "profile", "fairseq", "jr", "precision", "fairseq_precision", "compile")
+SECTIONS = ("core", "timm", "profile", "graphs", "fairseq", "jr", "precision", "fairseq_precision", "compile")
 PASS, FAIL = "pass", "FAIL"
 
 
@@ -164,6 +166,27 @@ def step_profile(s: Settings) -> List[Row]:
     return rows
 
 
+def graph_capture(s: Settings) -> List[Row]:
+    """Eager against CUDA-graph-replayed Anderson forward solves and implicit training steps of
+    the transformer cell (``bench.graphs``, ``check_every=0``). Fails when a capture raises, a
+    replay's result differs from eager by more than 1e-4 relative, or its solver steps differ; on
+    CPU only the eager runs are checked (they must repeat exactly)."""
+    from bench import graphs
+
+    rows = []
+    for c in graphs.compare(s.device, batch=min(s.batch, 8), repeats=s.jr_repeats * 4):
+        if c.captured:
+            result = (f"replay {c.replay_s * 1e3:.1f} ms vs eager {c.eager_s * 1e3:.1f} ms "
+                      f"({c.replay_s / c.eager_s:.2f}x); result difference {c.max_rel_diff:.1e}; same steps "
+                      f"{c.same_steps}")
+        else:
+            result = (f"not captured: CUDA graphs need CUDA; eager {c.eager_s * 1e3:.1f} ms, repeat difference "
+                      f"{c.max_rel_diff:.1e}, same steps {c.same_steps}")
+        ok = c.same_steps and c.max_rel_diff <= (1e-4 if c.captured else 0.0)
+        rows.append(Row(f"CUDA graph {c.name}", result, _status(ok)))
+    return rows
+
+
 def fairseq_models(s: Settings) -> List[Row]:
     from bench import fairseq_lm
 
@@ -186,7 +209,7 @@ def jr_overhead(s: Settings) -> List[Row]:
     from bench import core
 
     rows = []
-    for case, ratio in core.jr_overhead_ratios(s.device, s.jr_repeats).items():
+    for case, ratio in core.jr_overhead_ratios(s.device, s.jr_repeats, min(s.batch, 8)).items():
         met = "met" if ratio <= core.JR_OVERHEAD_TARGET else "missed"
         rows.append(Row(f"JR step / plain step, {case}, 12 fwd + 12 bwd solver steps",
                         f"{ratio:.2f}x (target <= {core.JR_OVERHEAD_TARGET:.2f}x {met})",
@@ -343,7 +366,8 @@ def compiled_model(s: Settings) -> List[Row]:
                 _status(ok))]
 
 
-_SECTION_FUNCTIONS = {"core": core_tests, "timm": timm_models, "profile": step_profile, "fairseq": fairseq_models,
+_SECTION_FUNCTIONS = {"core": core_tests, "timm": timm_models, "profile": step_profile, "graphs": graph_capture,
+                      "fairseq": fairseq_models,
                       "jr": jr_overhead,
                       "precision": precision, "fairseq_precision": fairseq_precision, "compile": compiled_model}
 

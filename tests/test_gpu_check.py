@@ -38,15 +38,23 @@ def test_a_failing_or_crashing_section_fails_the_run_and_the_others_still_run():
 
 @pytest.mark.filterwarnings(
     r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header):UserWarning")
-def test_tiny_run_of_every_section_on_cpu(capsys):
+def test_tiny_run_of_every_section_on_cpu(capsys, monkeypatch):
     pytest.importorskip("timm")
     pytest.importorskip("fairseq")
+    # The core section's pytest run, on one short file: the suite runs the core tests itself.
+    monkeypatch.setattr(gpu_check, "CORE_TESTS", ("tests/test_config.py",))
+    # With oneDNN, as a user's run has it (the suite turns it off): torch's own reduced-precision
+    # convolutions on CPU would make the precision section's autocast solves take minutes.
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
     assert gpu_check.main(["--device", "cpu", "--tiny", "--sections", *gpu_check.SECTIONS]) == 0
     out = capsys.readouterr().out.splitlines()
     start = out.index("| check | result | status |")
     rows = out[start + 2:]
     assert out[start - 1].startswith("gpu_check ") and "torch " in out[start - 1]
-    assert rows[0].startswith("| core tests on cpu") and "passed" in rows[0]
+    assert rows[0].startswith("| core tests on cpu (test_config.py)") and "passed" in rows[0]
+    graphs = [r for r in rows if r.startswith("| CUDA graph ")]
+    assert len(graphs) == 2 and all("not captured: CUDA graphs need CUDA" in r and "repeat difference 0.0e+00" in r
+                                    and "same steps True" in r for r in graphs)
     assert any(r.startswith("| train step mdeq_tiny_cifar") and "solver steps fwd" in r for r in rows)
     assert any(r.startswith("| train step deq_transformer_lm_tiny vs transformer_lm") for r in rows)
     for part in ("f (the equilibrium function)", "solver bookkeeping", "stem, head, loss and optimizer", "whole step"):
