@@ -8,6 +8,7 @@ import torch
 import tests._reference_solvers as reference
 from bench.core import state_passes
 from deq_core import DEQLayer, get_solver, register_solver
+from deq_core.solvers._tracking import RowBuffer
 from tests._maps import MLPCell, TanhCell, causal_problem, contraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,3 +225,17 @@ def test_the_fused_solvers_move_less_of_the_state_per_iteration():
         (calls_after, traffic_after), (calls_before, traffic_before) = counts["after"], counts["before"]
         assert traffic_after < traffic_before, (name, counts)
         assert calls_after <= calls_before + 1, (name, counts)
+
+
+@pytest.mark.parametrize("dim, pieces", [(24, 1), (3 * 4096, 3), (16385, 1), (65536, 16)])
+def test_row_gathers_of_long_rows_in_pieces_copy_exactly_the_chosen_rows(dim, pieces):
+    # 16385 = 5 * 29 * 113 has no divisor up to 16385 // 4096: one piece per row.
+    rows = RowBuffer(torch.zeros(3, dim), [("a", 1), ("h", 2), ("out", 1)])
+    rows.buffer.copy_(torch.randn(rows.buffer.shape, generator=torch.Generator().manual_seed(dim)))
+    mask = torch.tensor([True, False, True])
+    expected = torch.where(mask[:, None], rows.history("h")[:, 1], rows["a"])
+    before = rows.buffer.clone()
+    rows.select("out", mask, ("h", 1), ("a", 0))
+    assert rows._chunks == pieces
+    assert torch.equal(rows["out"], expected)
+    assert torch.equal(rows.buffer[:-3], before[:-3])  # only the output region was written

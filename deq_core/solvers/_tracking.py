@@ -84,6 +84,18 @@ def resolve_check_every(check_every: Optional[int], device: torch.device) -> int
     return check_every
 
 
+_GATHER_PIECE = 4096  # elements: a piece of a row that one thread of a gather copies
+
+
+def _gather_chunks(dim: int) -> int:
+    """The most pieces of at least ``_GATHER_PIECE`` elements that a row of ``dim`` splits into
+    evenly (1 for short rows or a ``dim`` without such a divisor)."""
+    for chunks in range(max(dim // _GATHER_PIECE, 1), 1, -1):
+        if dim % chunks == 0:
+            return chunks
+    return 1
+
+
 class RowBuffer:
     """Named regions of one ``(rows, D)`` buffer for a batch of ``B`` samples: region ``name``
     with ``k`` rows per sample holds ``B k`` rows, sample by sample (row ``j`` of sample ``b`` is
@@ -110,9 +122,15 @@ class RowBuffer:
             self._start[name], self._per[name] = total, per
             total += batch * per
         self.buffer = like.new_empty(total, dim)
+        # A gather copies each row as `chunks` pieces: torch's CPU index_select splits its work
+        # over the indices, so a few long rows would leave threads idle.
+        self._chunks = _gather_chunks(dim)
+        self._pieces = self.buffer.view(total * self._chunks, dim // self._chunks)
         samples = torch.arange(batch, device=like.device)
         self._first = {name: samples * per + self._start[name] for name, per in self._per.items()}
+        self._offsets = torch.arange(self._chunks, device=like.device)
         self._index = [torch.empty_like(samples) for _ in range(3)]
+        self._piece_index = torch.empty(batch, self._chunks, dtype=samples.dtype, device=like.device)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """Region ``name`` as ``(B * rows per sample, D)`` rows (a ``(B, D)`` state for one)."""
@@ -136,9 +154,14 @@ class RowBuffer:
         if self._per[out] != 1 or start < hi and start + self.batch > lo:
             raise ValueError(f"cannot gather into {out!r} from {chosen[0]!r} and {other[0]!r}")
         a, b, index = self._index
+        c = self._chunks
         torch.add(self._first[chosen[0]], chosen[1] - lo, out=a)
         torch.add(self._first[other[0]], other[1] - lo, out=b)
-        torch.index_select(self.buffer[lo:hi], 0, torch.where(mask, a, b, out=index), out=self[out])
+        torch.mul(torch.where(mask, a, b, out=index), c, out=index)
+        torch.add(index[:, None], self._offsets, out=self._piece_index)  # the row's pieces
+        start = self._start[out] * c
+        torch.index_select(self._pieces[lo * c:hi * c], 0, self._piece_index.view(-1),
+                           out=self._pieces[start:start + self.batch * c])
 
     def _end(self, name: str) -> int:
         return self._start[name] + self.batch * self._per[name]
