@@ -203,7 +203,8 @@ def _cost(cost: Dict[str, Any], v: Optional[Dict[str, Any]], lang: Optional[Dict
                      f"{m['unrolled'] / 2**20:.1f} MiB)", "<= 0.125"])
     for name, share in cost["solver_outside_f"].items():
         now = share["after"] if isinstance(share, dict) else share  # results.json files before 2026-12-01: a float
-        rows.append([f"solver time outside f, Anderson m=5, 30 iterations, {name} cell", f"{now:.1%}", "<= 5%"])
+        floor = f" (bandwidth floor {share['floor']:.1%})" if isinstance(share, dict) and "floor" in share else ""
+        rows.append([f"solver time outside f, Anderson m=5, 30 iterations, {name} cell", f"{now:.1%}{floor}", "<= 5%"])
     if cost["torchdeq"] is None:
         rows.append(["TorchDEQ 0.1.0 Anderson time / ours", "not measured (`pip install torchdeq==0.1.0`)", ">= 1.2x"])
     else:
