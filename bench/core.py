@@ -200,7 +200,8 @@ class _StatePasses(TorchDispatchMode):
     call touching the state; its traffic, in units of the state, is the elements it reads (every
     tensor argument but an ``out=`` one and the target of a ``copy_``) plus those it writes (its
     outputs, in place or ``out=``), over ``state_numel``: ``z - fz`` is 3, a Gram row over a
-    history of m is m + 1. Views move nothing and are not counted.
+    history of m is m + 1. Views move nothing and are not counted. ``operations`` counts every
+    call but views, whatever its size: each is a kernel launch on a GPU.
     """
 
     def __init__(self, state_numel: int) -> None:
@@ -208,6 +209,7 @@ class _StatePasses(TorchDispatchMode):
         self.state_numel = state_numel
         self.traffic = 0
         self.calls = 0
+        self.operations = 0
         self._paused = False
 
     def f(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -229,6 +231,7 @@ class _StatePasses(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self._paused or func.is_view:
             return out
+        self.operations += 1
         name = func._schema.name.split("::")[-1]
         moved = 0
         if name in _ROW_WRITES:
@@ -259,9 +262,11 @@ class _StatePasses(TorchDispatchMode):
 _PASS_SOLVERS = {"anderson": {"m": 5}, "broyden": {}, "fixed_point": {}}
 
 
-def state_passes(batch: int = 4, dim: int = 1024, iterations: int = 30) -> Dict[str, Dict[str, Tuple[float, float]]]:
+def state_passes(batch: int = 4, dim: int = 1024,
+                 iterations: int = 30) -> Dict[str, Dict[str, Tuple[float, float, float]]]:
     """Per solver (Anderson m=5, Broyden with its default memory, fixed point): the calls touching
-    the state and the traffic over it (in states) per iteration, outside f, averaged over an
+    the state, the traffic over it (in states) and the operations (:class:`_StatePasses`) per
+    iteration, outside f, averaged over an
     ``iterations``-step solve (the difference of an ``iterations``-step and a 1-step solve, so
     that set-up and result are left out), now (``"after"``) and before the fused bookkeeping."""
     torch.manual_seed(0)
@@ -275,7 +280,7 @@ def state_passes(batch: int = 4, dim: int = 1024, iterations: int = 30) -> Dict[
     reference = _reference_solvers()
     if reference is not None:
         versions["before"] = reference
-    out: Dict[str, Dict[str, Tuple[float, float]]] = {}
+    out: Dict[str, Dict[str, Tuple[float, float, float]]] = {}
     for key, solvers in versions.items():
         for name, options in _PASS_SOLVERS.items():
             counts = []
@@ -283,7 +288,7 @@ def state_passes(batch: int = 4, dim: int = 1024, iterations: int = 30) -> Dict[
                 with torch.no_grad(), _StatePasses(batch * dim) as mode:
                     solvers[name](mode.f(f), torch.zeros(batch, dim), max_iter=max_iter, tol=0.0, check_every=0,
                                   **options)
-                counts.append((mode.calls, mode.traffic / (batch * dim)))
+                counts.append((mode.calls, mode.traffic / (batch * dim), mode.operations))
             per = tuple((b_ - a_) / (iterations - 1) for a_, b_ in zip(*counts))
             out.setdefault(name, {})[key] = per
     return out
@@ -293,10 +298,10 @@ def solver_overhead(device: torch.device, repeats: int) -> List[str]:
     rows = []
     for name, passes in state_passes().items():
         now, before = passes["after"], passes.get("before")
-        was = f"before {before[1]:.1f} ({before[0]:.1f} calls) -> " if before else ""
+        was = f"before {before[1]:.1f} ({before[0]:.1f} calls; {before[2]:.1f}) -> " if before else ""
         label = f"{name} m=5" if name == "anderson" else name
         rows.append(f"| passes over the state per iteration outside f, {label}, 30 iters: state traffic (calls "
-                    f"touching the state) | {was}{now[1]:.1f} ({now[0]:.1f} calls) | fewer |")
+                    f"touching the state; operations) | {was}{now[1]:.1f} ({now[0]:.1f} calls; {now[2]:.1f}) | fewer |")
     for name, shares in solver_overhead_shares(device, repeats).items():
         was = f"before {shares['before']:.1%} -> " if "before" in shares else ""
         rows.append(f"| solver time outside f / solve time, anderson m=5, 30 iters, {name} | "

@@ -222,9 +222,11 @@ def test_a_layer_forward_and_implicit_backward(reference_names, f_solver, b_solv
 def test_the_fused_solvers_move_less_of_the_state_per_iteration():
     passes = state_passes(batch=2, dim=512, iterations=12)
     for name, counts in passes.items():
-        (calls_after, traffic_after), (calls_before, traffic_before) = counts["after"], counts["before"]
+        (calls_after, traffic_after, ops_after), (calls_before, traffic_before, ops_before) = \
+            counts["after"], counts["before"]
         assert traffic_after < traffic_before, (name, counts)
         assert calls_after <= calls_before + 1, (name, counts)
+        assert ops_after < ops_before, (name, counts)
 
 
 @pytest.mark.parametrize("dim, pieces", [(24, 1), (3 * 4096, 3), (16385, 1), (65536, 16)])

@@ -122,20 +122,21 @@ class RowBuffer:
             self._start[name], self._per[name] = total, per
             total += batch * per
         self.buffer = like.new_empty(total, dim)
+        self._views = {name: self.buffer[self._start[name]:self._end(name)] for name in self._start}
         # A gather copies each row as `chunks` pieces: torch's CPU index_select splits its work
-        # over the indices, so a few long rows would leave threads idle.
-        self._chunks = _gather_chunks(dim)
-        self._pieces = self.buffer.view(total * self._chunks, dim // self._chunks)
-        samples = torch.arange(batch, device=like.device)
-        self._first = {name: samples * per + self._start[name] for name, per in self._per.items()}
-        self._offsets = torch.arange(self._chunks, device=like.device)
-        self._index = [torch.empty_like(samples) for _ in range(3)]
-        self._piece_index = torch.empty(batch, self._chunks, dtype=samples.dtype, device=like.device)
+        # over the indices, so a few long rows would leave threads idle. Piece p of buffer row r
+        # is piece r * chunks + p; per region, their ids as a (B, rows per sample, chunks) view.
+        chunks = self._chunks = _gather_chunks(dim)
+        self._pieces = self.buffer.view(total * chunks, dim // chunks)
+        ids = torch.arange(total * chunks, device=like.device).view(total, chunks)
+        self._piece_ids = {name: ids[self._start[name]:self._end(name)].view(batch, per, chunks)
+                           for name, per in self._per.items()}
+        self._piece_index = torch.empty(batch, chunks, dtype=ids.dtype, device=like.device)
+        self._plans: Dict[Tuple[str, Tuple[str, int], Tuple[str, int]], Tuple] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """Region ``name`` as ``(B * rows per sample, D)`` rows (a ``(B, D)`` state for one)."""
-        start = self._start[name]
-        return self.buffer[start:start + self.batch * self._per[name]]
+        return self._views[name]
 
     def history(self, name: str) -> torch.Tensor:
         """Region ``name`` as a ``(B, rows per sample, D)`` view."""
@@ -146,22 +147,28 @@ class RowBuffer:
         and of ``other`` elsewhere; a source is ``(region, row of each sample in it)``.
 
         The gather reads the view spanning both sources, which must not hold ``out``. Allocates
-        nothing and reads nothing back to the host.
+        nothing and reads nothing back to the host: two or three operations on the device.
         """
+        key = (out, chosen, other)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(out, chosen, other)
+        source, target, chosen_ids, other_ids, shift = plan
+        index = torch.where(mask[:, None], chosen_ids, other_ids, out=self._piece_index)
+        if shift:
+            index.sub_(shift)  # ids relative to the source view
+        torch.index_select(source, 0, index.view(-1), out=target)
+
+    def _plan(self, out: str, chosen: Tuple[str, int], other: Tuple[str, int]) -> Tuple:
+        """The views a :meth:`select` reads and writes (no new storage), checked once per choice."""
         lo = min(self._start[chosen[0]], self._start[other[0]])
         hi = max(self._end(chosen[0]), self._end(other[0]))
         start = self._start[out]
         if self._per[out] != 1 or start < hi and start + self.batch > lo:
             raise ValueError(f"cannot gather into {out!r} from {chosen[0]!r} and {other[0]!r}")
-        a, b, index = self._index
         c = self._chunks
-        torch.add(self._first[chosen[0]], chosen[1] - lo, out=a)
-        torch.add(self._first[other[0]], other[1] - lo, out=b)
-        torch.mul(torch.where(mask, a, b, out=index), c, out=index)
-        torch.add(index[:, None], self._offsets, out=self._piece_index)  # the row's pieces
-        start = self._start[out] * c
-        torch.index_select(self._pieces[lo * c:hi * c], 0, self._piece_index.view(-1),
-                           out=self._pieces[start:start + self.batch * c])
+        return (self._pieces[lo * c:hi * c], self._pieces[start * c:self._end(out) * c],
+                self._piece_ids[chosen[0]][:, chosen[1]], self._piece_ids[other[0]][:, other[1]], lo * c)
 
     def _end(self, name: str) -> int:
         return self._start[name] + self.batch * self._per[name]
