@@ -54,6 +54,11 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     return _fold_parametrizations(module, name, _WeightNorm, "weight norm")
 
 
+def _describe(parametrizations: Iterable[nn.Module]) -> str:
+    """The parametrizations' class names, comma-separated, for error messages."""
+    return ", ".join(type(p).__name__ for p in parametrizations)
+
+
 def _fold_parametrizations(module: nn.Module, name: str, kind: Type[nn.Module], label: str,
                            context: Callable[[nn.ModuleList], ContextManager] = lambda _: contextlib.nullcontext(),
                            ) -> nn.Module:
@@ -69,7 +74,7 @@ def _fold_parametrizations(module: nn.Module, name: str, kind: Type[nn.Module], 
             continue
         if len(plist) != 1:
             raise ValueError(f"{type(m).__name__}.{name} holds {label} with other parametrizations "
-                             f"({', '.join(type(p).__name__ for p in plist)}); remove them with "
+                             f"({_describe(plist)}); remove them with "
                              "torch.nn.utils.parametrize.remove_parametrizations")
         with context(plist):
             parametrize.remove_parametrizations(m, name, leave_parametrized=True)

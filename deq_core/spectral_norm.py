@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .norm import _fold_parametrizations
+from .norm import _describe, _fold_parametrizations
 
 __all__ = ["apply_spectral_norm", "remove_spectral_norm", "SpectralNorm", "CONV_MODES",
            "DEFAULT_SPECTRAL_NORM_TYPES"]
@@ -162,10 +162,6 @@ def _class_name(module: nn.Module) -> str:
 def _label(module: nn.Module, qualified: str, name: str) -> str:
     """``"blocks.0.conv1.weight (Conv2d)"``, or ``"Conv2d.weight"`` for the root module."""
     return f"{qualified}.{name} ({_class_name(module)})" if qualified else f"{_class_name(module)}.{name}"
-
-
-def _describe(parametrizations: nn.Module) -> str:
-    return ", ".join(type(p).__name__ for p in parametrizations)
 
 
 @contextlib.contextmanager
