@@ -1,11 +1,12 @@
 """What every benchmark's command line shares: the device and thread flags, the header line,
-waiting for the device before reading a clock, and timing functions alternately."""
+waiting for the device before reading a clock, timing functions alternately, and the relative
+error of a set of tensors."""
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -50,3 +51,11 @@ def alternate(fns: Mapping[str, Callable[[], object]], repeats: int, device: tor
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def relative_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """``||got - ref|| / ||ref||`` over all the tensors together (in float64), e.g. every
+    parameter's gradient against a reference's."""
+    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(got, ref))
+    den = sum(float(b.double().pow(2).sum()) for b in ref)
+    return (num / max(den, 1e-300)) ** 0.5

@@ -95,7 +95,8 @@ def memory(device: torch.device, repeats: int = 0) -> List[str]:
             for name, (implicit, unrolled) in memory_bytes(device).items()]
 
 
-def _flat_map(f, x):
+def flat_map(f: Callable, x: torch.Tensor) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The cell ``f(z, x)`` as a solver's map on flat float32 ``(B, D)`` states, and its zero z0."""
     spec = StateSpec(torch.zeros_like(x))
 
     def fn(z):
@@ -169,7 +170,7 @@ def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, Dict
         solvers["before"] = reference["anderson"]
     out = {}
     for name, (f, x) in _cases(device).items():
-        fn, z0 = _flat_map(f, x)
+        fn, z0 = flat_map(f, x)
         shares: Dict[str, List[float]] = {k: [] for k in solvers}
         with torch.no_grad():
             for solve in solvers.values():  # warm-up
@@ -326,7 +327,7 @@ def mixed_precision_solves(device: torch.device, repeats: int) -> Dict[str, Dict
     kw = dict(max_iter=cfg.f_max_iter, tol=cfg.f_tol, stop_mode=cfg.f_stop_mode, **cfg.f_solver_options)
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
     for name, (f, x) in _cases(device, batch=2).items():
-        fn, z0 = _flat_map(f, x)
+        fn, z0 = flat_map(f, x)
         runs: Dict[str, Callable[[], object]] = {"float32": lambda: solver(fn, z0, **kw)}
         for dtype in (torch.float16, torch.bfloat16):
             def under(z, dtype=dtype):
@@ -414,7 +415,7 @@ def inverse_backward_runs(device: torch.device, repeats: int) -> Dict[str, Dict[
                              b_rel_res=float(means["b_rel_res"]))
         forwards = alternate({"plain": lambda: layers["implicit"](x), "estimate": lambda: layers["k=0"](x)},
                              repeats, device)
-        fn, z0 = _flat_map(f, x)
+        fn, z0 = flat_map(f, x)
         with torch.no_grad():
             est = DEQConfig(**_INVERSE_FORWARD).forward_solve(training=True).run(fn, z0, inverse=True)
         inv = est.inverse
@@ -469,7 +470,7 @@ def torchdeq_comparison(device: torch.device, repeats: int) -> Optional[Dict[str
         if x is None:
             fn, z0 = (lambda z: torch.tanh(z @ small_w + small_x)), torch.zeros(64, 64, device=device)
         else:
-            fn, z0 = _flat_map(f, x)
+            fn, z0 = flat_map(f, x)
         with torch.no_grad():
             tol = 1e-4 * float(fn(z0).norm(dim=1).mean())  # the same absolute tolerance for both
 

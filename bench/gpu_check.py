@@ -177,12 +177,12 @@ def graph_capture(s: Settings) -> List[Row]:
     for c in graphs.compare(s.device, batch=min(s.batch, 8), repeats=s.jr_repeats * 4):
         if c.captured:
             result = (f"replay {c.replay_s * 1e3:.1f} ms vs eager {c.eager_s * 1e3:.1f} ms "
-                      f"({c.replay_s / c.eager_s:.2f}x); result difference {c.max_rel_diff:.1e}; same steps "
+                      f"({c.replay_s / c.eager_s:.2f}x); result difference {c.rel_diff:.1e}; same steps "
                       f"{c.same_steps}")
         else:
             result = (f"not captured: CUDA graphs need CUDA; eager {c.eager_s * 1e3:.1f} ms, repeat difference "
-                      f"{c.max_rel_diff:.1e}, same steps {c.same_steps}")
-        ok = c.same_steps and c.max_rel_diff <= (1e-4 if c.captured else 0.0)
+                      f"{c.rel_diff:.1e}, same steps {c.same_steps}")
+        ok = c.same_steps and c.rel_diff <= (1e-4 if c.captured else 0.0)
         rows.append(Row(f"CUDA graph {c.name}", result, _status(ok)))
     return rows
 
@@ -328,6 +328,8 @@ def compiled_model(s: Settings) -> List[Row]:
     import timm_deq  # noqa: F401  (registers the models)
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    from bench._run import relative_error
+
     torch.manual_seed(0)
     model = timm.create_model("mdeq_tiny_cifar", num_classes=10, f_max_iter=20, b_max_iter=20, jac_freq=1.0,
                               pretrain_steps=1, pretrain_jac_weight=0.4, unrolled_layers=4).to(s.device).train()
@@ -353,8 +355,7 @@ def compiled_model(s: Settings) -> List[Row]:
         with model.deq.overridden(jac_weight=jac_weight):
             ref, ref_steps, _, t_eager = step(model)
             got, steps, ok, t_compiled = step(compiled)
-        flat_got, flat_ref = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in ref])
-        errors.append(float((flat_got - flat_ref).norm() / flat_ref.norm()))
+        errors.append(relative_error(got, ref))
         graphs.append(counter.frame_count)
         times.append(t_compiled / t_eager)
         same_steps, finite = same_steps and steps == ref_steps, finite and ok

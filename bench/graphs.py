@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from bench._run import add_device_args, alternate, describe, device_from, sync
+from bench._run import add_device_args, alternate, describe, device_from, relative_error, sync
 from bench.cells import TransformerCell
+from bench.core import flat_map
 from deq_core import DEQLayer, get_solver
-from deq_core.state import StateSpec
 
 _ITERS = 30  # forward solve
 _STEP_ITERS = 12  # each solve of the training step
@@ -34,7 +34,7 @@ class GraphComparison:
     name: str
     eager_s: float
     replay_s: Optional[float]  # None where no graph was captured
-    max_rel_diff: float  # replay against eager (eager against eager where none was captured)
+    rel_diff: float  # replay against eager (eager against eager where none was captured)
     same_steps: bool
     steps: float
 
@@ -46,13 +46,8 @@ class GraphComparison:
 def _forward_solve(device: torch.device, batch: int) -> Callable[[], Tuple[List[torch.Tensor], torch.Tensor]]:
     torch.manual_seed(0)
     cell = TransformerCell().to(device)
-    x = torch.randn(batch, 128, 256, device=device)
-    spec = StateSpec(torch.zeros_like(x))
-    z0 = spec.zeros(torch.float32)
+    f, z0 = flat_map(cell, torch.randn(batch, 128, 256, device=device))
     solve = get_solver("anderson")
-
-    def f(z):
-        return spec.pack(cell(spec.unpack(z, x.dtype), x), torch.float32)
 
     def run():
         with torch.no_grad():
@@ -86,12 +81,6 @@ WORKLOADS: Dict[str, Callable] = {
 }
 
 
-def _rel_diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
-    num = sum(float((x - y).double().norm() ** 2) for x, y in zip(a, b)) ** 0.5
-    den = sum(float(y.double().norm() ** 2) for y in b) ** 0.5
-    return num / max(den, 1e-300)
-
-
 def _capture(run: Callable, device: torch.device):
     """Capture ``run`` in a CUDA graph after warm-up calls on a side stream (as torch's docs
     prescribe); returns the graph and ``run``'s outputs, which every replay refills."""
@@ -113,7 +102,8 @@ def compare(device: torch.device, batch: int = 8, repeats: int = 20) -> List[Gra
     out = []
     for name, build in WORKLOADS.items():
         run = build(device, batch)
-        ref, ref_steps = (lambda o: ([t.detach().clone() for t in o[0]], o[1].clone()))(run())
+        ref, ref_steps = run()
+        ref, ref_steps = [t.detach().clone() for t in ref], ref_steps.clone()
         fns: Dict[str, Callable[[], object]] = {"eager": run}
         if device.type == "cuda":
             graph, (outputs, steps) = _capture(run, device)
@@ -124,7 +114,7 @@ def compare(device: torch.device, batch: int = 8, repeats: int = 20) -> List[Gra
             sync(device)
         else:
             outputs, steps = run()
-        out.append(GraphComparison(name, t["eager"], t.get("replay"), _rel_diff(outputs, ref),
+        out.append(GraphComparison(name, t["eager"], t.get("replay"), relative_error(outputs, ref),
                                    bool(torch.equal(steps, ref_steps)), float(steps.float().mean())))
     return out
 
@@ -139,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("| workload | eager | replay / eager | result difference | steps |\n|---|---|---|---|---|")
     for c in compare(device, args.batch, args.repeats):
         ratio = f"{c.replay_s / c.eager_s:.2f}x" if c.captured else "not captured (needs CUDA)"
-        print(f"| {c.name} | {c.eager_s * 1e3:.1f} ms | {ratio} | {c.max_rel_diff:.1e} | "
+        print(f"| {c.name} | {c.eager_s * 1e3:.1f} ms | {ratio} | {c.rel_diff:.1e} | "
               f"{c.steps:.0f}{'' if c.same_steps else ' (differ)'} |")
 
 
