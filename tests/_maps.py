@@ -31,6 +31,20 @@ def causal_problem(b_last, length=6, dim=5, batch=2):
     return f, torch.zeros(batch * length, dim, dtype=torch.float64), length
 
 
+def reduced_precision_problem(dtype: torch.dtype, dim: int = 256, batch: int = 8):
+    """A contraction ``tanh(z W + x)`` whose product is computed in ``dtype`` (float16 or
+    bfloat16) on float32 states, so that its residual levels off at that precision's floor, and
+    its zero initial state."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(dim, dim, generator=g) * 0.5 / 16
+    x = torch.randn(batch, dim, generator=g)
+
+    def f(z):
+        return torch.tanh((z.to(dtype) @ w.to(dtype)).float() + x)
+
+    return f, torch.zeros(batch, dim)
+
+
 class CausalCell(nn.Module):
     """f(z, x)_t = tanh(W z_t + V mean(z_{<t}) + x_t) on (B, L, D) float64 states, W and V torch's
     init times ``scale``: positions coupled, each depending on the earlier ones only."""

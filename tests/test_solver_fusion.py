@@ -9,7 +9,7 @@ import tests._reference_solvers as reference
 from bench.core import state_passes
 from deq_core import DEQLayer, get_solver, register_solver
 from deq_core.solvers._tracking import RowBuffer
-from tests._maps import MLPCell, TanhCell, causal_problem, contraction
+from tests._maps import MLPCell, TanhCell, causal_problem, contraction, reduced_precision_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,14 +167,8 @@ def test_limited_memory_broyden(memory):
 @pytest.mark.parametrize("name", SOLVERS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_precision_floor(name, dtype):
-    torch.manual_seed(0)
-    w = torch.randn(256, 256) * 0.5 / 16
-    x = torch.randn(8, 256)
-
-    def f(z):
-        return torch.tanh((z.to(dtype) @ w.to(dtype)).float() + x)
-
-    new, _, _ = _compare(name, f, torch.zeros(8, 256), max_iter=50, tol=1e-7, stop_mode="rel", precision=dtype,
+    f, z0 = reduced_precision_problem(dtype)
+    new, _, _ = _compare(name, f, z0, max_iter=50, tol=1e-7, stop_mode="rel", precision=dtype,
                          trace=True, iterates=name != "broyden")
     assert bool(new.stalled.all())
 
