@@ -51,10 +51,20 @@ def _assert_same(plain, with_inverse):
 
 
 # -- the solver's estimate ----------------------------------------------------------------------
+def _slots_after(updates, memory):
+    """The slots of H held after ``updates`` updates: a full history is reduced to memory // 2."""
+    held = 0
+    for _ in range(updates):
+        held += 1
+        if memory is not None and held == memory:
+            held = memory // 2
+    return held
+
+
 @pytest.mark.parametrize("memory", [None, 3])
 def test_the_estimate_is_the_inverse_the_solver_steps_with(memory):
     """-H g at the last iterate of an m-step solve is the step an (m+1)-step solve takes next,
-    where no restart comes between; and asking for H changes nothing else."""
+    history reductions included; and asking for H changes nothing else."""
     a, b = _linear(6, 0.9)
 
     def run(max_iter, inverse):
@@ -68,16 +78,13 @@ def test_the_estimate_is_the_inverse_the_solver_steps_with(memory):
                                     inverse=inverse, trace=True)
         return res, calls
 
-    for m in (2, 3, 5, 7):
-        if memory is not None and m % memory == 1:
-            continue  # the next step restarts from -I
+    for m in (2, 3, 4, 5, 7):
         res, calls = run(m, True)
         nxt, next_calls = run(m + 1, False)
         z_m = calls[-1]
         step = next_calls[-1] - next_calls[-2]
         assert torch.allclose(res.inverse.solve(torch.tanh(z_m @ a.T + b) - z_m), step, atol=1e-14, rtol=0)
-        expected_rank = m - 1 if memory is None else (m - 1) % memory or memory
-        assert res.inverse.rank.tolist() == [expected_rank] * 3
+        assert res.inverse.rank.tolist() == [_slots_after(m - 1, memory)] * 3
         _assert_same(run(m, False)[0], res)
 
 
@@ -91,9 +98,10 @@ def test_transposed_and_plain_application_are_the_two_sides_of_one_matrix():
     assert torch.allclose(res.inverse.solve_transposed(x), torch.einsum("bj,bji->bi", x, dense), atol=1e-13)
 
 
-def test_a_stopped_sample_keeps_its_estimate_through_the_restarts_of_the_others():
+def test_a_stopped_sample_keeps_its_estimate_through_the_reductions_of_the_others():
     """Sample 0 (linear, 1-d: its first update makes H exact) stops after 3 evaluations; sample 1
-    runs on with memory 2, restarting every other step, and sample 2 diverges."""
+    runs on with memory 2, reducing its history every other step (which for sample 0, of rank 1,
+    changes the factors but not H), and sample 2 diverges."""
     slope, offset = 0.6, 0.7
 
     def f(z):
@@ -114,13 +122,11 @@ def test_a_stopped_sample_keeps_its_estimate_through_the_restarts_of_the_others(
     assert res.inverse.rank.tolist()[2] == 0  # -H = I
     x = torch.randn(3, 1, dtype=torch.float64)
     assert torch.equal(res.inverse.solve(x)[2], x[2]) and torch.equal(res.inverse.solve_transposed(x)[2], x[2])
-    # The restarts in sample 1 never touched sample 0: the same as solving it alone.
+    # The reductions in sample 1 left sample 0's H as it was: the same as solving it alone.
     alone = get_solver("broyden")(lambda z: slope * z + offset, z0[:1], max_iter=60, tol=1e-12, memory=2,
                                   inverse=True)
-    rank = int(res.inverse.rank[0])
-    assert rank == int(alone.inverse.rank[0]) >= 1
-    assert torch.equal(alone.inverse.u[0, :rank], res.inverse.u[0, :rank])
-    assert torch.equal(alone.inverse.v[0, :rank], res.inverse.v[0, :rank])
+    assert int(res.inverse.rank[0]) >= 1 and int(alone.inverse.rank[0]) >= 1
+    torch.testing.assert_close(_dense(res.inverse)[0], _dense(alone.inverse)[0], rtol=1e-14, atol=0)
 
 
 def test_the_estimate_is_bounded_by_the_memory_not_the_iterations():
@@ -133,7 +139,7 @@ def test_the_estimate_is_bounded_by_the_memory_not_the_iterations():
             shapes[max_iter, memory] = tuple(res.inverse.u.shape)
             assert res.inverse.v.shape == res.inverse.u.shape and res.inverse.rank.shape == (3,)
             assert int(res.inverse.rank.max()) <= res.inverse.u.shape[1]
-    assert shapes[10, 4] == shapes[60, 4] == (3, 4, 12)
+    assert shapes[10, 4] == (3, _slots_after(9, 4), 12) and shapes[60, 4] == (3, _slots_after(59, 4), 12)
     # Without a memory the history holds max_iter vectors, of which the updates used max_iter - 1.
     assert shapes[10, None] == (3, 9, 12) and shapes[60, None] == (3, 59, 12)
 
@@ -145,7 +151,7 @@ def test_a_sequence_solve_keeps_its_values_with_the_estimate():
     res = get_solver("broyden")(f, torch.zeros_like(b), max_iter=40, tol=1e-10, sequence_length=3, memory=3,
                                 inverse=True)
     _assert_same(plain, res)
-    assert res.inverse.u.shape == (6, 3, 4)
+    assert res.inverse.u.shape[0] == 6 and res.inverse.u.shape[1] <= 3 and res.inverse.u.shape[2] == 4
 
 
 # -- the layer: exact cases ---------------------------------------------------------------------

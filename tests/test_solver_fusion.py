@@ -1,7 +1,8 @@
 """The fused solver bookkeeping changes no result: iterates (every input f sees), residual traces,
-step counts, outcomes and best iterates equal those of the solvers before it (the frozen copy in
+step counts and best iterates equal those of the solvers before it (the frozen copy in
 tests/_reference_solvers.py) within round-off, on the maps of the solver tests; and it moves
-less of the state per iteration."""
+less of the state per iteration. The outcomes are not compared with the copy: their rules changed
+since (issue 21), so they are checked against the returned iterates instead."""
 import pytest
 import torch
 
@@ -9,16 +10,17 @@ import tests._reference_solvers as reference
 from bench.core import state_passes
 from deq_core import DEQLayer, get_solver, register_solver
 from deq_core.solvers._tracking import RowBuffer
+from deq_core.testing import outcome_disagreements
 from tests._maps import MLPCell, TanhCell, causal_problem, contraction, reduced_precision_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SOLVERS = ("anderson", "broyden", "fixed_point")
-OPTIONS = {"anderson": [{}, {"m": 3, "beta": 0.5}], "broyden": [{}, {"memory": 4}],
-           "fixed_point": [{}, {"damping": 0.6}]}
+# Limited-memory Broyden is left out: it reduces its history where the reference restarted
+# (test_limited_memory_broyden_beats_the_restarts_it_replaced).
+OPTIONS = {"anderson": [{}, {"m": 3, "beta": 0.5}], "broyden": [{}], "fixed_point": [{}, {"damping": 0.6}]}
 CASES = [(name, options) for name in SOLVERS for options in OPTIONS[name]]
 FIELDS = ("z", "fz", "abs_res", "rel_res")
-FLAGS = ("steps", "converged", "diverged", "stalled")
 
 
 def _recorded(f):
@@ -41,31 +43,35 @@ def _roundoff(name, dtype):
     return 8 * eps if name != "broyden" else 2e4 * eps
 
 
-def _compare(name, f, z0, *, iterates=True, chaotic=False, **kw):
-    """Run the fused and the reference solver on the same problem and check that they agree.
+def _compare(name, f, z0, *, iterates=True, chaotic=False, steps=True, fields=True, **kw):
+    """Run the fused and the reference solver on the same problem and check that they agree, and
+    that the fused solver's outcomes agree with its returned iterates.
 
     ``chaotic``: a map without a fixed point on which the iterates grow and round-off grows with
-    them; only the outcomes are compared (for Broyden, whose round-off differs)."""
+    them, and on which the reference stopped samples by a rule since changed; only the outcomes
+    are checked. ``steps``: whether
+    the step counts must agree (not where the reference stopped a sample on a rule since changed);
+    ``fields``: whether the returned values must."""
     f_new, seen_new = _recorded(f)
     f_old, seen_old = _recorded(f)
     new = get_solver(name)(f_new, z0, **kw)
     old = reference.SOLVERS[name](f_old, z0, **kw)
-    if chaotic and name == "broyden":
-        for key in FLAGS[1:]:
-            assert torch.equal(getattr(new, key), getattr(old, key)), key
+    bad = outcome_disagreements(f, new, kw["tol"], kw.get("stop_mode", "abs"), kw.get("precision"))
+    assert not bool(bad.any()), bad
+    if chaotic:
         assert bool(torch.isfinite(new.z).all())
         return new, old, seen_new
-    for key in FLAGS:
-        assert torch.equal(getattr(new, key), getattr(old, key)), (key, getattr(new, key), getattr(old, key))
-    assert new.host_reads == old.host_reads
+    if steps:
+        assert torch.equal(new.steps, old.steps), (new.steps, old.steps)
+        assert new.host_reads == old.host_reads
     scale = max(float(torch.nan_to_num(old.fz).abs().max()), float(z0.abs().max()), 1.0)
     rtol = _roundoff(name, kw.get("precision") or z0.dtype)
-    for key in FIELDS:
+    for key in FIELDS if fields else ():
         torch.testing.assert_close(getattr(new, key), getattr(old, key), rtol=rtol, atol=rtol * scale,
                                    equal_nan=True, msg=lambda m, key=key: f"{key}: {m}")
-    if old.trace is not None:
+    if old.trace is not None and steps:
         torch.testing.assert_close(new.trace, old.trace, rtol=rtol, atol=rtol * scale, equal_nan=True)
-    if iterates:
+    if iterates and steps:
         assert len(seen_new) == len(seen_old)
         torch.testing.assert_close(torch.stack(seen_new), torch.stack(seen_old), rtol=rtol, atol=rtol * scale,
                                    equal_nan=True)
@@ -124,8 +130,12 @@ def test_a_non_finite_sample_stops_alone(name):
         out[1] = out[1] / 0.0 * z[1]
         return out
 
-    new, _, _ = _compare(name, f, torch.zeros(3, 4), max_iter=50, tol=1e-5, trace=True)
+    new, old, _ = _compare(name, f, torch.zeros(3, 4), max_iter=50, tol=1e-5, trace=True, fields=False)
     assert new.diverged.tolist() == [False, True, False]
+    # f was never finite for sample 1: it returns z0 and f(z0), no longer z0 twice (issue 21).
+    assert torch.equal(new.z[1], torch.zeros(4)) and bool(torch.isnan(new.fz[1]).all())
+    for key in FIELDS:
+        torch.testing.assert_close(getattr(new, key)[[0, 2]], getattr(old, key)[[0, 2]], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", SOLVERS)
@@ -152,16 +162,29 @@ def test_a_warm_start_at_the_noise_floor(name):
 @pytest.mark.parametrize("name, options", CASES)
 @pytest.mark.parametrize("b_last", [0.0, 3.0])
 def test_sequences_stop_in_order(name, options, b_last):
+    # The best iterate of a position is kept with those of the positions after it since issue 21:
+    # the iterates f sees are the reference's up to the first stop, the rest is checked by rule.
     f, z0, length = causal_problem(b_last)
-    new, _, _ = _compare(name, f, z0, max_iter=40, tol=1e-6, sequence_length=length, trace=True, **options)
+    new, _, seen = _compare(name, f, z0, max_iter=40, tol=1e-6, sequence_length=length, trace=True, steps=False,
+                            fields=False, **options)
     steps = new.steps.view(2, length)
     assert bool((steps[:, 1:] >= steps[:, :-1]).all())
 
 
-@pytest.mark.parametrize("memory", [1, 2, 3, 5, 10, 20])
-def test_limited_memory_broyden(memory):
+def test_limited_memory_broyden_beats_the_restarts_it_replaced():
+    # Spectral radius 0.99: the reference restarted from -I whenever the history was full and did
+    # not converge within 400 evaluations for memory 3 to 10; rank reduction converges within 4x
+    # unlimited memory's evaluations from memory 5 on (bench.core --only broyden_memory sweeps
+    # more maps).
     f, z0 = _linear_problem(radius=0.99)
-    _compare("broyden", f, z0, max_iter=400, tol=1e-8, memory=memory, trace=True, chaotic=memory == 2)  # 2 diverges
+    full = get_solver("broyden")(f, z0, max_iter=400, tol=1e-8)
+    for memory in (1, 2, 3, 5, 10, 20):
+        new = get_solver("broyden")(f, z0, max_iter=400, tol=1e-8, memory=memory)
+        old = reference.SOLVERS["broyden"](f, z0, max_iter=400, tol=1e-8, memory=memory)
+        assert not bool(outcome_disagreements(f, new, 1e-8).any()), memory
+        if memory >= 5:
+            assert bool(new.converged.all()) and int(new.steps.max()) <= 4 * int(full.steps.max()), memory
+        assert int(new.steps.max()) <= int(old.steps.max()), (memory, new.steps, old.steps)
 
 
 @pytest.mark.parametrize("name", SOLVERS)

@@ -95,7 +95,12 @@ def test_full_precision_solves_are_bit_for_bit_what_they_were(name, dtype):
     got = get_solver(name)(f, z0, precision=torch.float32, **kw)
     assert torch.equal(raw.z, got.z) and torch.equal(raw.trace, got.trace)
     assert torch.equal(raw.steps, got.steps) and torch.equal(raw.converged, got.converged)
-    assert int(got.steps.max()) == 25 and not bool(got.stalled.any())
+    if dtype == torch.float32:  # a float64 state told that f computes in float32 has float32's floor
+        assert torch.equal(raw.stalled, got.stalled) and torch.equal(raw.diverged, got.diverged)
+    # No sample stops early at a full-precision floor: tol 1e-30 is out of reach, so a sample
+    # ran all 25 steps (stalled if it reached the floor) unless its residual rounded to 0.
+    ran_out = got.steps == 25
+    assert bool((ran_out | got.converged).all()) and not bool((got.stalled & ~ran_out).any())
 
 
 @pytest.mark.parametrize("name", SOLVERS)
