@@ -1,5 +1,6 @@
 """Core benchmark: JR overhead, saved-for-backward memory, solver overhead, mixed-precision solves,
-the backward from the forward's inverse-Jacobian estimate, TorchDEQ comparison.
+the backward from the forward's inverse-Jacobian estimate, TorchDEQ comparison, solver outcomes
+against the returned iterates, limited-memory Broyden.
 
     python -m bench.core [--device cuda] [--repeats 5] [--only mixed_precision ...]
 
@@ -21,7 +22,9 @@ from bench._memory import saved_activation_bytes
 from bench._run import add_device_args, alternate, describe, device_from, sync
 from bench.cells import ConvCell, TransformerCell
 from deq_core import DEQConfig, DEQLayer, get_solver
+from deq_core.solvers.precision import resolution
 from deq_core.state import StateSpec
+from deq_core.testing import outcome_disagreements, random_map
 
 _READS = ("__bool__", "item", "tolist", "__float__", "__int__")
 JR_OVERHEAD_TARGET = 1.3  # a JR training step costs at most this many plain ones
@@ -506,8 +509,101 @@ def against_torchdeq(device: torch.device, repeats: int) -> List[str]:
             f"| >= 1.2x |" for name, c in cases.items()]
 
 
+_OUTCOME_SOLVERS = ("anderson", "broyden", "fixed_point")
+_OUTCOME_TOLS = (1e-12, 1e-8, 1e-6)
+_OUTCOME_DIMS = (4, 8, 16, 32, 64)
+
+
+def outcome_misreports(seeds: int = 40) -> Dict[Tuple[str, float, str], Tuple[int, int, int]]:
+    """The misreport sweep: per solver, tolerance and start (cold from 0, 200 iterations; warm
+    from that result, 30 iterations), over ``seeds`` random float32 maps ``tanh(0.9 A z + b)``
+    (spectral radius of A 0.8, 8 samples) per state width in ``_OUTCOME_DIMS``: the samples
+    whose reported outcome disagrees with their returned iterate
+    (:func:`deq_core.testing.outcome_disagreements`), the samples, and the samples within the
+    float32 floor called diverged (the misreport the fused Broyden made)."""
+    out: Dict[Tuple[str, float, str], Tuple[int, int, int]] = {}
+    floor = resolution(torch.float32)
+    with torch.no_grad():
+        for name in _OUTCOME_SOLVERS:
+            for tol in _OUTCOME_TOLS:
+                counts = {"cold": [0, 0, 0], "warm": [0, 0, 0]}
+                for dim in _OUTCOME_DIMS:
+                    for seed in range(seeds):
+                        f, z0 = random_map(seed, dim, 8, 0.72, "tanh", torch.float32)
+                        cold = get_solver(name)(f, z0, max_iter=200, tol=tol)
+                        warm = get_solver(name)(f, cold.z, max_iter=30, tol=tol)
+                        for key, res in (("cold", cold), ("warm", warm)):
+                            c = counts[key]
+                            c[0] += int(outcome_disagreements(f, res, tol).sum())
+                            c[1] += res.z.shape[0]
+                            c[2] += int((res.diverged & (res.rel_res <= floor)).sum())
+                for key, c in counts.items():
+                    out[name, tol, key] = tuple(c)
+    return out
+
+
+def sequence_misreports(seeds: int = 10) -> Dict[Tuple[str, str], Tuple[int, int]]:
+    """Per solver and state dtype: over ``seeds`` random causal maps (4 sequences of 8 positions,
+    width 8, tolerance 1e-6) at limits 6, 12 and 25, the positions whose reported outcome or
+    residual disagrees with the returned state, and the positions."""
+    out: Dict[Tuple[str, str], Tuple[int, int]] = {}
+    with torch.no_grad():
+        for name in _OUTCOME_SOLVERS:
+            for dtype in (torch.float32, torch.float64):
+                bad = total = 0
+                for seed in range(seeds):
+                    f, z0 = random_map(seed, 8, 32, 0.9, "tanh", dtype, sequence_length=8)
+                    for limit in (6, 12, 25):
+                        res = get_solver(name)(f, z0, max_iter=limit, tol=1e-6, sequence_length=8)
+                        bad += int(outcome_disagreements(f, res, 1e-6).sum())
+                        total += res.z.shape[0]
+                out[name, str(dtype).replace("torch.", "")] = (bad, total)
+    return out
+
+
+def outcomes(device: torch.device, repeats: int = 0) -> List[str]:
+    rows = []
+    for (name, tol, start), (bad, total, at_floor) in outcome_misreports().items():
+        rows.append(f"| outcome misreports, {name}, tol {tol:g}, {start} start (D 4-64, 40 seeds x 8 samples) | "
+                    f"{bad}/{total} (within the floor and called diverged: {at_floor}) | 0 |")
+    for (name, dtype), (bad, total) in sequence_misreports().items():
+        rows.append(f"| outcome or residual misreports, {name}, {dtype}, sequence positions (limits 6/12/25) | "
+                    f"{bad}/{total} | 0 |")
+    return rows
+
+
+_MEMORY_MAPS = 10
+
+
+def broyden_memory_sweep(memories: Tuple[int, ...] = (3, 5, 10, 20), dim: int = 40) -> Dict[int, Tuple[int, float]]:
+    """Per memory: on ``_MEMORY_MAPS`` random linear maps ``A z + b`` of spectral radius 0.99
+    (width ``dim``, 3 samples, tolerance 1e-8, float64, at most 400 evaluations), how many
+    limited-memory Broyden solves converge within 4x the evaluations of unlimited memory, and
+    the worst ratio of evaluations (inf where one did not converge)."""
+    out = {}
+    for memory in memories:
+        solved, worst = 0, 0.0
+        for seed in range(_MEMORY_MAPS):
+            f, z0 = random_map(seed, dim, 3, 0.99, "linear", torch.float64)
+            full = get_solver("broyden")(f, z0, max_iter=400, tol=1e-8)
+            res = get_solver("broyden")(f, z0, max_iter=400, tol=1e-8, memory=memory)
+            ratio = (int(res.steps.max()) / int(full.steps.max()) if bool(res.converged.all())
+                     else float("inf"))
+            solved += ratio <= 4.0
+            worst = max(worst, ratio)
+        out[memory] = (solved, worst)
+    return out
+
+
+def broyden_memory(device: torch.device, repeats: int = 0) -> List[str]:
+    return [f"| limited-memory Broyden, memory {memory}: random linear maps of spectral radius 0.99 (D 40) solved "
+            f"within 4x unlimited memory's evaluations | {solved}/{_MEMORY_MAPS} (worst {worst:.1f}x) | "
+            f">= 9/{_MEMORY_MAPS} from memory 5 |" for memory, (solved, worst) in broyden_memory_sweep().items()]
+
+
 _SECTIONS = {"jr_overhead": jr_overhead, "memory": memory, "solver_overhead": solver_overhead,
-             "mixed_precision": mixed_precision, "inverse_backward": inverse_backward, "torchdeq": against_torchdeq}
+             "mixed_precision": mixed_precision, "inverse_backward": inverse_backward, "torchdeq": against_torchdeq,
+             "outcomes": outcomes, "broyden_memory": broyden_memory}
 
 
 def main(argv=None) -> None:

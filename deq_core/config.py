@@ -438,6 +438,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
         low, high = meta["low"], meta["high"]
         if value != value:  # NaN
             raise ValueError(f"{name} must be a number, got NaN")
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {value!r}")
         bad_low = low is not None and (value <= low if meta["low_open"] else value < low)
         bad_high = high is not None and value > high
         if bad_low or bad_high:

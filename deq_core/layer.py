@@ -87,8 +87,20 @@ class _FlatMap:
         return _FlatMap(self.f, self.spec, self.inputs, self.kwargs, self.boundary, call)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.call(self.spec.unpack(z, self.f_dtype), *self.inputs, **self.kwargs)
-        self._check_dtype(out)  # metadata only: no host read, so on every call
+        if z.is_leaf and z.requires_grad:
+            # Autograd refuses an in-place op on a view of such a leaf before the check below
+            # could name f; f gets a copy, so that the check reports it (a state copy per call
+            # of f at a leaf: once per differentiable pass).
+            z = z.clone()
+        state = self.spec.unpack(z, self.f_dtype)
+        versions = _versions(state)
+        out = self.call(state, *self.inputs, **self.kwargs)
+        if _versions(state) != versions:  # metadata only: no host read, so on every call
+            raise RuntimeError(
+                f"f ({type(self.f).__name__}) modified its state input z in place (for example nn.ReLU(inplace=True), "
+                "z += ... or z.mul_(...) applied to z): the solver's iterate would change under it, which silently "
+                "corrupts the solve. Compute a new tensor from z instead (inplace=False, z = z + ...)")
+        self._check_dtype(out)
         return self.spec.pack(out, self.state_dtype, what="f's output")
 
     def _check_dtype(self, out: State) -> None:
@@ -101,6 +113,11 @@ class _FlatMap:
                 raise TypeError(f"f returned dtype {t.dtype} for a state of dtype {self.f_dtype}; "
                                 f"f must return the state's dtype (or the autocast dtype), one of "
                                 f"{sorted(map(str, allowed))}")
+
+
+def _versions(state: State) -> Tuple[int, ...]:
+    """The version counters of a state's tensors (they change with every in-place write)."""
+    return tuple(t._version for t in (state if isinstance(state, (list, tuple)) else (state,)))
 
 
 class _StepRecorder:
@@ -185,6 +202,8 @@ class _ImplicitGrad(torch.autograd.Function):
                 "not itself differentiated. Use backward='phantom' or backward='unrolled', whose "
                 "gradients are ordinary autograd graphs and can be differentiated again")
         f_out, z_in = ctx.saved_tensors
+        if ctx.groups == 0:  # an empty batch: nothing to solve
+            return grad, None, None, None, None, None, None
         rows = grad.shape
         grad = grad.to(f_out.dtype).reshape(ctx.groups, -1)
         overflow = torch.zeros(ctx.groups, dtype=torch.bool, device=grad.device)
@@ -569,7 +588,10 @@ class DEQLayer(nn.Module):
     def _prepare(self, inputs, kwargs, z0) -> Tuple[StateSpec, _FlatMap, torch.Tensor]:
         if z0 is None:
             z0 = self._initial_state(inputs, kwargs)
-        spec = StateSpec(z0, "z0", sample_dims=self.config.sample_dims)
+            spec = StateSpec(z0, "z0", sample_dims=self.config.sample_dims)
+        else:
+            spec = StateSpec(z0, "z0", sample_dims=self.config.sample_dims)
+            _check_z0_against_inputs(spec, inputs)
         fn = _FlatMap(self.f, spec, inputs, kwargs, AutocastBoundary(spec.device.type))
         return spec, fn, spec.pack(z0, fn.state_dtype).detach()
 
@@ -606,8 +628,11 @@ class DEQLayer(nn.Module):
                                "inverse-Jacobian estimate and returned none (SolverResult.inverse)")
         return result
 
-    def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+    def _jac(self, f_out: torch.Tensor, z_in: torch.Tensor) -> Optional[torch.Tensor]:
+        """The batch-mean JR estimate (``None`` for an empty batch: no term, not NaN)."""
         cfg = self.config
+        if f_out.shape[0] == 0:
+            return None
         return jac_frobenius_estimate(f_out, z_in, cfg.jac_probes, cfg.jac_probe).mean()
 
     def _phantom(self, fn: _FlatMap, z_star: torch.Tensor,
@@ -703,6 +728,23 @@ class DEQLayer(nn.Module):
             z_in = z.detach().requires_grad_()
             return jac_frobenius_estimate(fn(z_in), z_in, n_probes, self.config.jac_probe,
                                           create_graph=False).detach()
+
+
+def _check_z0_against_inputs(spec: StateSpec, inputs: Sequence[Any]) -> None:
+    """A given z0 must share the batch size and dtype of the first floating-point input (the
+    tensor the default z0 is shaped like), or f would fail on it without naming it."""
+    first = next((i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                  and x.dim() >= 1), None)
+    if first is None:
+        return
+    x = inputs[first]
+    if x.shape[0] != spec.sample_shape[0]:
+        raise ValueError(f"z0 has batch size {spec.sample_shape[0]} but input {first} of the equilibrium layer has "
+                         f"{x.shape[0]}: pass z0 with the inputs' batch size (or omit it for the default)")
+    if x.dtype != spec.dtype:
+        raise TypeError(f"z0 has dtype {spec.dtype} but input {first} of the equilibrium layer has {x.dtype}: f runs "
+                        "in the state's dtype, so pass z0 in the inputs' dtype (autocast still runs f in half "
+                        "precision)")
 
 
 def _in_backward() -> bool:

@@ -86,7 +86,7 @@ class StateSpec:
             the ``(B, D)`` tensor (a view when no concatenation or cast is needed).
         """
         tensors = self._as_tuple(state, what)
-        flat = [t.reshape(self.batch, -1) for t in tensors]
+        flat = [t.reshape(self.batch, n) for t, n in zip(tensors, self.sizes)]  # -1 is ambiguous for a batch of 0
         out = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
         return out.to(dtype)
 

@@ -155,11 +155,12 @@ class DEQStats:
         """Batch means as detached 0-d float32 tensors on the stats' device (no host read), for
         loggers that accumulate on the device: forward steps and residuals, the diverged,
         converged and stalled (at the precision floor) fractions, the backward ones once the
-        backward solve ran, and ``jac_frobenius`` when JR ran. :meth:`to_dict` reads the same values (and a few more) to the host."""
+        backward solve ran, and ``jac_frobenius`` when JR ran (none over an empty batch).
+        :meth:`to_dict` reads the same values (and a few more) to the host."""
         out: Dict[str, torch.Tensor] = {}
 
         def add(key: str, t: Optional[torch.Tensor]) -> None:
-            if t is not None:
+            if t is not None and t.numel():  # a pass over no samples has no means
                 out[key] = t.detach().float().mean().reshape(())
 
         add("f_steps", self.f_steps)
@@ -182,8 +183,9 @@ class DEQStats:
         """Summary as Python floats (one host read): :meth:`means`, the largest step count, the
         forward limit used and the JR weight."""
         means = self.means()
-        means["f_steps_max"] = self.f_steps.detach().float().max()
-        out = dict(zip(means, torch.stack(list(means.values())).tolist()))
+        if self.f_steps.numel():
+            means["f_steps_max"] = self.f_steps.detach().float().max()
+        out = dict(zip(means, torch.stack(list(means.values())).tolist())) if means else {}
         out["f_max_iter"] = float(self.f_max_iter)
         out["jac_weight"] = float(self.jac_weight)
         return out

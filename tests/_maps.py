@@ -3,13 +3,7 @@ import torch
 from torch import nn
 
 from deq_core import VariationalDropout
-
-
-def contraction(dim: int, radius: float, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """A random (dim, dim) matrix with spectral radius ``radius``."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(dim, dim, generator=g, dtype=dtype)
-    return a * (radius / torch.linalg.eigvals(a).abs().max())
+from deq_core.testing import contraction  # noqa: F401 (the maps of the tests, re-exported)
 
 
 def causal_problem(b_last, length=6, dim=5, batch=2):

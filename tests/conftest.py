@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hypothesis import settings
 
 from deq_core import list_solvers, unregister_solver
 
@@ -54,3 +55,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Property tests (hypothesis) are derandomized: the same examples on every run and machine. A
+# larger budget: pytest --hypothesis-profile=thorough.
+settings.register_profile("default", derandomize=True, deadline=None, max_examples=60, print_blob=True)
+settings.register_profile("thorough", derandomize=True, deadline=None, max_examples=1200, print_blob=True)
+settings.load_profile("default")

@@ -22,10 +22,12 @@ outcome is decided by that iterate, so it always agrees with the residuals retur
   that the floor exceeds the first residual, ``R s_k > max(a_1, divergence_factor R s_1)``
   (there the residual is rounding: float32 would call ``z + 1`` at ``z = 1e8`` converged). No
   progress: after ``NO_PROGRESS_STEPS`` evaluations the best residual is not below
-  ``(1 - NO_PROGRESS_MARGIN) r_1``, or, in a solve of at least ``2 NO_PROGRESS_STEPS``
-  iterations that ran to its limit, not below that factor of the best residual at the middle
-  of the solve (a map without a fixed point that a solver wanders on; the margin keeps
-  round-off from counting as progress).
+  ``(1 - NO_PROGRESS_MARGIN) r_1`` (the margin keeps round-off from counting as progress), or,
+  in a solve of at least ``2 NO_PROGRESS_STEPS`` iterations that ran to its limit, the second
+  half of the solve lowered the best residual by less than ``NO_PROGRESS_WINDOW_GAIN`` and set
+  a new best in fewer than half of its steps (a map without a fixed point that a solver wanders
+  on, its residual drifting above a floor of its own, with a rare lucky low; a slow contraction
+  lowers it a little at every step).
 - otherwise the sample **ran out of iterations while still making progress**.
 
 A sample stops (is frozen: it takes no more steps and keeps its iterate) once its best residual
@@ -65,6 +67,7 @@ DEFAULT_STOP_MODE = "abs"
 DIVERGENCE_FACTOR = 1e4
 NO_PROGRESS_STEPS = 10
 NO_PROGRESS_MARGIN = 1e-3
+NO_PROGRESS_WINDOW_GAIN = 0.01
 _REL_EPS = 1e-8
 
 
@@ -239,6 +242,7 @@ class Tracker:
         # The best residual at the middle of a long solve, for the no-progress window.
         self._half = max_iter // 2 if max_iter >= 2 * NO_PROGRESS_STEPS else None
         self._half_best = torch.empty(batch, **small) if self._half else None
+        self._records = torch.zeros(batch, dtype=torch.int32, device=dev)  # new bests after the middle
         self.steps = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.diverged = torch.zeros(batch, dtype=torch.bool, device=dev)  # a divergence event, latched
         self.active = torch.ones_like(self.diverged)
@@ -342,6 +346,8 @@ class Tracker:
         self._keep_best("best_z", better, z_at)
         self._keep_best("best_fz", better, fz_at)
         torch.where(better, cur, self._best, out=self._best)
+        if self._half is not None and self.iteration > self._half:
+            self._records.add_(better)
         # A sample stops once its best residual is within tol, it has stalled at the floor or a
         # divergence event happened at an active iterate.
         self.diverged.logical_or_(torch.gt(active, good, out=flag))
@@ -416,7 +422,8 @@ class Tracker:
             open_ = undecided & ~self.diverged
             no_progress = (self.steps >= NO_PROGRESS_STEPS) & ~(self.best_res < (1.0 - NO_PROGRESS_MARGIN) * self.first_res)
             if self._half is not None and self.iteration == self.max_iter:
-                no_progress |= ~(self.best_res < (1.0 - NO_PROGRESS_MARGIN) * self._half_best)
+                no_progress |= (~(self.best_res < (1.0 - NO_PROGRESS_WINDOW_GAIN) * self._half_best)
+                                & (2 * self._records < self.max_iter - self._half))
             diverged = diverged | (open_ & no_progress)
         # Copies: views would keep the whole row buffer alive as long as the result.
         return SolverResult(z=self.best_z.clone(), fz=self.best_fz.clone(), steps=self.steps,

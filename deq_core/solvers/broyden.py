@@ -1,7 +1,7 @@
 """Limited-memory ("good") Broyden method on g(z) = f(z) - z."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -62,8 +62,7 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
     rows = tracker.rows
     batch, dim = z0.shape
     mem = min(memory or max_iter, max_iter)
-    us = z0.new_empty(batch, mem, dim)  # only slots already written are read
-    vs = z0.new_empty(batch, mem, dim)
+    us, vs = _history(z0, mem, memory, max_iter)  # only slots already written are read
     # Updates follow every evaluation but the first and (unless the estimate is returned) the last.
     fills = mem <= max_iter - (1 if inverse else 2)
     reduction = _RankReduction(us, vs) if fills else None
@@ -140,6 +139,20 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
         if n == mem:
             n = reduction.reduce()
             fused = False
+
+
+def _history(z0: torch.Tensor, mem: int, memory: Optional[int], max_iter: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``(B, mem, D)`` u and v buffers, or an error naming the settings that sized them."""
+    batch, dim = z0.shape
+    try:
+        return z0.new_empty(batch, mem, dim), z0.new_empty(batch, mem, dim)
+    except RuntimeError as error:  # torch's CPU and CUDA out-of-memory errors are RuntimeErrors
+        size = 2 * batch * mem * dim * z0.element_size()
+        kept = f"memory={memory}" if memory is not None else f"memory=None keeps max_iter={max_iter}"
+        raise MemoryError(
+            f"broyden cannot allocate its history of 2 x {batch} x {mem} x {dim} values ({size / 2**30:.1f} GiB; "
+            f"{kept} rank-one updates): give a smaller memory (DEQConfig: f_solver_options/b_solver_options "
+            "{'memory': m}) or max_iter (f_max_iter/b_max_iter)") from error
 
 
 def _neg_h_times(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor, coeff: torch.Tensor,

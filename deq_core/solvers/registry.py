@@ -21,19 +21,23 @@ trace, precision, **options) -> SolverResult`` whose arguments mean, for every s
   with that parameter keeps one (``broyden``), any other refuses the request.
 
 How a solve ends is stated in :mod:`deq_core.solvers._tracking`. Registration wraps the solver so
-that its state must be float32 or float64 and its own arithmetic runs outside the caller's
-autocast, f inside it.
+that every call checks its state (float32 or float64, ``(B, D)``), the settings above and the
+solver's options, and every evaluation of f its output (shape, dtype, no graph) and its input
+(left unchanged); the solver's own arithmetic runs outside the caller's autocast, f inside it. A
+batch of no samples returns an empty result without calling the solver.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ._tracking import STOP_MODES
 from .precision import AutocastBoundary, lower_precision
 from .result import SolverResult
 
@@ -74,8 +78,8 @@ def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = N
         overwrite: replace a solver registered under ``name`` already.
 
     Returns:
-        a decorator that returns the registered solver: ``fn`` behind the precision guard of
-        :func:`_state_precision`, which is what :func:`get_solver` hands out.
+        a decorator that returns the registered solver: ``fn`` behind the checks and the
+        precision guard of :func:`_state_precision`, which is what :func:`get_solver` hands out.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"solver name must be a non-empty string, got {name!r}")
@@ -83,7 +87,7 @@ def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = N
     def deco(fn: SolverFn) -> SolverFn:
         if name in _REGISTRY and not overwrite:
             raise ValueError(f"a solver named {name!r} is already registered; pass overwrite=True")
-        guarded = _state_precision(fn)
+        guarded = _state_precision(fn, name)
         _REGISTRY[name] = (guarded, _with_defaults(name, fn, options or {}))
         return guarded
 
@@ -102,15 +106,19 @@ def _with_defaults(name: str, fn: SolverFn, options: Mapping[str, SolverOption])
     return out
 
 
-def _state_precision(fn: SolverFn) -> SolverFn:
-    """``fn`` with a float32/float64 state check and its arithmetic outside the caller's autocast;
-    f keeps running under it, and ``precision`` defaults to autocast's dtype when it is on."""
+def _state_precision(fn: SolverFn, name: Optional[str] = None) -> SolverFn:
+    """``fn`` behind the checks every call passes: the state (float32/float64, ``(B, D)``), the
+    common settings, the options of solver ``name`` (when registered), and the map's output on
+    every evaluation; its arithmetic runs outside the caller's autocast while f keeps running
+    under it, and ``precision`` defaults to autocast's dtype when it is on. An empty batch returns
+    an empty result without calling either."""
     if getattr(fn, "_deq_state_precision", False):
         return fn
     params = inspect.signature(fn).parameters.values()
     takes_precision = any(p.name == "precision" or p.kind is p.VAR_KEYWORD for p in params)
     takes_sequence = any(p.name == "sequence_length" or p.kind is p.VAR_KEYWORD for p in params)
     takes_inverse = any(p.name == "inverse" for p in params)
+    label = repr(name or fn.__name__)
 
     @functools.wraps(fn)
     def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -120,22 +128,97 @@ def _state_precision(fn: SolverFn) -> SolverFn:
             raise TypeError(f"solver state z0 must be a float32 or float64 tensor, got {got}; keep the state "
                             "in float32 and evaluate f in half precision inside the map (pass precision= "
                             "its dtype), as DEQLayer does")
+        if z0.dim() != 2:
+            raise ValueError(f"solver state z0 must have shape (batch, dim), got {tuple(z0.shape)}")
+        _check_settings(label, kwargs, z0.shape[0])
+        if name in _REGISTRY:
+            spec = _REGISTRY[name][1]
+            given = {key: kwargs[key] for key in spec if key in kwargs}
+            checked = validate_solver_options(name, given)
+            kwargs.update({key: checked[key] for key in given})
         if not takes_sequence:
             if kwargs.pop("sequence_length", None) is not None:
-                raise TypeError(f"solver {fn.__name__!r} does not accept sequence_length, which a state with "
+                raise TypeError(f"solver {label} does not accept sequence_length, which a state with "
                                 "sample_dims=2 needs (its positions stop in order); add the parameter and "
                                 "pass it to the Tracker, or use sample_dims=1")
         if not takes_inverse and kwargs.pop("inverse", False):
-            raise TypeError(f"solver {fn.__name__!r} keeps no inverse-Jacobian estimate to return (inverse=True); "
+            raise TypeError(f"solver {label} keeps no inverse-Jacobian estimate to return (inverse=True); "
                             "of the built-in solvers only 'broyden' does")
+        if z0.shape[0] == 0:
+            return _empty_result(z0, bool(kwargs.get("trace")))
         boundary = AutocastBoundary(z0.device.type)
         if takes_precision:
             kwargs["precision"] = lower_precision(precision, boundary.compute_dtype)
         with boundary.outside():
-            return fn(boundary.inside(f), z0, **kwargs)
+            return fn(_checked_map(boundary.inside(f), z0), z0, **kwargs)
 
     solve._deq_state_precision = True
     return solve
+
+
+def _check_settings(solver: str, kwargs: Mapping[str, Any], batch: int) -> None:
+    """The settings every solver shares, checked where they were given."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def refuse(key: str, allowed: str) -> None:
+        raise ValueError(f"solver {solver}: {key} must be {allowed}, got {kwargs[key]!r}")
+
+    if "max_iter" in kwargs and not (isinstance(kwargs["max_iter"], int) and not isinstance(kwargs["max_iter"], bool)
+                                     and kwargs["max_iter"] >= 1):
+        refuse("max_iter", "an integer >= 1")
+    if "tol" in kwargs and not (number(kwargs["tol"]) and kwargs["tol"] >= 0):
+        refuse("tol", "a finite number >= 0")
+    if "stop_mode" in kwargs and kwargs["stop_mode"] not in STOP_MODES:
+        refuse("stop_mode", f"one of {STOP_MODES}")
+    every = kwargs.get("check_every")
+    if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+        refuse("check_every", "None or an integer >= 0 (0: never read back, run to max_iter)")
+    if "divergence_factor" in kwargs and not (number(kwargs["divergence_factor"]) and kwargs["divergence_factor"] > 1):
+        refuse("divergence_factor", "a finite number > 1")
+    length = kwargs.get("sequence_length")
+    if length is not None and not (isinstance(length, int) and length >= 1 and batch % length == 0):
+        refuse("sequence_length", f"an integer >= 1 that divides the {batch} samples of z0")
+
+
+def _checked_map(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f`` with each output checked against the state (shape, dtype, no graph) and its input
+    checked to be left as it was; metadata only, so no host read."""
+    shape, dtype = z0.shape, z0.dtype
+
+    def checked(z: torch.Tensor) -> torch.Tensor:
+        version = z._version
+        out = f(z)
+        if z._version != version:
+            raise RuntimeError("the solver's map modified its input in place (for example with nn.ReLU(inplace=True), "
+                               "x += ... or x.mul_(...) applied to the state): the iterate changed under the solver, "
+                               "which silently corrupts the solve. Compute a new tensor instead (inplace=False, "
+                               "x = x + ...)")
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the solver's map must return a tensor shaped like the state {tuple(shape)}, "
+                            f"got {type(out).__name__}")
+        if out.shape != shape:
+            raise ValueError(f"the solver's map returned shape {tuple(out.shape)} for a state of shape {tuple(shape)}: "
+                             "it must return one value per state entry (an output is never broadcast over the batch)")
+        if not out.is_floating_point() or torch.finfo(out.dtype).eps < torch.finfo(dtype).eps:
+            raise TypeError(f"the solver's map returned dtype {out.dtype} for a {dtype} state: it must return the "
+                            "state's dtype or a less precise floating-point one (float16/bfloat16 under autocast)")
+        if out.requires_grad:
+            raise ValueError("the solver's map returned a tensor that requires grad: the solvers do not differentiate "
+                             "through their iterations. Call the solver under torch.no_grad() (DEQLayer does), or "
+                             "return a detached value")
+        return out
+
+    return checked
+
+
+def _empty_result(z0: torch.Tensor, trace: bool) -> SolverResult:
+    """The result of a solve over no samples."""
+    flags = torch.zeros(0, dtype=torch.bool, device=z0.device)
+    empty = z0.new_zeros(0)
+    return SolverResult(z=z0.clone(), steps=torch.zeros(0, dtype=torch.int32, device=z0.device), abs_res=empty,
+                        rel_res=empty.clone(), converged=flags, diverged=flags.clone(), stalled=flags.clone(),
+                        trace=z0.new_zeros(0, 0) if trace else None)
 
 
 def returns_inverse(name: str) -> bool:
