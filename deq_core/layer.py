@@ -731,8 +731,9 @@ class DEQLayer(nn.Module):
 
 
 def _check_z0_against_inputs(spec: StateSpec, inputs: Sequence[Any]) -> None:
-    """A given z0 must share the batch size and dtype of the first floating-point input (the
-    tensor the default z0 is shaped like), or f would fail on it without naming it."""
+    """A given z0 must share the batch size and (outside autocast) the dtype of the first
+    floating-point input (the tensor the default z0 is shaped like), or f would fail on it
+    without naming it."""
     first = next((i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()
                   and x.dim() >= 1), None)
     if first is None:
@@ -741,7 +742,7 @@ def _check_z0_against_inputs(spec: StateSpec, inputs: Sequence[Any]) -> None:
     if x.shape[0] != spec.sample_shape[0]:
         raise ValueError(f"z0 has batch size {spec.sample_shape[0]} but input {first} of the equilibrium layer has "
                          f"{x.shape[0]}: pass z0 with the inputs' batch size (or omit it for the default)")
-    if x.dtype != spec.dtype:
+    if x.dtype != spec.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts the inputs
         raise TypeError(f"z0 has dtype {spec.dtype} but input {first} of the equilibrium layer has {x.dtype}: f runs "
                         "in the state's dtype, so pass z0 in the inputs' dtype (autocast still runs f in half "
                         "precision)")

@@ -119,8 +119,11 @@ def outcome_disagreements(f: Callable[[torch.Tensor], torch.Tensor], result: Sol
     floor = resolution(dtype)
     bad = ~(_close(result.abs_res, abs_res, noise_abs) & _close(result.rel_res, rel_res, noise_rel))
     if result.fz is not None:
-        gap = torch.linalg.vector_norm(result.fz.to(fz.dtype) - fz, dim=1)
-        bad |= ~_close(gap, torch.zeros_like(gap), noise_abs)
+        reported = result.fz.to(fz.dtype)
+        finite = torch.isfinite(fz).all(dim=1)
+        bad |= finite != torch.isfinite(reported).all(dim=1)
+        gap = torch.linalg.vector_norm(reported - fz, dim=1)
+        bad |= finite & ~(gap <= noise_abs)
     flags = torch.stack([result.converged, result.stalled, result.diverged]).int()
     bad |= flags.sum(dim=0) > 1
     bad |= result.converged & ~(res <= tol + noise)
