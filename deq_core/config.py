@@ -1,38 +1,36 @@
-"""The typed, validated configuration of an equilibrium layer."""
+"""The typed, validated configuration of an equilibrium layer: its fields, their checks, and
+the forward solve they describe."""
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from ._warn import warn_user
-from .solvers import DIVERGENCE_FACTOR, STOP_MODES, SolveSpec, list_solvers, returns_inverse, validate_solver_options
+from .backward import get_backward, list_backward_modes
+from .correction import CHAIN_FIELDS, CORRECTION_FIELDS, parse_steps
+from .errors import OptionTypeError, OptionValueError
+from .solvers import DIVERGENCE_FACTOR, STOP_MODES, SolveSpec, list_solvers, validate_solver_options
+from .spectral_norm import CONFIG_FIELDS as SPECTRAL_NORM_FIELDS
 
-__all__ = ["DEQConfig", "BACKWARD_MODES", "BACKWARD_INITS", "STOP_MODES", "PROBE_DISTRIBUTIONS", "add_deq_args",
-           "parse_solver_options"]
+__all__ = ["DEQConfig", "BACKWARD_INITS", "STOP_MODES", "PROBE_DISTRIBUTIONS"]
 
-BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 # Initial points of the implicit backward solve: zero, or the forward solver's inverse-Jacobian
 # estimate applied to the incoming gradient.
 BACKWARD_INITS = ("zero", "forward_inverse")
 PROBE_DISTRIBUTIONS = ("normal", "rademacher")
 DEFAULT_COMPILE_BACKEND = "inductor"
-# Fields only the phantom backward reads, and those only the implicit backward's solve reads.
-_PHANTOM_FIELDS = ("phantom_steps", "phantom_damping")
-_BACKWARD_SOLVE_FIELDS = ("b_solver", "b_max_iter", "b_tol", "b_stop_mode", "b_solver_options", "b_init",
-                          "b_refine_steps")
-# Fields only read when spectral_norm is on.
-_SPECTRAL_NORM_FIELDS = ("spectral_norm_scale", "spectral_norm_learn_scale", "spectral_norm_clip")
-# Fields of fixed-point correction; the first two switch it on, the last is only read when it is on.
-_CORRECTION_FIELDS = ("fp_correction_states", "fp_correction_steps", "fp_correction_gamma")
+
+Choices = Union[Tuple[str, ...], Callable[..., Tuple[str, ...]]]
 
 
-def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Iterable[str]] = None,
+def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Choices] = None,
          low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
          optional: bool = False) -> Any:
+    """A config field: its default, help, type, choices (a tuple, or a function returning the
+    accepted names: the registered solvers, say) and numeric range."""
     meta = {"help": help, "kind": kind if kind is not None else type(default), "choices": choices,
             "low": low, "high": high, "low_open": low_open, "optional": optional}
     if isinstance(default, dict):
@@ -40,18 +38,33 @@ def _opt(default: Any, help: str, kind: Any = None, choices: Optional[Iterable[s
     return field(default=default, metadata=meta)
 
 
+def _compile_backends(value: Optional[str] = None) -> Tuple[str, ...]:
+    """torch.compile's registered backends; the default one is accepted without importing
+    torch._dynamo (a second or more of import time)."""
+    if value == DEFAULT_COMPILE_BACKEND:
+        return (value,)
+    import torch._dynamo
+
+    return tuple(torch._dynamo.list_backends(exclude_tags=()))
+
+
 @dataclass(frozen=True)
 class DEQConfig:
     """Everything an equilibrium layer needs to know: solvers, backward mode, JR, pretraining.
 
-    Build it with keyword arguments, :meth:`from_dict` or :meth:`from_namespace`; every value is
-    checked (type, range, choices) and the caller's objects are copied, never modified.
+    Build it with keyword arguments or :meth:`from_dict` (a command line with
+    :func:`deq_core.cli.config_from_args`); every value is checked (type, range, choices) and the
+    caller's objects are copied, never modified. A refused value raises an
+    :class:`~deq_core.OptionError` (a ``ValueError`` or ``TypeError``) naming its fields.
     Solver-specific options (``f_solver_options``/``b_solver_options``) are checked against the
-    named solver's registered options.
+    named solver's registered options, mode-specific settings by the backward mode. A field set
+    away from its default that the other settings leave unread is reported once, when the config
+    is built (what reads each field is stated where it is read: the backward modes'
+    ``reads``, the correction and spectral-norm modules' field lists).
     """
 
     # Forward solve.
-    f_solver: str = _opt("anderson", "forward solver", choices="solvers")
+    f_solver: str = _opt("anderson", "forward solver", choices=list_solvers)
     f_max_iter: int = _opt(30, "forward iteration limit (evaluations of f)", low=1)
     f_tol: float = _opt(1e-3, "forward tolerance on the residual of the stop mode", low=0.0, low_open=True)
     f_stop_mode: str = _opt("abs", "forward residual: abs ||f(z)-z|| or rel ||f(z)-z||/||f(z)||",
@@ -63,9 +76,10 @@ class DEQConfig:
     eval_tol: Optional[float] = _opt(None, "forward tolerance in eval mode (default: f_tol)", kind=float,
                                      low=0.0, low_open=True, optional=True)
     # Backward.
-    backward: str = _opt("implicit", "gradient: implicit (IFT), phantom (k damped steps) or unrolled",
-                         choices=BACKWARD_MODES)
-    b_solver: str = _opt("broyden", "backward solver for the implicit gradient", choices="solvers")
+    backward: str = _opt("implicit", "gradient: implicit (IFT), phantom (k damped steps), unrolled, or a registered "
+                         "mode (deq_core.backward)",
+                         choices=list_backward_modes)
+    b_solver: str = _opt("broyden", "backward solver for the implicit gradient", choices=list_solvers)
     b_max_iter: int = _opt(30, "backward iteration limit", low=1)
     b_tol: float = _opt(1e-4, "backward tolerance", low=0.0, low_open=True)
     b_stop_mode: str = _opt("rel", "backward residual mode (rel: independent of the loss scale)",
@@ -100,7 +114,7 @@ class DEQConfig:
                            "torch.compile (the one differentiable call of f stays eager: JR needs "
                            "double backward, which compiled graphs lack)")
     compile_backend: str = _opt(DEFAULT_COMPILE_BACKEND, "torch.compile backend for compile_f",
-                                choices="compile_backends")
+                                choices=_compile_backends)
     # Jacobian regularization.
     jac_weight: float = _opt(0.0, "JR weight gamma", low=0.0)
     jac_freq: float = _opt(1.0, "probability that JR is computed in a training step", low=0.0, high=1.0)
@@ -150,127 +164,80 @@ class DEQConfig:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check_field(f, getattr(self, f.name)))
         for side in ("f", "b"):
-            solver = getattr(self, f"{side}_solver")
-            opts = validate_solver_options(solver, getattr(self, f"{side}_solver_options"),
-                                           field=f"{side}_solver_options")
-            object.__setattr__(self, f"{side}_solver_options", opts)
+            name = f"{side}_solver_options"
+            try:
+                opts = validate_solver_options(getattr(self, f"{side}_solver"), getattr(self, name), field=name)
+            except ValueError as err:
+                raise OptionValueError(str(err), name) from None
+            except TypeError as err:
+                raise OptionTypeError(str(err), name) from None
+            object.__setattr__(self, name, opts)
         if self.f_max_iter_jitter >= self.f_max_iter:
-            raise ValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
-                             f"got {self.f_max_iter_jitter}")
-        if self.forward_inverse and not returns_inverse(self.f_solver):
-            raise ValueError(f"b_init='forward_inverse' applies the forward solver's inverse-Jacobian estimate, which "
-                             f"f_solver={self.f_solver!r} does not keep: set f_solver='broyden' (the quasi-Newton "
-                             "solver, whose low-rank estimate it uses), or b_init='zero'")
+            raise OptionValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
+                                   f"got {self.f_max_iter_jitter}", "f_max_iter_jitter", "f_max_iter")
         self._check_correction()
-        unused = self._ignored_by_spectral_norm()
-        if unused:
-            warn_user(f"spectral_norm=False does not use {', '.join(unused)}: they have no effect (set "
-                      "spectral_norm=True to spectral-normalize f)")
-        ignored = self._ignored_by_backward()
-        if ignored:
-            warn_user(f"backward={self.backward!r} does not use {', '.join(ignored)}: they have no effect "
-                      "(options of another backward mode, perhaps a model's defaults for it)")
-        unread = self._ignored_by_b_init()
-        if unread:
-            how = f"b_init={self.b_init!r}" + (f" with b_refine_steps={self.b_refine_steps}"
-                                                if self.forward_inverse and self.b_refine_steps is not None else "")
-            why = ("b_refine_steps is read with b_init='forward_inverse' only" if not self.forward_inverse
-                   else "b_refine_steps replaces b_max_iter" + (", and at 0 steps no backward solver runs"
-                                                                if self.b_refine_steps == 0 else ""))
-            warn_user(f"{how} does not use {', '.join(unread)}: they have no effect ({why})")
-        unread = self._ignored_by_correction()
-        if unread:
-            warn_user(f"fixed-point correction is off (fp_correction_states=0, fp_correction_steps='') and does "
-                      f"not use {', '.join(unread)}: they have no effect (set fp_correction_states or "
-                      "fp_correction_steps to turn it on)")
-
-    def _ignored_by_backward(self) -> Tuple[str, ...]:
-        """Fields set away from their defaults that the chosen backward mode never reads (the
-        phantom steps are read by fixed-point correction in the implicit mode too)."""
-        unused = {"implicit": () if self.fp_correction else _PHANTOM_FIELDS, "phantom": _BACKWARD_SOLVE_FIELDS,
-                  "unrolled": _PHANTOM_FIELDS + _BACKWARD_SOLVE_FIELDS + _CORRECTION_FIELDS}[self.backward]
-        return self._changed(unused)
-
-    def _ignored_by_b_init(self) -> Tuple[str, ...]:
-        """Implicit-backward fields set away from their defaults that its initial point leaves
-        unread: b_refine_steps from zero; b_max_iter when b_refine_steps replaces it; the solver and
-        its options at 0 steps (the solve then only measures the estimate's residual)."""
-        if self.backward != "implicit":
-            return ()
-        if not self.forward_inverse:
-            unused: Tuple[str, ...] = ("b_refine_steps",)
-        elif self.b_refine_steps is None:
-            unused = ()
-        else:
-            unused = ("b_max_iter",) + (("b_solver", "b_solver_options") if self.b_refine_steps == 0 else ())
-        return self._changed(unused)
-
-    def _changed(self, names: Tuple[str, ...]) -> Tuple[str, ...]:
-        """``name=value`` of the fields among ``names`` set away from their defaults."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in names}
-        defaults["b_solver_options"] = validate_solver_options(self.b_solver, {})
-        return tuple(f"{name}={getattr(self, name)!r}" for name in names if getattr(self, name) != defaults[name])
-
-    @property
-    def forward_inverse(self) -> bool:
-        """Whether the implicit backward starts from the forward solver's inverse-Jacobian estimate
-        (``backward='implicit'`` and ``b_init='forward_inverse'``)."""
-        return self.backward == "implicit" and self.b_init == "forward_inverse"
-
-    def _ignored_by_spectral_norm(self) -> Tuple[str, ...]:
-        """Spectral-norm options set away from their defaults while spectral_norm is off."""
-        if self.spectral_norm:
-            return ()
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _SPECTRAL_NORM_FIELDS}
-        return tuple(f"{name}={getattr(self, name)!r}" for name in _SPECTRAL_NORM_FIELDS
-                     if getattr(self, name) != defaults[name])
-
-    def _ignored_by_correction(self) -> Tuple[str, ...]:
-        """Correction options set away from their defaults while fixed-point correction is off
-        (in the unrolled backward mode :meth:`_ignored_by_backward` names them)."""
-        if self.fp_correction or self.backward == "unrolled":
-            return ()
-        default = next(f.default for f in dataclasses.fields(self) if f.name == "fp_correction_gamma")
-        return (f"fp_correction_gamma={self.fp_correction_gamma!r}",) if self.fp_correction_gamma != default else ()
+        get_backward(self.backward).check(self)
+        for setting, unread, why in self._unread():
+            warn_user(f"{setting} does not use {', '.join(unread)}: they have no effect ({why})")
 
     def _check_correction(self) -> None:
         if self.fp_correction_states and self.fp_correction_steps:
-            raise ValueError(f"set fp_correction_states (n states spaced over the limit) or fp_correction_steps "
-                             f"(explicit solver steps), not both; got fp_correction_states="
-                             f"{self.fp_correction_states} and fp_correction_steps={self.fp_correction_steps!r}")
+            raise OptionValueError(f"set fp_correction_states (n states spaced over the limit) or fp_correction_steps "
+                                   f"(explicit solver steps), not both; got fp_correction_states="
+                                   f"{self.fp_correction_states} and fp_correction_steps={self.fp_correction_steps!r}",
+                                   "fp_correction_steps", "fp_correction_states")
         shortest = self.f_max_iter - self.f_max_iter_jitter
         if self.fp_correction_states > shortest:
             limit = (f"f_max_iter - f_max_iter_jitter = {self.f_max_iter} - {self.f_max_iter_jitter}"
                      if self.f_max_iter_jitter else "f_max_iter")
-            raise ValueError(f"fp_correction_states must be <= the shortest training forward limit, {limit} = "
-                             f"{shortest} (n states need n distinct solver steps), got {self.fp_correction_states}")
-        steps = _parse_steps(self.fp_correction_steps, self.f_max_iter)
+            raise OptionValueError(f"fp_correction_states must be <= the shortest training forward limit, {limit} = "
+                                   f"{shortest} (n states need n distinct solver steps), got "
+                                   f"{self.fp_correction_states}", "fp_correction_states", "f_max_iter")
+        try:
+            steps = parse_steps(self.fp_correction_steps, self.f_max_iter)
+        except ValueError as err:
+            raise OptionValueError(str(err), "fp_correction_steps") from None
         object.__setattr__(self, "fp_correction_steps", ",".join(map(str, steps)))
+
+    def _unread(self) -> List[Tuple[str, Tuple[str, ...], str]]:
+        """``(setting, fields, why)`` for the fields set away from their defaults that the other
+        settings leave unread, from what each reader declares it reads."""
+        mode = get_backward(self.backward)
+        correcting = mode.corrects and self.fp_correction
+        read = set(mode.reads) | (set(CHAIN_FIELDS) if correcting else set())
+        other = [f for name in list_backward_modes() if name != self.backward for f in get_backward(name).reads]
+        if not mode.corrects:
+            other += CORRECTION_FIELDS
+        out = []
+        unread = self._changed(f for f in self.field_names() if f in other and f not in read)
+        if unread:
+            out.append((f"backward={self.backward!r}", unread,
+                        "options of another backward mode, perhaps a model's defaults for it"))
+        conditional = mode.unread(self)
+        if conditional is not None and self._changed(conditional[1]):
+            out.append((conditional[0], self._changed(conditional[1]), conditional[2]))
+        if not self.spectral_norm and self._changed(SPECTRAL_NORM_FIELDS):
+            out.append(("spectral_norm=False", self._changed(SPECTRAL_NORM_FIELDS),
+                        "set spectral_norm=True to spectral-normalize f"))
+        gamma = self._changed(CORRECTION_FIELDS[2:])
+        if mode.corrects and not self.fp_correction and gamma:
+            out.append(("fixed-point correction is off (fp_correction_states=0, fp_correction_steps='') and", gamma,
+                        "set fp_correction_states or fp_correction_steps to turn it on"))
+        return out
+
+    def _changed(self, names: Iterable[str]) -> Tuple[str, ...]:
+        """``name=value`` of the fields among ``names`` set away from their defaults."""
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(self)}
+        defaults["b_solver_options"] = validate_solver_options(self.b_solver, {})
+        defaults["f_solver_options"] = validate_solver_options(self.f_solver, {})
+        return tuple(f"{name}={getattr(self, name)!r}" for name in names if getattr(self, name) != defaults[name])
 
     @property
     def fp_correction(self) -> bool:
         """Whether fixed-point correction is on (``fp_correction_states`` or ``fp_correction_steps`` set)."""
         return self.fp_correction_states > 0 or bool(self.fp_correction_steps)
 
-    def correction_steps(self, max_iter: int) -> Optional[Tuple[int, ...]]:
-        """The solver steps whose states fixed-point correction supervises besides the output.
-
-        Args:
-            max_iter: the forward limit of the pass (``f_max_iter`` less the pass's jitter).
-
-        Returns:
-            ``None`` when correction is off; else the increasing steps: ``(i * max_iter) // n`` for
-            ``i = 1..n-1`` with ``fp_correction_states = n`` (empty for n = 1), or the
-            ``fp_correction_steps`` (some may exceed a jittered limit: those states are z*).
-        """
-        if self.fp_correction_states:
-            n = self.fp_correction_states
-            return tuple((i * max_iter) // n for i in range(1, n))
-        if self.fp_correction_steps:
-            return _parse_steps(self.fp_correction_steps, self.f_max_iter)
-        return None
-
-    # ----------------------------------------------------------------------------------------
     def forward_solve(self, training: bool, shortened_by: int = 0) -> SolveSpec:
         """The forward solve of a training (or evaluation) pass.
 
@@ -289,16 +256,6 @@ class DEQConfig:
         return SolveSpec(self.f_solver, max_iter, tol, self.f_stop_mode, self.check_every,
                          self.divergence_factor, dict(self.f_solver_options))
 
-    def backward_solve(self) -> SolveSpec:
-        """The implicit backward pass's linear solve, as a :class:`~deq_core.solvers.SolveSpec`: at
-        most ``b_max_iter`` evaluations, or ``b_refine_steps + 1`` from the forward's estimate (the
-        first measures the estimate's residual)."""
-        refined = self.forward_inverse and self.b_refine_steps is not None
-        max_iter = self.b_refine_steps + 1 if refined else self.b_max_iter
-        return SolveSpec(self.b_solver, max_iter, self.b_tol, self.b_stop_mode, self.check_every,
-                         self.divergence_factor, dict(self.b_solver_options))
-
-    # ----------------------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:
         """The names of every config field, in declaration order."""
@@ -325,7 +282,8 @@ class DEQConfig:
             for k in unknown:
                 close = difflib.get_close_matches(str(k), names, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"unknown DEQ option(s): {', '.join(hints)}; accepted: {', '.join(names)}")
+            raise OptionValueError(f"unknown DEQ option(s): {', '.join(hints)}; accepted: {', '.join(names)}",
+                                   *map(str, unknown))
         merged = dataclasses.asdict(base) if base is not None else {}
         for side in ("f", "b"):
             # Options of the base's solver do not carry over to a different solver.
@@ -333,32 +291,6 @@ class DEQConfig:
                 merged.pop(f"{side}_solver_options", None)
         merged.update({k: _copy(v) for k, v in values.items()})
         return cls(**merged)
-
-    @classmethod
-    def from_namespace(cls, namespace: argparse.Namespace, prefix: str = "",
-                       base: Optional["DEQConfig"] = None) -> "DEQConfig":
-        """Build a config from an argparse namespace (as filled by :func:`add_deq_args`).
-
-        Args:
-            namespace: the parsed arguments; only attributes ``prefix + field`` are read.
-            prefix: the flags' prefix.
-            base: the config the given attributes override.
-
-        Returns:
-            the validated config.
-        """
-        values = {}
-        for name in cls.field_names():
-            attr = prefix + name
-            if hasattr(namespace, attr):
-                values[name] = getattr(namespace, attr)
-        for side in ("f", "b"):
-            # The parser's default options belong to its default solver: another one chosen on the
-            # command line gets its own defaults (as from_dict gives a new solver without options).
-            options = values.get(f"{side}_solver_options")
-            if isinstance(options, _DefaultOptions) and values.get(f"{side}_solver", options.solver) != options.solver:
-                del values[f"{side}_solver_options"]
-        return cls.from_dict(values, base=base)
 
     def replace(self, **changes: Any) -> "DEQConfig":
         """A copy with some fields changed (validated as :meth:`from_dict` does over this config)."""
@@ -372,34 +304,13 @@ class DEQConfig:
 def _step_text(step: Any) -> str:
     step = _python_scalar(step)
     if not isinstance(step, int) or isinstance(step, bool):
-        raise TypeError(f"fp_correction_steps must hold integer solver steps, got {step!r} ({type(step).__name__})")
+        raise OptionTypeError(f"fp_correction_steps must hold integer solver steps, got {step!r} "
+                              f"({type(step).__name__})", "fp_correction_steps")
     return str(step)
-
-
-def _parse_steps(text: str, max_iter: int) -> Tuple[int, ...]:
-    """The solver steps of ``fp_correction_steps`` ("10,20"; "" for none), checked."""
-    accepted = (f"comma-separated solver steps, integers in 1..f_max_iter={max_iter}, strictly increasing "
-                "(e.g. '10,20'), or '' for none")
-    items = [item.strip() for item in text.split(",")] if text.strip() else []
-    try:
-        steps = tuple(int(item) for item in items)
-    except ValueError:
-        raise ValueError(f"fp_correction_steps must be {accepted}; got {text!r}") from None
-    if any(k < 1 or k > max_iter for k in steps) or any(a >= b for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"fp_correction_steps must be {accepted}; got {text!r}")
-    return steps
 
 
 def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
-
-
-class _DefaultOptions(dict):
-    """The default of a solver-options flag, which remembers the solver whose options it holds."""
-
-    def __init__(self, options: Mapping[str, Any], solver: str) -> None:
-        super().__init__(options)
-        self.solver = solver
 
 
 def _python_scalar(value: Any) -> Any:
@@ -417,102 +328,31 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
     if value is None:
         if meta["optional"]:
             return None
-        raise TypeError(f"{name} must not be None")
+        raise OptionTypeError(f"{name} must not be None", name)
     if kind is dict:
         if not isinstance(value, Mapping):
-            raise TypeError(f"{name} must be a mapping of option names to values, got {value!r}")
+            raise OptionTypeError(f"{name} must be a mapping of option names to values, got {value!r}", name)
         return dict(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         allowed = kind.__name__ + (" or None" if meta["optional"] else "")
-        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+        raise OptionTypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})", name)
     choices = meta["choices"]
-    if choices == "solvers":
-        choices = list_solvers()
-    elif choices == "compile_backends":
-        choices = _compile_backends(value)
+    if callable(choices):
+        choices = choices(value) if choices is _compile_backends else choices()
     if choices is not None and value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise OptionValueError(f"{name} must be one of {list(choices)}, got {value!r}", name)
     if kind in (int, float):
         low, high = meta["low"], meta["high"]
         if value != value:  # NaN
-            raise ValueError(f"{name} must be a number, got NaN")
-        if value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {value!r}")
+            raise OptionValueError(f"{name} must be a number, got NaN", name)
+        if math.isinf(value):
+            raise OptionValueError(f"{name} must be finite, got {value!r}", name)
         bad_low = low is not None and (value <= low if meta["low_open"] else value < low)
         bad_high = high is not None and value > high
         if bad_low or bad_high:
             lo = "" if low is None else (f"> {low}" if meta["low_open"] else f">= {low}")
             hi = "" if high is None else f"<= {high}"
-            raise ValueError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}")
+            raise OptionValueError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}", name)
     return value
-
-
-def _compile_backends(value: str) -> Tuple[str, ...]:
-    """torch.compile's registered backends; the default one is accepted without importing
-    torch._dynamo (a second or more of import time)."""
-    if value == DEFAULT_COMPILE_BACKEND:
-        return (value,)
-    import torch._dynamo
-
-    return tuple(torch._dynamo.list_backends(exclude_tags=()))
-
-
-def parse_solver_options(text: str) -> Dict[str, Any]:
-    """Parse ``key=value,key=value`` (values as Python literals) for the solver-options flags."""
-    out: Dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"solver option {item!r} must be written key=value")
-        try:
-            out[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = raw.strip()
-    return out
-
-
-def add_deq_args(parser: argparse.ArgumentParser, prefix: str = "", defaults: Optional[DEQConfig] = None,
-                 exclude: Iterable[str] = (), suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """Add one ``--{prefix}{field}`` flag (dashes for underscores) per config field to ``parser``.
-
-    Values are parsed but validated only by :meth:`DEQConfig.from_namespace`, so every error
-    message comes from one place. With ``suppress_defaults`` a flag the user did not give leaves
-    no attribute, so the namespace holds only explicit choices (to overlay on a model's own
-    defaults). Returns ``parser``.
-    """
-    defaults = defaults or DEQConfig()
-    group = parser.add_argument_group("deep equilibrium layer")
-    skip = set(exclude)
-    for f in dataclasses.fields(DEQConfig):
-        if f.name in skip:
-            continue
-        meta = f.metadata
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        default = _copy(getattr(defaults, f.name))
-        if meta["kind"] is dict:
-            default = _DefaultOptions(default, getattr(defaults, f.name.replace("_options", "")))
-        kw: Dict[str, Any] = {"default": argparse.SUPPRESS if suppress_defaults else default,
-                              "dest": prefix + f.name, "help": meta["help"]}
-        kind = meta["kind"]
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind is dict:
-            kw["type"] = parse_solver_options
-            kw["metavar"] = "KEY=VALUE[,...]"
-        elif meta["optional"]:
-            kw["type"] = _optional(kind)
-        else:
-            kw["type"] = kind
-        if isinstance(meta["choices"], tuple):
-            kw["choices"] = meta["choices"]
-        group.add_argument(flag, **kw)
-    return parser
-
-
-def _optional(kind: type):
-    def parse(text: str):
-        return None if text.lower() in ("none", "") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse

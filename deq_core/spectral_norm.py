@@ -14,7 +14,10 @@ from torch.nn.utils import parametrize
 from .norm import _describe, _fold_parametrizations
 
 __all__ = ["apply_spectral_norm", "remove_spectral_norm", "SpectralNorm", "CONV_MODES",
-           "DEFAULT_SPECTRAL_NORM_TYPES"]
+           "DEFAULT_SPECTRAL_NORM_TYPES", "CONFIG_FIELDS"]
+
+#: The DEQConfig fields a layer passes to :func:`apply_spectral_norm` (read only with spectral_norm=True).
+CONFIG_FIELDS = ("spectral_norm_scale", "spectral_norm_learn_scale", "spectral_norm_clip")
 
 DEFAULT_SPECTRAL_NORM_TYPES: Tuple[Type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: How a convolution's weight becomes a matrix: ``"kernel"``, the kernel reshaped to ``(C_out, C_in*k...)``.

@@ -62,33 +62,45 @@ class DEQStats:
     _summary: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @classmethod
-    def from_solve(cls, mode: str, result: SolverResult, max_iter: int,
-                   jac_frobenius: Optional[torch.Tensor] = None, jac_weight: float = 0.0,
-                   correction: Optional[Tuple[Sequence[int], Sequence[State], float]] = None) -> "DEQStats":
-        """The statistics of a forward pass.
+    def from_solve(cls, mode: str, result: SolverResult, max_iter: int, solved: bool = True) -> "DEQStats":
+        """The statistics of a forward pass (JR, correction and the backward solve are recorded
+        later, by :meth:`record_jr`, :meth:`record_correction` and :meth:`record_backward`).
 
         Args:
-            mode: ``"implicit"``, ``"phantom"`` or ``"unrolled"`` (a pretraining or unrolled pass,
-                whose result holds the last two applications of f and has no convergence flag).
-            result: the forward solve's result.
+            mode: the backward mode's name (``"unrolled"`` for a pretraining pass).
+            result: the forward's outcome.
             max_iter: the forward limit the pass ran with.
-            jac_frobenius: the differentiable JR estimate when JR ran, else ``None``.
-            jac_weight: the JR weight of this step (kept only when JR ran).
-            correction: ``(steps, states, gamma)`` of fixed-point correction when it ran (the
-                solver steps, the states at them, the weight), else ``None``.
+            solved: whether a solver produced ``result`` (an unrolled stack has no convergence
+                flags: ``f_converged`` and ``f_stalled`` are ``None``).
 
         Returns:
             the new :class:`DEQStats`.
         """
-        solved = mode != "unrolled"
-        steps, states, gamma = correction if correction is not None else (None, None, 0.0)
         return cls(mode=mode, f_steps=result.steps, f_abs_res=result.abs_res, f_rel_res=result.rel_res,
                    f_diverged=result.diverged, f_converged=result.converged if solved else None,
                    f_stalled=result.stalled if solved else None, f_max_iter=max_iter,
-                   host_reads=result.host_reads, jac_frobenius=jac_frobenius,
-                   jac_weight=jac_weight if jac_frobenius is not None else 0.0,
-                   correction_states=None if states is None else list(states),
-                   correction_steps=None if steps is None else tuple(steps), correction_gamma=float(gamma))
+                   host_reads=result.host_reads)
+
+    def record_jr(self, jac_frobenius: Optional[torch.Tensor], jac_weight: float) -> None:
+        """Store the pass's JR estimate and the weight it ran with (the weight only when it ran).
+
+        Args:
+            jac_frobenius: the differentiable estimate, or ``None`` when JR did not run.
+            jac_weight: the JR weight of this step.
+        """
+        self.jac_frobenius = jac_frobenius
+        self.jac_weight = jac_weight if jac_frobenius is not None else 0.0
+
+    def record_correction(self, steps: Sequence[int], states: Sequence[State], gamma: float) -> None:
+        """Store fixed-point correction's states (called by a backward mode that runs it).
+
+        Args:
+            steps: the solver steps of the states.
+            states: the states, in the structure and dtype of the output.
+            gamma: the weight of :func:`~deq_core.fixed_point_correction`.
+        """
+        self.correction_steps, self.correction_states = tuple(steps), list(states)
+        self.correction_gamma = float(gamma)
 
     def record_backward(self, result: SolverResult) -> None:
         """Store the implicit backward solve's outcome (called by the layer's backward pass).

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from deq_core import DEQConfig, add_deq_args
+from deq_core import DEQConfig, add_deq_args, config_from_args, deq_flags
 
 
 def test_defaults_fill_solver_options():
@@ -34,7 +34,7 @@ def test_namespace_round_trip_without_mutation():
                             "m=6,beta=0.9", "--eval-max-iter", "8", "--no-check-finite",
                             "--jac-weight", "2.5", "--jac-stop-epoch", "none"])
     before = vars(copy.deepcopy(ns))
-    cfg = DEQConfig.from_namespace(ns)
+    cfg = config_from_args(ns)
     assert vars(ns) == before
     assert (cfg.f_max_iter, cfg.b_solver, cfg.eval_max_iter, cfg.check_finite) == (14, "anderson", 8, False)
     assert cfg.b_solver_options == {"m": 6, "beta": 0.9, "lam": 1e-4}
@@ -45,13 +45,13 @@ def test_another_solver_on_the_command_line_gets_its_own_default_options():
     # The parser's default options are the default solver's: Anderson's m/beta/lam must not reach
     # Broyden, whose options are only `memory`; options given, or the same solver, are kept.
     parser = add_deq_args(argparse.ArgumentParser(), defaults=DEQConfig(f_solver_options={"m": 7}))
-    cfg = DEQConfig.from_namespace(parser.parse_args(["--f-solver", "broyden", "--b-solver", "anderson"]))
+    cfg = config_from_args(parser.parse_args(["--f-solver", "broyden", "--b-solver", "anderson"]))
     assert cfg.f_solver_options == DEQConfig(f_solver="broyden").f_solver_options == {"memory": None}
     assert cfg.b_solver_options == {"m": 5, "beta": 1.0, "lam": 1e-4}
-    cfg = DEQConfig.from_namespace(parser.parse_args(["--f-solver", "broyden", "--f-solver-options", "memory=4"]))
+    cfg = config_from_args(parser.parse_args(["--f-solver", "broyden", "--f-solver-options", "memory=4"]))
     assert cfg.f_solver_options == {"memory": 4}
-    assert DEQConfig.from_namespace(parser.parse_args(["--f-solver", "anderson"])).f_solver_options["m"] == 7
-    assert DEQConfig.from_namespace(parser.parse_args([])).f_solver_options["m"] == 7
+    assert config_from_args(parser.parse_args(["--f-solver", "anderson"])).f_solver_options["m"] == 7
+    assert config_from_args(parser.parse_args([])).f_solver_options["m"] == 7
 
 
 def test_prefixed_flags():
@@ -59,7 +59,7 @@ def test_prefixed_flags():
     add_deq_args(parser, prefix="deq_", exclude=("seed",))
     ns = parser.parse_args(["--deq-f-max-iter", "3"])
     assert not hasattr(ns, "deq_seed")
-    assert DEQConfig.from_namespace(ns, prefix="deq_").f_max_iter == 3
+    assert config_from_args(ns, deq_flags(prefix="deq_")).f_max_iter == 3
 
 
 @pytest.mark.parametrize("values, exc, pattern", [
@@ -106,7 +106,7 @@ def test_suppressed_defaults_leave_only_explicit_flags():
     add_deq_args(parser, suppress_defaults=True)
     ns = parser.parse_args(["--jac-weight", "2.5"])
     assert vars(ns) == {"jac_weight": 2.5}
-    assert DEQConfig.from_namespace(ns, base=DEQConfig(f_max_iter=14)).f_max_iter == 14
+    assert config_from_args(ns, base=DEQConfig(f_max_iter=14)).f_max_iter == 14
 
 
 def test_numpy_scalars_and_zero_dim_tensors_are_numbers():

@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-from deq_core import DEQConfig, DEQLayer, DEQStatsMeter, StateSpec, add_deq_args, fixed_point_correction
+from deq_core import (DEQConfig, DEQLayer, DEQStatsMeter, StateSpec, add_deq_args, config_from_args,
+                      fixed_point_correction)
+from deq_core.correction import correction_steps
 from tests._maps import TanhCell, TwoScaleCell
 
 # A tolerance no solve reaches: every sample runs to the limit.
@@ -159,9 +161,9 @@ def test_a_structured_state_gets_its_structure_values_and_gradients():
 
 def test_uniform_steps_follow_the_pass_limit():
     cfg = DEQConfig(f_max_iter=30, fp_correction_states=4)
-    assert cfg.correction_steps(30) == (7, 15, 22) and cfg.correction_steps(20) == (5, 10, 15)
-    assert DEQConfig(fp_correction_states=1).correction_steps(30) == ()
-    assert DEQConfig().correction_steps(30) is None
+    assert correction_steps(cfg, 30) == (7, 15, 22) and correction_steps(cfg, 20) == (5, 10, 15)
+    assert correction_steps(DEQConfig(fp_correction_states=1), 30) == ()
+    assert correction_steps(DEQConfig(), 30) is None
     f = TanhCell(8, 5)
     layer = DEQLayer(f, f_max_iter=10, f_max_iter_jitter=4, fp_correction_states=2, **NEVER_STOP)
     for _ in range(4):
@@ -240,13 +242,13 @@ def test_invalid_correction_options_name_the_field(values, exc, pattern):
 def test_steps_forms_and_command_line():
     assert DEQConfig(fp_correction_steps=[3, 7]).fp_correction_steps == "3,7"
     assert DEQConfig(fp_correction_steps=" 3, 7 ").fp_correction_steps == "3,7"
-    assert DEQConfig(fp_correction_steps="3,7").correction_steps(20) == (3, 7)
+    assert correction_steps(DEQConfig(fp_correction_steps="3,7"), 20) == (3, 7)
     assert not DEQConfig().fp_correction and DEQConfig(fp_correction_steps="3").fp_correction
     parser = add_deq_args(argparse.ArgumentParser())
-    cfg = DEQConfig.from_namespace(parser.parse_args(["--fp-correction-steps", "4,9", "--fp-correction-gamma", "0.5"]))
+    cfg = config_from_args(parser.parse_args(["--fp-correction-steps", "4,9", "--fp-correction-gamma", "0.5"]))
     assert (cfg.fp_correction_steps, cfg.fp_correction_gamma) == ("4,9", 0.5)
-    cfg = DEQConfig.from_namespace(parser.parse_args(["--fp-correction-states", "3"]))
-    assert cfg.correction_steps(30) == (10, 20) and cfg == DEQConfig.from_dict(cfg.to_dict())
+    cfg = config_from_args(parser.parse_args(["--fp-correction-states", "3"]))
+    assert correction_steps(cfg, 30) == (10, 20) and cfg == DEQConfig.from_dict(cfg.to_dict())
 
 
 def test_warnings_when_set_while_off_and_none_when_read():

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tests._reference_solvers as reference
 from deq_core import DEQLayer, get_solver, register_solver
 from deq_core.solvers import SolveSpec
-from deq_core.solvers import _tracking
+from deq_core.solvers import tracking
 from tests._maps import MLPCell, TanhCell, contraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,7 +118,7 @@ def audit(monkeypatch):
     """A LoopAudit wired to the trackers (of the solvers now and of the reference copy) and to
     every configured solve (SolveSpec.run, which the layer's forward and backward solves use)."""
     mode = LoopAudit()
-    for tracker in (_tracking.Tracker, reference.Tracker):
+    for tracker in (tracking.Tracker, reference.Tracker):
         update, result = tracker.update, tracker.result
 
         def counted_update(self, *args, _update=update, **kwargs):
@@ -179,7 +179,7 @@ def test_the_audit_sees_host_reads(audit, name):
 def test_the_audit_fails_on_a_solver_that_allocates_reads_or_branches_on_data(audit):
     @register_solver("graph_capture_bad_test", {})
     def bad(f, z0, *, max_iter, tol, stop_mode="abs", check_every=None, divergence_factor=1e4, trace=False):
-        tracker = _tracking.Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, None,
+        tracker = tracking.Tracker(z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, None,
                                     regions=[("z", 1), ("fz", 1)])
         z = tracker.rows["z"].copy_(z0)
         system, rhs = torch.eye(3).expand(z0.shape[0], 3, 3), torch.ones(z0.shape[0], 3, 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deq_core import DEQConfig, DEQLayer, get_solver, register_solver
+from deq_core import DEQConfig, DEQLayer, ImplicitBackward, get_solver, register_solver
 from deq_core.solvers import InverseEstimate, returns_inverse
 from tests._maps import CausalCell, TanhCell, contraction
 
@@ -262,7 +262,7 @@ def test_the_stats_record_the_steps_taken_and_the_residual_of_the_returned_gradi
             (vjp,) = torch.autograd.grad(out, z_in, u, retain_graph=True)
             return vjp + weight
 
-        solve = layer.config.backward_solve()
+        solve = ImplicitBackward.backward_solve(layer.config)
         assert solve.max_iter == k + 1
         u = solve.run(linear_map, result.inverse.solve_transposed(weight)).z
         fu = linear_map(u).detach()
@@ -300,7 +300,7 @@ def test_forward_values_and_the_ordinary_implicit_gradient_are_unchanged():
         (vjp,) = torch.autograd.grad(out, z_in, u, retain_graph=True)
         return vjp + weight
 
-    u = plain.config.backward_solve().run(linear_map, torch.zeros_like(weight)).z
+    u = ImplicitBackward.backward_solve(plain.config).run(linear_map, torch.zeros_like(weight)).z
     expected = torch.autograd.grad(out, [x_leaf, *f.parameters()], u)
     assert torch.equal(g_plain, torch.cat([e.flatten() for e in expected]))
     assert not torch.equal(g_plain, g_warm)
@@ -350,11 +350,11 @@ def test_the_estimate_runs_under_autocast():
 # -- configuration ------------------------------------------------------------------------------
 def test_config_defaults_and_the_backward_solve_limits():
     cfg = DEQConfig()
-    assert cfg.b_init == "zero" and cfg.b_refine_steps is None and not cfg.forward_inverse
-    assert cfg.backward_solve().max_iter == cfg.b_max_iter
-    assert DEQConfig(**INVERSE).backward_solve().max_iter == cfg.b_max_iter
+    assert cfg.b_init == "zero" and cfg.b_refine_steps is None and not ImplicitBackward.forward_inverse(cfg)
+    assert ImplicitBackward.backward_solve(cfg).max_iter == cfg.b_max_iter
+    assert ImplicitBackward.backward_solve(DEQConfig(**INVERSE)).max_iter == cfg.b_max_iter
     for k in (0, 1, 4):
-        assert DEQConfig(**INVERSE, b_refine_steps=k).backward_solve().max_iter == k + 1
+        assert ImplicitBackward.backward_solve(DEQConfig(**INVERSE, b_refine_steps=k)).max_iter == k + 1
 
 
 @pytest.mark.parametrize("options, error, match", [

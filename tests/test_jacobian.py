@@ -172,5 +172,5 @@ def test_schedule_state_travels_with_the_state_dict():
     fresh = DEQLayer(TanhCell(4, 3), pretrain_steps=5)
     assert fresh.pretraining
     fresh.load_state_dict(layer.state_dict())
-    assert fresh.num_updates == 7 and not fresh.pretraining and fresh._epoch == 2
+    assert fresh.num_updates == 7 and not fresh.pretraining and fresh.epoch == 2
     assert layer.state_dict()["schedule_state"].tolist() == [7, 2]

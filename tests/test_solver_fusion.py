@@ -9,7 +9,7 @@ import torch
 import tests._reference_solvers as reference
 from bench.core import state_passes
 from deq_core import DEQLayer, get_solver, register_solver
-from deq_core.solvers._tracking import RowBuffer
+from deq_core.solvers.rows import RowBuffer
 from deq_core.testing import outcome_disagreements
 from tests._maps import MLPCell, TanhCell, causal_problem, contraction, reduced_precision_problem
 

@@ -14,7 +14,6 @@ import difflib
 import inspect
 import logging
 import os
-import re
 import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -348,19 +347,14 @@ def create_dataset_from_flags(args: argparse.Namespace, split: str, split_flag: 
 def _explain_model_error(err: BaseException, model_name: str, sources: Mapping[str, str],
                          flag_of: Mapping[str, str]) -> str:
     """``argument FLAG: message`` for an error raised while building the model, FLAG being the one
-    that set the first option the message names (``--model`` when it names none)."""
+    that set the first option the error names (an ``OptionError`` names its options; ``--model``
+    when it names none set by a flag), with the flags of the other options it names."""
     text = str(err) or type(err).__name__
-    named = []
-    for name in set(sources) | set(flag_of):
-        match = re.search(rf'(?<![\w-]){re.escape(name)}(?!\w)', text)
-        if match:
-            named.append((match.start(), name))
-    named.sort()
-    culprit = next((name for _, name in named if name in sources), None)
+    named = list(getattr(err, 'options', ()))
+    culprit = next((name for name in named if name in sources), None)
     flag = sources[culprit] if culprit else f'--model {model_name}'
     others = []
-    # A message listing every option (an "accepted: ..." list) needs no glossary.
-    for _, name in named if len(named) <= 4 else ():
+    for name in named:
         if name == culprit:
             continue
         if name in sources:

@@ -1,5 +1,5 @@
 """Batched fixed-point solvers behind one signature and one result type."""
-from ._tracking import DIVERGENCE_FACTOR, STOP_MODES, residuals
+from .tracking import DIVERGENCE_FACTOR, STOP_MODES, residuals
 from .anderson import anderson
 from .broyden import broyden
 from .fixed_point import fixed_point

@@ -5,7 +5,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ._tracking import DEFAULT_STOP_MODE, DIVERGENCE_FACTOR, Tracker
+from .tracking import DEFAULT_STOP_MODE, DIVERGENCE_FACTOR, Tracker
 from .precision import unit_roundoff
 from .registry import SolverOption, register_solver
 from .result import InverseEstimate, SolverResult

@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._tracking import DEFAULT_STOP_MODE, DIVERGENCE_FACTOR, Tracker
+from .tracking import DEFAULT_STOP_MODE, DIVERGENCE_FACTOR, Tracker
 from .registry import SolverOption, register_solver
 from .result import SolverResult
 

@@ -18,7 +18,7 @@ steps: the outcome "stalled at the precision floor". Tolerances above the band w
 tolerances below it end there. In float32 and float64 no sample stops early: steps and iterates
 are exactly what they were before precision-aware stopping existed, and a sample that ends within
 :func:`resolution` of the floor is reported stalled (the outcome rules of
-:mod:`deq_core.solvers._tracking`).
+:mod:`deq_core.solvers.tracking`).
 """
 from __future__ import annotations
 

@@ -14,13 +14,13 @@ trace, precision, **options) -> SolverResult`` whose arguments mean, for every s
   (see :mod:`deq_core.solvers.precision`); a solver without that parameter is registered as well
   and simply not told;
 - ``sequence_length``: consecutive runs of this many samples are the positions of one sequence,
-  which stop in order (see :mod:`deq_core.solvers._tracking`); a solver without that parameter
+  which stop in order (see :mod:`deq_core.solvers.tracking`); a solver without that parameter
   is registered as well and refuses a sequence.
 - ``inverse`` (only passed when true): also return the solver's estimate of the inverse
   Jacobian of ``f(z) - z`` at the returned iterates (``SolverResult.inverse``); only a solver
   with that parameter keeps one (``broyden``), any other refuses the request.
 
-How a solve ends is stated in :mod:`deq_core.solvers._tracking`. Registration wraps the solver so
+How a solve ends is stated in :mod:`deq_core.solvers.tracking`. Registration wraps the solver so
 that every call checks its state (float32 or float64, ``(B, D)``), the settings above and the
 solver's options, and every evaluation of f its output (shape, dtype, no graph) and its input
 (left unchanged); the solver's own arithmetic runs outside the caller's autocast, f inside it. A
@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ._tracking import STOP_MODES
+from .tracking import STOP_MODES
 from .precision import AutocastBoundary, lower_precision
 from .result import SolverResult
 

@@ -54,7 +54,7 @@ class SolverResult:
     counts the evaluations of the map a sample needed (it stops counting once the sample converged,
     stalled or diverged). Each sample ends in exactly one of ``converged``, ``stalled`` (at the
     precision floor), ``diverged``, or none of them: it ran out of iterations while still making
-    progress. The rules are stated once, in :mod:`deq_core.solvers._tracking`. ``stalled`` is all
+    progress. The rules are stated once, in :mod:`deq_core.solvers.tracking`. ``stalled`` is all
     False when a solver does not set it. ``host_reads`` counts device-to-host reads the solver made.
     ``trace`` (when requested) holds the stop-mode residual of every iteration, shape
     ``(iterations, B)``. ``inverse`` (when requested from a solver that keeps one, ``broyden``)

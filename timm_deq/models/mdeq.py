@@ -26,7 +26,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from deq_core import DEQConfig, DEQLayer, DEQStats, VariationalDropout, apply_weight_norm, name_deq_layers
+from deq_core import (DEQConfig, DEQLayer, DEQStats, OptionValueError, VariationalDropout, apply_weight_norm,
+                      name_deq_layers)
 
 from ._mdeq_original import convert_original_state_dict, is_original_state_dict
 
@@ -292,23 +293,25 @@ class MDEQ(nn.Module):
                 ('drop_path_rate', drop_path_rate, 'stochastic depth drops residual branches at random per call'),
                 ('drop_block_rate', drop_block_rate, 'DropBlock draws a new spatial mask per call')):
             if rate:
-                raise ValueError(
+                raise OptionValueError(
                     f'{arg}={rate} is not supported by MDEQ: {why}, and inside the equilibrium layer f must be '
                     'the same map at every solver step. Use dropout= (variational dropout: one mask per forward '
-                    'pass, shared by all solver steps) or drop_rate= (before the classifier)')
+                    'pass, shared by all solver steps) or drop_rate= (before the classifier)', arg)
         if len(channels) != len(head_channels) or not channels:
-            raise ValueError(f'channels {tuple(channels)} and head_channels {tuple(head_channels)} must be '
-                             'non-empty and of the same length (one per branch)')
+            raise OptionValueError(f'channels {tuple(channels)} and head_channels {tuple(head_channels)} must be '
+                                   'non-empty and of the same length (one per branch)', 'channels', 'head_channels')
         bad = [c for c in list(channels) + [c * expansion for c in channels] if c % groups]
         if bad:
-            raise ValueError(f'groups={groups} must divide every branch width and its expansion, not {bad}')
+            raise OptionValueError(f'groups={groups} must divide every branch width and its expansion, not {bad}',
+                                   'groups', 'channels', 'expansion')
         if layout not in LAYOUTS:
-            raise ValueError(f'layout={layout!r} is not one of {LAYOUTS}')
+            raise OptionValueError(f'layout={layout!r} is not one of {LAYOUTS}', 'layout')
         original = layout == 'original'
         post_groups = groups // 2 if original else groups
         if original and (post_groups < 1 or any(c % post_groups for c in channels)):
-            raise ValueError(f"layout='original' normalizes after the fusion with groups // 2 = {post_groups} "
-                             f'groups, which must be >= 1 and divide every branch width {tuple(channels)}')
+            raise OptionValueError(f"layout='original' normalizes after the fusion with groups // 2 = {post_groups} "
+                                   f'groups, which must be >= 1 and divide every branch width {tuple(channels)}',
+                                   'groups', 'layout', 'channels')
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
