@@ -12,17 +12,21 @@ operation that looks like a matrix product and has no formula is reported as unc
 from __future__ import annotations
 
 import contextlib
+import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench._run import alternate
 from deq_core import DEQLayer
 
 # Tolerances no solve reaches, so that a solve runs to its limit.
 UNREACHABLE_TOL = 1e-30
+# The solver steps (forward and backward) a DEQ model is held at beside its training limits.
+FORCED_STEPS = (6,)
 # Words of operation names that do matrix-product work, for the uncounted-operation check.
 _MATMUL_WORDS = {"mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv", "mv", "dot", "matmul", "linear", "einsum",
                  "attention"}
@@ -180,3 +184,66 @@ def flop_table(rows: Sequence[FlopRow], baselines: Sequence[str]) -> List[str]:
             notes.append(f"note: {r.label} ran operations without a FLOP formula (not counted): "
                          f"{', '.join(r.uncounted)}")
     return lines + notes
+
+
+@dataclass
+class FlopRun:
+    """One row of a FLOP comparison: ``step`` runs one whole training step of a model whose
+    equilibrium layers are ``layers`` (none for an explicit network), held at ``held`` (forward,
+    backward) solver steps by :func:`forced_steps`, or at the model's own limits when ``None``."""
+
+    step: Callable[[], Any]
+    layers: Sequence[DEQLayer] = ()
+    held: Optional[Tuple[int, int]] = None
+
+
+def deq_runs(model: str, step: Callable[[], Any], layers: Sequence[DEQLayer],
+             forced: Sequence[int] = FORCED_STEPS) -> Dict[str, FlopRun]:
+    """The rows of a DEQ model: at its training limits and at k/k solver steps for each k of ``forced``.
+
+    Args:
+        model: the model's name in the labels.
+        step: one training step of it.
+        layers: its equilibrium layers (the first one's limits label the first row).
+        forced: the solver steps to hold it at.
+
+    Returns:
+        the runs by label.
+    """
+    cfg = layers[0].config
+    runs = {f"{model}, training limits": FlopRun(step, layers, (cfg.f_max_iter, cfg.b_max_iter))}
+    runs.update({f"{model}, {k}/{k} steps": FlopRun(step, layers, (k, k)) for k in forced})
+    return runs
+
+
+def compare_flops(runs: Mapping[str, FlopRun], steps: int, device: torch.device) -> List[FlopRow]:
+    """FLOPs and time of a training step of each run: the FLOPs counted over one whole step by
+    :func:`count_flops`, the time the median of ``steps`` steps timed interleaved with every other
+    run's (after one warm-up each), the mean solver steps the layers' statistics reported.
+
+    Args:
+        runs: the rows by label, in the order returned.
+        steps: timed steps per row.
+        device: where the steps run (for synchronization).
+
+    Returns:
+        one :class:`FlopRow` per run.
+    """
+    seen: Dict[str, List[Tuple[float, float]]] = {label: [] for label in runs}
+
+    def run(label: str) -> None:
+        r = runs[label]
+        with forced_steps(r.layers, *r.held) if r.held else contextlib.nullcontext():
+            r.step()
+        for layer in r.layers:
+            d = layer.stats.to_dict()
+            seen[label].append((d["f_steps"], d.get("b_steps", float("nan"))))
+
+    fns = {label: (lambda label=label: run(label)) for label in runs}
+    seconds = alternate(fns, steps, device)
+    counts = {label: count_flops(fn) for label, fn in fns.items()}
+    return [FlopRow(label, counts[label].total, seconds[label], forced=runs[label].held,
+                    uncounted=counts[label].uncounted,
+                    steps=None if not seen[label] else (statistics.mean(s[0] for s in seen[label]),
+                                                        statistics.mean(s[1] for s in seen[label])))
+            for label in runs]

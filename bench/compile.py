@@ -18,7 +18,6 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from bench._run import add_device_args, describe, device_from, sync
 
@@ -39,7 +38,8 @@ def _variants(model: torch.nn.Module, backend: str) -> Dict[str, Tuple[torch.nn.
 
 def _mdeq_step(device: torch.device):
     import timm
-    import timm_deq  # noqa: F401  (registers the models)
+
+    from bench.timm_mdeq import classification_task
 
     torch.manual_seed(0)
     model = timm.create_model("mdeq_tiny_cifar", num_classes=10).to(device).train()
@@ -48,8 +48,7 @@ def _mdeq_step(device: torch.device):
 
     def step(module, call, n):
         module.set_num_updates(n)
-        loss = F.cross_entropy(call(x), y) + module.deq_stats.jr_term
-        loss.backward()
+        classification_task(call)(x, y)["loss"].backward()
 
     return model, (lambda m: m.deq), step
 

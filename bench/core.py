@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench._memory import saved_activation_bytes
+from bench._reference_solvers import SOLVERS as REFERENCE_SOLVERS
 from bench._run import add_device_args, alternate, describe, device_from, sync
 from bench.cells import ConvCell, TransformerCell
 from deq_core import DEQConfig, DEQLayer, get_solver
@@ -108,16 +109,6 @@ def flat_map(f: Callable, x: torch.Tensor) -> Tuple[Callable[[torch.Tensor], tor
     return fn, spec.zeros(torch.float32)
 
 
-def _reference_solvers() -> Optional[Dict[str, Callable]]:
-    """The solvers as they were before the fused bookkeeping (a frozen copy kept with the tests),
-    or None when the tests are not importable from here."""
-    try:
-        from tests._reference_solvers import SOLVERS
-    except ImportError:
-        return None
-    return SOLVERS
-
-
 def _anderson_share(solve: Callable, fn: Callable, z0: torch.Tensor, device: torch.device) -> float:
     """The share of one Anderson solve (m=5, 30 iterations) spent outside f."""
     inside = [0.0]
@@ -164,13 +155,11 @@ def _floor_share(fn: Callable, z0: torch.Tensor, device: torch.device, iteration
 
 def solver_overhead_shares(device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
     """Per case: the share of an Anderson solve (m=5, 30 iterations) spent outside f, for the
-    solver now (``"after"``) and before the fused bookkeeping (``"before"``, when the frozen
-    reference copy is importable), the two solves alternating; and the share the state traffic
+    solver now (``"after"``) and before the fused bookkeeping (``"before"``, the frozen copy in
+    bench._reference_solvers), the two solves alternating; and the share the state traffic
     that every implementation moves would take at this machine's bandwidth (``"floor"``)."""
     solvers = {"after": get_solver("anderson")}
-    reference = _reference_solvers()
-    if reference is not None:
-        solvers["before"] = reference["anderson"]
+    solvers["before"] = REFERENCE_SOLVERS["anderson"]
     out = {}
     for name, (f, x) in _cases(device).items():
         fn, z0 = flat_map(f, x)
@@ -280,10 +269,7 @@ def state_passes(batch: int = 4, dim: int = 1024,
     def f(z):
         return torch.tanh(z @ w.T + b)
 
-    versions = {"after": {name: get_solver(name) for name in _PASS_SOLVERS}}
-    reference = _reference_solvers()
-    if reference is not None:
-        versions["before"] = reference
+    versions = {"after": {name: get_solver(name) for name in _PASS_SOLVERS}, "before": REFERENCE_SOLVERS}
     out: Dict[str, Dict[str, Tuple[float, float, float]]] = {}
     for key, solvers in versions.items():
         for name, options in _PASS_SOLVERS.items():

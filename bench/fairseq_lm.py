@@ -22,7 +22,7 @@ timed interleaved (:func:`flop_comparison`).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import math
 import statistics
 import time
@@ -36,12 +36,11 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 import fairseq_deq
-from bench._flops import FlopRow, count_flops, flop_table, forced_steps
+from bench._flops import FORCED_STEPS, FlopRow, FlopRun, compare_flops, deq_runs, flop_table
 from bench._memory import saved_activation_bytes
-from bench._run import add_device_args, alternate, describe, device_from, sync
+from bench._run import add_device_args, describe, device_from, sync
 
 USER_DIR = fairseq_deq.__path__[0]
-FORCED_STEPS = (6,)
 
 SIZES = {
     # name: (DEQ arch, vocabulary, segment length, batch per device on cpu / cuda, baseline layers, extra flags)
@@ -291,32 +290,17 @@ def flop_comparison(size: str, device: torch.device, dtype: torch.dtype, steps: 
     batch = SIZES[size][3][device.type == "cuda"]
     arch = SIZES[size][0]
     (_, deq, deq_criterion), (_, base, base_criterion) = pairs
-    layer = deq.decoder.deq
     optims = {name: torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-4) for name, model, _ in pairs}
-    held = {f"{arch}, training limits": (layer.config.f_max_iter, layer.config.b_max_iter)}
-    held.update({f"{arch}, {k}/{k} steps": (k, k) for k in forced})
-    runs = {key: ("deq", deq, deq_criterion, steps_) for key, steps_ in held.items()}
-    runs[label] = ("base", base, base_criterion, None)
     updates = {"deq": 0, "base": 0}      # one stream per model: the DEQ's memory continues across rows
-    seen: Dict[str, List[Tuple[float, float]]] = {key: [] for key in runs}
 
-    def run(key: str) -> None:
-        name, model, criterion, solver_steps = runs[key]
+    def step(name: str, model, criterion) -> None:
         sample = lm_sample(batch, seg, vocab, updates[name], device)
-        with forced_steps([layer], *solver_steps) if solver_steps else contextlib.nullcontext():
-            _train_step(name, model, criterion, optims[name], sample, updates[name], count_saved=False)
+        _train_step(name, model, criterion, optims[name], sample, updates[name], count_saved=False)
         updates[name] += 1
-        if name == "deq":
-            d = layer.stats.to_dict()
-            seen[key].append((d["f_steps"], d.get("b_steps", float("nan"))))
 
-    fns = {key: (lambda key=key: run(key)) for key in runs}
-    seconds = alternate(fns, steps, device)
-    counts = {key: count_flops(fn) for key, fn in fns.items()}
-    return [FlopRow(key, counts[key].total, seconds[key], forced=runs[key][3], uncounted=counts[key].uncounted,
-                    steps=None if not seen[key] else (statistics.mean(s[0] for s in seen[key]),
-                                                      statistics.mean(s[1] for s in seen[key])))
-            for key in runs]
+    runs = deq_runs(arch, functools.partial(step, "deq", deq, deq_criterion), [deq.decoder.deq], forced)
+    runs[label] = FlopRun(functools.partial(step, "base", base, base_criterion))
+    return compare_flops(runs, steps, device)
 
 
 SOLVE_MODES = {"causal (sample_dims=2)": "2", "joint (sample_dims=1)": "1"}

@@ -27,17 +27,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.autograd import DeviceType
 
 import timm
 import timm_deq  # noqa: F401  (registers the MDEQ models)
-from bench._flops import FlopRow, count_flops, flop_table, forced_steps
+from bench._flops import FORCED_STEPS, FlopRow, FlopRun, compare_flops, deq_runs, flop_table
 from bench._memory import saved_activation_bytes
-from bench._run import alternate, sync
+from bench._run import sync
 from deq_core import DEQLayer
 from deq_core.solvers import get_solver, register_solver, solver_options, unregister_solver
-from timm_deq.task import deq_layers, set_deq_step
+from timm_deq.task import DEQClassificationTask, deq_layers, set_deq_step
 
 
 @dataclass
@@ -54,42 +53,46 @@ class StepCost:
     loss: float
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def train_step(task: DEQClassificationTask, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                autocast: Callable[[], ContextManager], step_no: int) -> Tuple[float, List[Tuple[float, float]]]:
-    """One training step: forward, cross-entropy plus the DEQ layers' JR terms, backward, optimizer
-    step. Returns the loss and, per DEQ layer, the (forward, backward) solver steps of the pass."""
-    set_deq_step(model, step_no)
+    """One training step through the shipped task (timm's cross-entropy plus the DEQ layers' JR
+    terms), backward and optimizer step. Returns the loss and, per DEQ layer, the (forward,
+    backward) solver steps of the pass."""
+    set_deq_step(task.trainable_module, step_no)
     with autocast():
-        out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        for layer in deq_layers(model):
-            loss = loss + layer.stats.jr_term
+        loss = task(x, y)['loss']
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     solver_steps = []
-    for layer in deq_layers(model):
+    for layer in deq_layers(task.trainable_module):
         d = layer.stats.to_dict()
         solver_steps.append((d['f_steps'], d.get('b_steps', float('nan'))))
     return float(loss.detach()), solver_steps
 
 
+def classification_task(model: torch.nn.Module) -> DEQClassificationTask:
+    """The task ``timm_deq.train`` trains with, around ``model`` (timm's cross-entropy)."""
+    return DEQClassificationTask(model, verbose=False)
+
+
 def _build(names: Sequence[str], device: torch.device, batch: int, img_size: int,
            jac_freq: Optional[float] = None):
-    """The models of ``names`` in training mode with an SGD optimizer each, a random batch and its
-    labels; MDEQ models in their solver phase (no unrolled pretraining)."""
+    """The training tasks of the models of ``names`` (in training mode) with an SGD optimizer
+    each, a random batch and its labels; MDEQ models in their solver phase (no unrolled pretraining)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
-    models, optims = {}, {}
+    tasks, optims = {}, {}
     for name in names:
         # The solver phase (pretrain_steps=0): the paper variants' schedule starts with an unrolled stack.
         kwargs = {'pretrain_steps': 0} if name.startswith('mdeq') else {}
         if jac_freq is not None and name.startswith('mdeq'):
             kwargs['jac_freq'] = jac_freq
-        models[name] = timm.create_model(name, **kwargs).to(device).train()
-        optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-3, momentum=0.9)
-    y = torch.randint(0, min(m.num_classes for m in models.values()), (batch,), device=device)
-    return models, optims, x, y
+        model = timm.create_model(name, **kwargs).to(device).train()
+        tasks[name] = classification_task(model)
+        optims[name] = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    y = torch.randint(0, min(t.trainable_module.num_classes for t in tasks.values()), (batch,), device=device)
+    return tasks, optims, x, y
 
 
 def measure(names: Sequence[str], device: torch.device, batch: int, img_size: int = 224, steps: int = 3,
@@ -97,35 +100,36 @@ def measure(names: Sequence[str], device: torch.device, batch: int, img_size: in
     """Train every model of ``names`` for one untimed step (memory) and ``steps`` timed ones,
     interleaved, on one random batch; bfloat16 autocast when ``amp``."""
     autocast = _autocast(device, amp)
-    models, optims, x, y = _build(names, device, batch, img_size, jac_freq)
-    nfe: Dict[str, List[Tuple[float, float]]] = {name: [] for name in models}
+    tasks, optims, x, y = _build(names, device, batch, img_size, jac_freq)
+    nfe: Dict[str, List[Tuple[float, float]]] = {name: [] for name in tasks}
     losses: Dict[str, float] = {}
-    step_no = {name: 0 for name in models}
+    step_no = {name: 0 for name in tasks}
 
     def step(name):
-        losses[name], solver_steps = train_step(models[name], optims[name], x, y, autocast, step_no[name])
+        losses[name], solver_steps = train_step(tasks[name], optims[name], x, y, autocast, step_no[name])
         step_no[name] += 1
         nfe[name].extend(solver_steps)
 
     memory = {}
-    for name in models:
+    for name in tasks:
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
             step(name)
             sync(device)
             memory[name] = torch.cuda.max_memory_allocated(device)
         else:
-            memory[name] = saved_activation_bytes(lambda: step(name), models[name].parameters())[1]
-    times: Dict[str, List[float]] = {name: [] for name in models}
+            memory[name] = saved_activation_bytes(lambda: step(name), tasks[name].trainable_module.parameters())[1]
+    times: Dict[str, List[float]] = {name: [] for name in tasks}
     for _ in range(steps):
-        for name in models:
+        for name in tasks:
             sync(device)
             t0 = time.perf_counter()
             step(name)
             sync(device)
             times[name].append(time.perf_counter() - t0)
     out = {}
-    for name, model in models.items():
+    for name, task in tasks.items():
+        model = task.trainable_module
         steps_done = nfe[name]
         configs = [layer.config for layer in deq_layers(model)]
         out[name] = StepCost(
@@ -154,18 +158,13 @@ def _autocast(device: torch.device, amp: bool) -> Callable[[], ContextManager]:
 
 
 # -- FLOPs per training step ------------------------------------------------------------------------
-FORCED_STEPS = (6,)
-
-
 def flop_comparison(names: Sequence[str], device: torch.device, batch: int = 1, img_size: int = 224,
                     steps: int = 3, forced: Sequence[int] = FORCED_STEPS, amp: bool = False) -> List[FlopRow]:
     """FLOPs and time of a training step of every model of ``names``, a DEQ model both at its
     training limits (its ``f_max_iter`` / ``b_max_iter``) and at k/k solver steps for every k of
-    ``forced``, held there by :func:`bench._flops.forced_steps` (JR off).
-
-    Every row's FLOPs are counted over one whole step (forward solve, the differentiable call of
-    f, backward solve, parameter gradients, optimizer step) by FlopCounterMode; its time is the
-    median of ``steps`` steps timed interleaved with every other row's (after one warm-up each).
+    ``forced``, held there by :func:`bench._flops.forced_steps` (JR off), measured by
+    :func:`bench._flops.compare_flops` (one whole step per row: forward solve, the differentiable
+    call of f, backward solve, parameter gradients, optimizer step).
 
     Args:
         names: timm model names (DEQ models are the ones with equilibrium layers).
@@ -180,35 +179,21 @@ def flop_comparison(names: Sequence[str], device: torch.device, batch: int = 1, 
         one :class:`~bench._flops.FlopRow` per model and setting, DEQ models first in the order of ``names``.
     """
     autocast = _autocast(device, amp)
-    models, optims, x, y = _build(names, device, batch, img_size)
-    runs: Dict[str, Tuple[str, Optional[Tuple[int, int]]]] = {}
-    for name in names:
-        layers = deq_layers(models[name])
-        if layers:
-            cfg = layers[0].config
-            runs[f'{name}, training limits'] = (name, (cfg.f_max_iter, cfg.b_max_iter))
-            for k in forced:
-                runs[f'{name}, {k}/{k} steps'] = (name, (k, k))
-    runs.update({name: (name, None) for name in names if not deq_layers(models[name])})
+    tasks, optims, x, y = _build(names, device, batch, img_size)
     step_no = {name: 0 for name in names}
-    seen: Dict[str, List[Tuple[float, float]]] = {label: [] for label in runs}
 
-    def run(label: str) -> None:
-        name, held = runs[label]
-        model = models[name]
-        with forced_steps(deq_layers(model), *held) if held else nullcontext():
-            _, solver_steps = train_step(model, optims[name], x, y, autocast, step_no[name])
+    def step(name: str) -> None:
+        train_step(tasks[name], optims[name], x, y, autocast, step_no[name])
         step_no[name] += 1
-        seen[label].extend(solver_steps)
 
-    fns = {label: (lambda label=label: run(label)) for label in runs}
-    seconds = alternate(fns, steps, device)
-    counts = {label: count_flops(fn) for label, fn in fns.items()}
-    return [FlopRow(label, counts[label].total, seconds[label], forced=runs[label][1],
-                    uncounted=counts[label].uncounted,
-                    steps=None if not seen[label] else (statistics.mean(s[0] for s in seen[label]),
-                                                        statistics.mean(s[1] for s in seen[label])))
-            for label in runs]
+    runs: Dict[str, FlopRun] = {}
+    for name in names:
+        layers = deq_layers(tasks[name].trainable_module)
+        if layers:
+            runs.update(deq_runs(name, functools.partial(step, name), layers, forced))
+    runs.update({name: FlopRun(functools.partial(step, name)) for name in names
+                 if not deq_layers(tasks[name].trainable_module)})
+    return compare_flops(runs, steps, device)
 
 
 def flop_baselines(rows: Sequence[FlopRow]) -> List[str]:
@@ -410,8 +395,9 @@ def _profile(name: str, device: torch.device, batch: int, img_size: int,
     from torch.profiler import ProfilerActivity, profile
 
     autocast = _autocast(device, amp)
-    models, optims, x, y = _build([name], device, batch, img_size, jac_freq=0.0)
-    model, opt = models[name], optims[name]
+    tasks, optims, x, y = _build([name], device, batch, img_size, jac_freq=0.0)
+    task, opt = tasks[name], optims[name]
+    model = task.trainable_module
     layers = deq_layers(model)
     if len(layers) != 1:
         raise ValueError(f'{name} has {len(layers)} equilibrium layers; the profile attributes one')
@@ -429,7 +415,7 @@ def _profile(name: str, device: torch.device, batch: int, img_size: int,
         with _range('step'):
             set_deq_step(model, no)
             with autocast():
-                loss = F.cross_entropy(model(x).float(), y)
+                loss = task(x, y)['loss']
             with _range('backward'):
                 loss.backward()
             with _range('optimizer'):

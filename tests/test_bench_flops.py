@@ -25,6 +25,7 @@ def _tiny_mdeq():
 
 def test_step_flops_grow_by_two_evaluations_of_f_per_solver_step():
     model, opt = _tiny_mdeq()
+    task = timm_mdeq.classification_task(model)
     layer = model.deq
     x = torch.randn(1, 3, 32, 32)
     y = torch.tensor([3])
@@ -36,7 +37,7 @@ def test_step_flops_grow_by_two_evaluations_of_f_per_solver_step():
     for k in (2, 4, 6):
         def step():
             with forced_steps([layer], k, k):
-                seen[k] = timm_mdeq.train_step(model, opt, x, y, contextlib.nullcontext, k)[1]
+                seen[k] = timm_mdeq.train_step(task, opt, x, y, contextlib.nullcontext, k)[1]
         counts[k] = count_flops(step)
         assert seen[k] == [(float(k), float(k))]
         assert counts[k].uncounted == ()
@@ -79,7 +80,7 @@ def test_comparison_rows_hold_the_counted_flops_and_the_table_prints_their_ratio
 
     def step():
         with forced_steps([model.deq], 2, 2):
-            timm_mdeq.train_step(model, opt, x, y, contextlib.nullcontext, 0)
+            timm_mdeq.train_step(timm_mdeq.classification_task(model), opt, x, y, contextlib.nullcontext, 0)
 
     assert rows[1].flops == count_flops(step).total
     assert rows[0].flops > rows[1].flops > 0 and rows[2].flops > 0

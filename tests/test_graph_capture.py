@@ -10,7 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import tests._reference_solvers as reference
+import bench._reference_solvers as reference
 from deq_core import DEQLayer, get_solver, register_solver
 from deq_core.solvers import SolveSpec
 from deq_core.solvers import tracking

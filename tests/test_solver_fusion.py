@@ -6,7 +6,7 @@ since (issue 21), so they are checked against the returned iterates instead."""
 import pytest
 import torch
 
-import tests._reference_solvers as reference
+import bench._reference_solvers as reference
 from bench.core import state_passes
 from deq_core import DEQLayer, get_solver, register_solver
 from deq_core.solvers.rows import RowBuffer

@@ -1,7 +1,8 @@
 """A frozen copy of the solvers and Tracker as they were before the fused bookkeeping (issue 14),
 kept only as the reference the fused solvers are compared with (tests/test_solver_fusion.py) and
 counted against (bench/core.py "passes over the state per iteration"). Not registered, not public,
-not to be edited: it is the "before" of those comparisons.
+not to be edited: it is the "before" of those comparisons. Its outcome rules are those of that
+time (issue 21 changed them since); the comparisons use its iterates, not its outcomes.
 """
 from __future__ import annotations
 
