@@ -26,7 +26,7 @@ _NEGATED_PREFIX = "no_"
 
 @dataclass(frozen=True)
 class DEQFlag:
-    """How one :class:`DEQConfig` field appears on a command line.
+    """How one :class:`~deq_core.DEQConfig` field appears on a command line.
 
     Attributes:
         field: the config field.

@@ -7,7 +7,7 @@ __all__ = ["OptionError", "OptionValueError", "OptionTypeError"]
 
 
 class OptionError(Exception):
-    """An option value refused; :attr:`options` names the options involved, the one to change
+    """An option value refused; ``options`` names the options involved, the one to change
     first (e.g. ``("f_max_iter_jitter", "f_max_iter")``), so that an entry point can name the
     flags that set them.
 

@@ -205,7 +205,7 @@ class DEQLayer(nn.Module):
 
     @property
     def num_updates(self) -> int:
-        """The optimizer step count: given to :meth:`set_num_updates`, counted from optimizer
+        """The optimizer step count, given to :meth:`set_num_updates`, counted from optimizer
         steps, or loaded with the state dict."""
         return self._schedule.num_updates
 
@@ -331,7 +331,7 @@ class DEQLayer(nn.Module):
         """Per-sample power-method estimate of rho(J_f(z*)) at this layer's fixed point.
 
         Args:
-            *inputs, z0, **kwargs: as for :meth:`forward`.
+            inputs, z0, kwargs: as for :meth:`forward`.
             n_iter: power iterations (one vector-Jacobian product each).
 
         Returns:
@@ -347,7 +347,7 @@ class DEQLayer(nn.Module):
         the quantity JR penalizes, measured without keeping a graph (a training diagnostic).
 
         Args:
-            *inputs, z0, **kwargs: as for :meth:`forward`.
+            inputs, z0, kwargs: as for :meth:`forward`.
             n_probes: Hutchinson probes (one vector-Jacobian product each).
 
         Returns:

@@ -98,7 +98,7 @@ class StateSpec:
             dtype: the dtype of the returned tensors.
 
         Returns:
-            the state in the spec's structure: views of ``flat`` (cast to ``dtype``).
+            the state in the spec's structure, views of ``flat`` (cast to ``dtype``).
         """
         flat = flat.to(dtype)
         if self.container is None:

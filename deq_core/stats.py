@@ -147,7 +147,7 @@ class DEQStats:
 
     @property
     def jac_loss(self) -> Optional[torch.Tensor]:
-        """Deprecated name of :attr:`jac_frobenius` (the unweighted estimate)."""
+        """Deprecated name of ``jac_frobenius`` (the unweighted estimate)."""
         _deprecated("jac_loss", "jac_frobenius (the unweighted JR estimate)")
         return self.jac_frobenius
 
@@ -277,7 +277,7 @@ class DEQStatsMeter:
             state: a :meth:`state` summed over processes (default: this meter's own).
 
         Returns:
-            every key of :attr:`KEYS` (NaN when unseen, e.g. no backward solve while pretraining,
+            every key of ``KEYS`` (NaN when unseen, e.g. no backward solve while pretraining,
             so that per-epoch rows keep their columns) and ``jac_steps``; empty before any pass.
         """
         state = self.state() if state is None else state

@@ -2,7 +2,7 @@
 rules they promise.
 
 Used by the project's tests and benchmarks, and meant for a user's own solver: a solver
-registered with :func:`~deq_core.register_solver` keeps the outcome rules of
+registered with :func:`~deq_core.solvers.register_solver` keeps the outcome rules of
 :mod:`deq_core.solvers.tracking` when :func:`outcome_disagreements` finds nothing on its results
 (``tests/test_solver_outcomes.py`` shows how to sweep random problems with it).
 """

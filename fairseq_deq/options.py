@@ -2,7 +2,7 @@
 
 Every DEQConfig field becomes a fairseq dataclass field (and so a ``--flag``) of the same name,
 help and default, so ``--f-max-iter``, ``--jac-weight`` or ``--pretrain-steps`` mean the same as
-in :func:`deq_core.add_deq_args`. Two adaptations to fairseq's config system: the solver-option
+in :func:`deq_core.cli.add_deq_args`. Two adaptations to fairseq's config system: the solver-option
 dicts are strings ``"m=5,beta=1.0"``, and a switch that is on by default is exposed as
 ``--no-<name>`` (the flag deq_core's command line uses to turn it off), because fairseq turns
 ``--<name>`` of a default-True boolean into "set to False". The ``seed`` of the layer's per-step
@@ -79,7 +79,7 @@ DEQOptions = deq_options()
 
 
 def deq_config_from(cfg: Any) -> DEQConfig:
-    """Build and validate the layer's :class:`DEQConfig` from a fairseq model config.
+    """Build and validate the layer's :class:`~deq_core.DEQConfig` from a fairseq model config.
 
     ``cfg`` is an omegaconf DictConfig or an argparse Namespace; fields it lacks keep DEQConfig's
     default. Invalid values raise deq_core's error naming the field and its flag.

@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs: left out of the fast loop
+
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 

@@ -142,6 +142,7 @@ def _timm_compiled_training(tmp_path, count, *flags):
     return run, metrics
 
 
+@pytest.mark.slow
 def test_timm_train_torchcompile_compiles_f_without_recompiling(counter, tmp_path):
     name, count = counter
     run, _ = _timm_compiled_training(tmp_path, count, "--model-ema", "--torchcompile", name)
@@ -190,6 +191,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_mdeq_trains_and_evaluates_like_eager(backend):
     # Step 0 trains the unrolled pretraining stack (with JR), steps 1 and 2 the implicit layer with
@@ -279,6 +281,7 @@ def _lm_step(criterion, model, call, sample):
 
 @pytest.mark.filterwarnings(
     r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header):UserWarning")
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_deq_transformer_lm_trains_and_evaluates_like_eager(tmp_path, backend):
     criterion, model = _deq_lm(tmp_path, "language_modeling", "--f-max-iter", "20", "--f-tol", "1e-7",
@@ -326,6 +329,7 @@ def test_compiled_deq_transformer_lm_with_memory_stops_compiling_once_the_memory
     assert graphs[3:] == [graphs[3]] * 9, graphs
 
 
+@pytest.mark.slow
 def test_timm_train_can_compile_the_whole_model_without_recompiling(counter, tmp_path):
     from timm_deq import train
 

@@ -13,7 +13,7 @@ from tests._fairseq_helpers import USER_DIR, cli, json_logs, preprocess, write_t
 from tests._launch import check, free_port, start  # noqa: E402
 from tests._maps import TanhCell  # noqa: E402
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 SEED, UPDATES, STREAMS = 5, 4, 4
 

@@ -15,6 +15,8 @@ from tests._launch import check, start, torchrun  # noqa: E402
 from tests._maps import TanhCell  # noqa: E402
 from timm_deq import shapes, train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs: left out of the fast loop
+
 WORKER = str(Path(__file__).with_name("_timm_ddp_worker.py"))
 SEED, F_MAX_ITER, JITTER = 5, 5, 2
 # No augmentation, no dropout (variational or head), a forward and backward solve of fixed length

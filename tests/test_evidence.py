@@ -96,6 +96,7 @@ def test_full_settings_need_a_gpu():
         evidence.main([])
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"
     results = evidence.main(["--tiny", "--output", str(out), "--work", str(work)])

@@ -17,9 +17,9 @@ from tests._fairseq_helpers import (USER_DIR, cli, json_logs, parse_train_config
 
 # fairseq's config conversion goes through hydra's deprecated compose API, and its data loader
 # asks for pinned memory on CPU-only machines.
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(
     r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header"
-    r"|'pin_memory'):UserWarning")
+    r"|'pin_memory'):UserWarning")]
 
 STREAM = ("--task", "deq_language_modeling", "--criterion", "cross_entropy_jr")
 # The JR weight grows by 0.5 every 100 updates after 20 pretraining updates (a 2-layer unrolled stack).

@@ -6,6 +6,7 @@ import torch
 from bench import gpu_check
 from bench.gpu_check import FAIL, PASS, Row
 
+pytestmark = pytest.mark.slow  # end-to-end runs: left out of the fast loop
 
 def test_without_cuda_it_exits_2_and_says_why(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

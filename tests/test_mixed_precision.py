@@ -90,6 +90,7 @@ def test_fairseq_step_under_bf16_autocast(spy, tmp_path):
     assert _finite_grads(model) > 0
 
 
+@pytest.mark.slow
 def test_timm_cli_trains_an_epoch_with_bf16_amp(tmp_path):
     pytest.importorskip("timm")
     from timm_deq import shapes, train
@@ -249,6 +250,7 @@ def test_overflowing_float16_vector_jacobian_products_are_not_solved_away():
     assert all(bool(torch.isfinite(g).all()) for g in grads32) and not bool(stats32.b_diverged.any())
 
 
+@pytest.mark.slow
 def test_timm_cli_trains_with_float16_amp_and_a_grad_scaler(tmp_path):
     pytest.importorskip("timm")
     from timm_deq import shapes, train

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deq_core import (DEQConfig, DEQLayer, add_deq_args, apply_spectral_norm, apply_weight_norm,
+from deq_core import (DEQConfig, DEQLayer, add_deq_args, config_from_args, apply_spectral_norm, apply_weight_norm,
                       remove_spectral_norm, remove_weight_norm)
 from deq_core.spectral_norm import SpectralNorm
 from tests._maps import MLPCell
@@ -330,7 +330,7 @@ def test_config_fields_flags_and_validation():
     parser = add_deq_args(argparse.ArgumentParser())
     ns = parser.parse_args(["--spectral-norm", "--spectral-norm-scale", "0.9", "--spectral-norm-learn-scale",
                             "--spectral-norm-clip", "0.95"])
-    cfg = DEQConfig.from_namespace(ns)
+    cfg = config_from_args(ns)
     assert (cfg.spectral_norm, cfg.spectral_norm_scale, cfg.spectral_norm_learn_scale, cfg.spectral_norm_clip) == \
         (True, 0.9, True, 0.95)
     with pytest.raises(ValueError, match=r"spectral_norm_scale must be > 0.0, got 0.0"):

@@ -129,6 +129,7 @@ def test_config_file_errors_name_the_config_flag(data, tmp_path, capsys):
     assert "argument -c/--config: cannot read" in message
 
 
+@pytest.mark.slow
 def test_python_m_entry_points_exit_2_with_usage_and_no_traceback(data):
     for module, flags, flag in (("timm_deq.train", ["--f-max-iter", "-1"], "argument --f-max-iter:"),
                                 ("timm_deq.validate", ["--amp-dtype", "bf16"], "argument --amp-dtype:")):
@@ -384,6 +385,7 @@ def _python(code):
     return proc.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_imports_name_the_timm_release_they_need_when_a_feature_is_missing():
     lines = _python("""
         import sys

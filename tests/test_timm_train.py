@@ -10,6 +10,8 @@ from timm_deq import shapes, train, validate  # noqa: E402
 from deq_core import DEQLayer  # noqa: E402
 from tests._maps import TanhCell  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs: left out of the fast loop
+
 COMMON = ["--model", "mdeq_tiny_cifar", "-b", "12", "-j", "0", "--opt", "adamw", "--lr", "3e-3",
           "--weight-decay", "0", "--no-aug", "--smoothing", "0", "--warmup-epochs", "0", "--log-interval", "2",
           "--f-max-iter", "4", "--b-max-iter", "4", "--seed", "3"]

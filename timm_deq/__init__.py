@@ -32,6 +32,7 @@ def _check_timm() -> None:
 _check_timm()
 
 from .models import MDEQ, MultiscaleCell  # noqa: E402  (after the check: these import timm)
-from .task import DEQClassificationTask, DEQStatsMeter, deq_layers, set_deq_step  # noqa: E402
+from deq_core import DEQStatsMeter  # noqa: E402  (the meter timm_deq.train logs with)
+from .task import DEQClassificationTask, deq_layers, set_deq_step  # noqa: E402
 
 __all__ = ['MDEQ', 'MultiscaleCell', 'DEQClassificationTask', 'DEQStatsMeter', 'deq_layers', 'set_deq_step']

@@ -3,7 +3,7 @@ import logging
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,9 @@ from timm.task import evaluation_sample_limit
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import AverageMeter, dispatch_clip_grad
 
-from .task import DEQClassificationTask, DEQStatsMeter, deq_layers, set_deq_step
+from deq_core import DEQStatsMeter
+
+from .task import DEQClassificationTask, deq_layers, set_deq_step
 
 _logger = logging.getLogger('train')
 
@@ -49,7 +51,7 @@ def train_one_epoch(
         amp_autocast: Callable = nullcontext,
         loss_scaler=None,
         mixup_fn=None,
-) -> (Dict[str, float], int):
+) -> Tuple[Dict[str, float], int]:
     """Train for one epoch; returns the epoch's metrics and the new update count.
 
     Before each step every equilibrium layer (and its EMA copy) is told the update count, which

@@ -8,9 +8,9 @@ from torch import nn
 from timm.task import ClassificationTask
 from timm.utils import unwrap_model
 
-from deq_core import DEQLayer, DEQStats, DEQStatsMeter, fixed_point_correction  # noqa: F401  (DEQStatsMeter: re-exported)
+from deq_core import DEQLayer, DEQStats, fixed_point_correction
 
-__all__ = ['DEQClassificationTask', 'deq_layers', 'set_deq_step', 'DEQStatsMeter']
+__all__ = ['DEQClassificationTask', 'deq_layers', 'set_deq_step']
 
 
 def deq_layers(model: nn.Module) -> List[DEQLayer]:

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ``DEQConfig`` flags, ``-c/--config`` (YAML defaults) and help that shows every default.
 
     Returns:
-        the parser (a :class:`timm_deq._cli.Parser`).
+        the parser (it reads ``-c FILE`` defaults before the command line, as timm's ``train.py``).
     """
     parser = _cli.Parser(
         description='Train a deep equilibrium model with timm and Jacobian regularization',
@@ -378,7 +378,7 @@ def setup(argv: Optional[List[str]] = None) -> Training:
 
     Raises:
         SystemExit: argparse's errors (exit status 2), including a missing data folder.
-        timm_deq._cli.UsageError: a value the run cannot use (a ``ValueError`` naming the flag);
+        ValueError: a value the run cannot use, naming the flag (the entry point turns it into argparse's usage error);
             :func:`main` reports it as an argparse error.
     """
     parser = build_parser()

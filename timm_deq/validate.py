@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     the ``DEQConfig`` flags, ``--eval-max-iter`` (the limits to evaluate at) and ``-c/--config``.
 
     Returns:
-        the parser (a :class:`timm_deq._cli.Parser`).
+        the parser (it reads ``-c FILE`` defaults before the command line, as timm's ``validate.py``).
     """
     parser = _cli.Parser(
         description='Evaluate a deep equilibrium model at several solver limits',
@@ -97,7 +97,7 @@ def setup(argv: Optional[List[str]] = None) -> Validation:
 
     Raises:
         SystemExit: argparse's errors (exit status 2), including a missing data folder.
-        timm_deq._cli.UsageError: a value the run cannot use (a ``ValueError`` naming the flag);
+        ValueError: a value the run cannot use, naming the flag (the entry point turns it into argparse's usage error);
             :func:`main` reports it as an argparse error.
     """
     parser = build_parser()

@@ -1,9 +1,10 @@
 """Backward modes: how a forward pass of a DEQLayer gets its gradient.
 
-Each mode is a :class:`BackwardMode` subclass registered by name (``DEQConfig.backward``); the
-built-in ones are ``implicit`` (:class:`ImplicitBackward`), ``phantom`` (:class:`PhantomBackward`)
-and ``unrolled`` (:class:`UnrolledBackward`, also every pretraining pass). A user's own mode is a
-subclass registered with :func:`register_backward`, selected by its name like the built-in ones.
+Each mode is a :class:`~deq_core.BackwardMode` subclass registered by name (``DEQConfig.backward``);
+the built-in ones are ``implicit`` (:class:`~deq_core.ImplicitBackward`), ``phantom``
+(:class:`~deq_core.PhantomBackward`) and ``unrolled`` (:class:`~deq_core.UnrolledBackward`, also
+every pretraining pass). A user's own mode is a subclass registered with
+:func:`~deq_core.register_backward`, selected by its name like the built-in ones.
 """
 from .base import BackwardMode, ForwardPass, SolvingMode
 from .registry import get_backward, list_backward_modes, register_backward, unregister_backward

@@ -70,7 +70,7 @@ class BackwardMode(ABC):
 
     A mode is created per pass from the layer's config (``mode = cls(config)``), so it may keep
     what :meth:`solve` computed for :meth:`attach`. Register a subclass with
-    :func:`~deq_core.backward.register_backward` to select it by ``DEQConfig.backward``.
+    :func:`~deq_core.register_backward` to select it by ``DEQConfig.backward``.
 
     Attributes:
         name: the registered name (``DEQConfig.backward``), set by the registry.
@@ -143,7 +143,7 @@ class SolvingMode(BackwardMode):
     """A mode whose forward is the configured no-grad solve, with its output f at the returned
     iterate; without gradients the output is the solver's ``f(z*)``, with them :meth:`gradient`
     gives it. In training passes with gradients it records fixed-point correction's states when
-    correction is on and the mode :attr:`corrects`."""
+    correction is on and the mode ``corrects``."""
 
     _recorder: Optional[StepRecorder] = None
 
@@ -188,5 +188,5 @@ class SolvingMode(BackwardMode):
             stats: the pass's statistics.
 
         Returns:
-            ``(z, jac)`` as for :meth:`attach`.
+            ``(z, jac)`` as for :meth:`~deq_core.BackwardMode.attach`.
         """

@@ -27,8 +27,8 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max
     ``||sum_i alpha_i g_i||`` subject to ``sum_i alpha_i = 1``, where ``g_i = f(z_i) - z_i``.
 
     Args:
-        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
-            sequence_length: as for every solver (:mod:`deq_core.solvers.registry`).
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision, sequence_length:
+            as for every solver (:mod:`deq_core.solvers.registry`).
         m: the number of past iterates mixed.
         beta: the weight of f's values against the iterates in the mix (1: f's values only).
         lam: ridge on the mixing system, relative to the mean squared residual in the history.

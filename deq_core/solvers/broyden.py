@@ -48,8 +48,8 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_
     iterates, and so every other field of the result, are those of the plain solve.
 
     Args:
-        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
-            sequence_length: as for every solver (:mod:`deq_core.solvers.registry`).
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision, sequence_length:
+            as for every solver (:mod:`deq_core.solvers.registry`).
         memory: rank-one updates kept before a reduction (``None``: ``max_iter``, never reduce).
         inverse: also return the inverse-Jacobian estimate (``SolverResult.inverse``).
 

@@ -22,8 +22,8 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, 
     """Solve ``z = f(z)`` for a batch of flat states ``z0`` of shape ``(B, D)``.
 
     Args:
-        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision,
-            sequence_length: as for every solver (:mod:`deq_core.solvers.registry`).
+        f, z0, max_iter, tol, stop_mode, check_every, divergence_factor, trace, precision, sequence_length:
+            as for every solver (:mod:`deq_core.solvers.registry`).
         damping: the weight of f(z) in each update (1: plain iteration).
 
     Returns:

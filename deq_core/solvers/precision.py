@@ -12,8 +12,8 @@ of that dtype (``u = eps / 2``: 4.9e-4 for float16, 3.9e-3 for bfloat16), so the
 layer and an MDEQ-style conv block (f under autocast on CPU) the relative residual levels off at
 about ``0.1 u`` to ``0.15 u`` (it keeps falling by a few per cent per step there, which is
 rounding, not progress); a map whose last operation rounds its output lands at about ``0.6 u``.
-The solvers stop such a sample once its relative residual is within :data:`FLOOR_BAND` ``u`` and
-its residual has gained less than :data:`MIN_GAIN` on its best over :data:`PATIENCE` consecutive
+The solvers stop such a sample once its relative residual is within ``FLOOR_BAND`` ``u`` and
+its residual has gained less than ``MIN_GAIN`` on its best over ``PATIENCE`` consecutive
 steps: the outcome "stalled at the precision floor". Tolerances above the band work as usual;
 tolerances below it end there. In float32 and float64 no sample stops early: steps and iterates
 are exactly what they were before precision-aware stopping existed, and a sample that ends within

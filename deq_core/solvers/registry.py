@@ -78,8 +78,8 @@ def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = N
         overwrite: replace a solver registered under ``name`` already.
 
     Returns:
-        a decorator that returns the registered solver: ``fn`` behind the checks and the
-        precision guard of :func:`_state_precision`, which is what :func:`get_solver` hands out.
+        a decorator that returns the registered solver, ``fn`` behind the checks and the
+        precision guard every call passes (what :func:`get_solver` hands out).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"solver name must be a non-empty string, got {name!r}")

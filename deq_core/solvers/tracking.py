@@ -48,7 +48,7 @@ The bookkeeping is written for a solve that a CUDA graph can capture: every buff
 before the first iteration and every later operation writes into one (``out=``, in place), no
 decision reads a device value back unless ``check_every`` asks for it, and every shape depends on
 the iteration number only, never on the data. Per-sample selections of state rows (the best
-iterate, the frozen samples of an update) are row gathers (:meth:`RowBuffer.select`) rather than
+iterate, the frozen samples of an update) are row gathers (:meth:`~deq_core.solvers.rows.RowBuffer.select`) rather than
 masked selects, which read both candidates (and on CPU run several times slower than a copy).
 """
 from __future__ import annotations
@@ -112,10 +112,10 @@ class Tracker:
     computed in float16 or bfloat16 (``precision``), a sample whose residual levels off at that
     precision's floor is frozen as stalled (see :mod:`deq_core.solvers.precision`).
 
-    The best iterate and its f value are kept, twice each, in one :class:`RowBuffer` (:attr:`rows`)
+    The best iterate and its f value are kept, twice each, in one :class:`~deq_core.solvers.rows.RowBuffer` (``rows``)
     around the solver's own ``regions`` (name, rows per sample): the solver keeps its iterate and
     a copy of ``f(z)`` there (and tells :meth:`update` where), so that a new best is one row gather
-    from the old best and the candidate (:meth:`RowBuffer.select`). :attr:`active` is updated in
+    from the old best and the candidate (:meth:`~deq_core.solvers.rows.RowBuffer.select`). ``active`` is updated in
     place, so a solver may hold it across iterations. With ``sequence_length``, :meth:`update`
     also sets a position that stops back to its best iterate, in the solver's region of ``z``.
     """
@@ -217,7 +217,7 @@ class Tracker:
                z_at: Tuple[str, int], fz_at: Tuple[str, int]) -> torch.Tensor:
         """Record the residual of iterate ``z`` (with ``fz = f(z)``, and ``g = fz - z`` when the
         solver has it already); return the active mask. ``z_at`` and ``fz_at`` say where
-        :attr:`rows` holds ``z`` and ``fz``: ``(region, row of each sample in it)``.
+        ``rows`` holds ``z`` and ``fz``: ``(region, row of each sample in it)``.
 
         A sample stays active until its best residual is within ``tol``, it stalls at the
         precision floor or it diverges; frozen samples keep their best iterate and stop counting

@@ -19,7 +19,8 @@ __all__ = ["DEQTransformerDecoder"]
 
 
 class DEQTransformerDecoder(FairseqIncrementalDecoder):
-    """Decoder whose hidden states are the fixed point of :class:`DEQTransformerCell`.
+    """Decoder whose hidden states are the fixed point of
+    :class:`~fairseq_deq.modules.deq_transformer_cell.DEQTransformerCell`.
 
     ``forward(tokens, mem_key=None, mem_segment=None)``: when a streaming task passes the stream
     key and segment index, the layer attends to the memory of the previous segment of the same
@@ -107,7 +108,7 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         return super().upgrade_state_dict_named(state_dict, name)
 
     def reset_memory(self, training: Optional[bool] = None, keep_epoch: Optional[int] = None) -> None:
-        """Forget the segment memory (see :meth:`SegmentMemory.reset`)."""
+        """Forget the segment memory (see :meth:`~fairseq_deq.modules.segment_memory.SegmentMemory.reset`)."""
         self.memory.reset(training, keep_epoch)
 
     # -- forward ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ _DEQ_DEFAULTS = dict(f_solver="anderson", b_solver="broyden", f_stop_mode="rel",
 
 @dataclass
 class DEQTransformerLMConfig(deq_options("DEQTransformerLMOptions", **_DEQ_DEFAULTS)):
-    """Model options; the equilibrium layer's options come from :class:`DEQOptions`."""
+    """Model options; the equilibrium layer's options come from :class:`~fairseq_deq.options.DEQOptions`."""
 
     decoder_embed_dim: int = field(default=512, metadata={"help": "model dimension"})
     decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "inner dimension of the FFN"})

@@ -15,7 +15,7 @@ from .relative_attention import RelativeMultiheadAttention
 
 __all__ = ["DEQTransformerCell", "INJECTIONS"]
 
-#: Where the injection enters f: ``"qkv"`` (the paper's) or ``"residual"``.
+#: Where the injection enters f, ``"qkv"`` (the paper's) or ``"residual"``.
 INJECTIONS = ("qkv", "residual")
 
 

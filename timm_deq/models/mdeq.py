@@ -403,8 +403,8 @@ class MDEQ(nn.Module):
             coarse: two blocks (equilibrium layer, head) instead of the head's stages one by one.
 
         Returns:
-            timm's matcher dict: the stem, then the equilibrium layer (one weight-tied layer, one
-            group), then the head's per-branch stages and final conv in the order they run.
+            timm's matcher dict, with the stem, then the equilibrium layer (one weight-tied layer,
+            one group), then the head's per-branch stages and final conv in the order they run.
         """
         return dict(
             stem=r'^stem',
