@@ -68,6 +68,7 @@ class StepSchedule:
         self.stepless_passes = 0  # training passes before the first counted step; -1 after it
         self.explicit = False  # set_num_updates() was called: optimizer steps no longer count
         self.trained_since_step = False
+        self.epoch_warned = False
         self._seen = _key(buffer)  # the buffer's (id, version) when last read or written
 
     def set_step(self, buffer: torch.Tensor, num_updates: int, explicit: bool = False) -> None:
@@ -111,6 +112,14 @@ class StepSchedule:
         self.trained_since_step = True
         if self.stepless_passes >= 0:
             self._warn_if_stepless(config)
+        if config.jac_stop_epoch is not None and self.epoch is None and not self.epoch_warned:
+            self.epoch_warned = True
+            warn_user(
+                f"jac_stop_epoch={config.jac_stop_epoch} switches JR off from that epoch on, and this layer has not "
+                "been told the epoch (set_epoch() was never called), so JR stays on. Call layer.set_epoch(epoch) at "
+                "the start of each epoch (timm_deq.set_deq_step(model, step, epoch) for a whole model; "
+                "timm_deq.train and fairseq's deq_language_modeling task do), or use jac_stop_step",
+                RuntimeWarning)
         salt = zlib.crc32(name.encode())  # not hash(): that one differs between processes
         key = (((config.seed * 1_000_003 + salt) * 1_000_033 + self.num_updates) * 1_000_037
                + self.calls) % (2 ** 62)

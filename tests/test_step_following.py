@@ -155,3 +155,21 @@ def test_a_jr_term_left_out_of_the_loss_is_reported_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _plain_steps(net, opt, 3)
+
+
+def test_an_epoch_dependent_schedule_in_a_loop_without_epochs_is_reported_once():
+    layer = DEQLayer(TanhCell(4, 3), jac_weight=0.4, jac_stop_epoch=1, f_max_iter=3)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"jac_stop_epoch=1 switches JR off .*set_epoch\(\) was never called.*"
+                                            r"jac_stop_step") as record:
+        for _ in range(3):
+            z, stats = layer(x)
+            (z.sum() + stats.jr_term).backward()
+            opt.step()
+    assert sum("jac_stop_epoch" in str(w.message) for w in record) == 1
+    layer.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, stats = layer(x)
+    assert stats.jr_term == 0.0  # told the epoch, JR is off from epoch 1

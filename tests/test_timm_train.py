@@ -132,3 +132,32 @@ def test_example_recipes_parse_and_build_valid_configs():
         # The recipes rely on the variants' defaults for the paper's schedule.
         cfg = timm.create_model(args.model, device="meta", **overrides).deq.config
         assert cfg.pretrain_steps > 0 and cfg.f_max_iter_jitter == 2 and cfg.jac_weight > 0, path
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_fine_tuning_keeps_the_loaded_step_count_unless_told_to_restart(data, tmp_path, restart, caplog):
+    import timm
+
+    source = timm.create_model("mdeq_tiny_cifar", pretrain_steps=1003)
+    source.set_num_updates(1000)  # a checkpoint three steps before the end of its pretraining
+    path = tmp_path / "pretrained.pth"
+    torch.save(source.state_dict(), path)
+    extra = ["--restart-deq-schedule"] if restart else []
+    with caplog.at_level("INFO", logger="train"):  # timm_deq.train logs as timm's train.py does
+        out = train.main([data, *COMMON, "--epochs", "2", "--output", str(tmp_path), "--experiment", "ft",
+                          "--pretrain-steps", "1003", "--unrolled-layers", "3", "--initial-checkpoint", str(path),
+                          *extra])
+    first, second = _rows(out["output_dir"])
+    saved = torch.load(f"{out['output_dir']}/last.pth.tar", map_location="cpu", weights_only=False)
+    step = int(saved["state_dict"]["deq.schedule_state"][0])
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Equilibrium layers at step"))
+    if restart:
+        # Pretraining from step 0: both epochs (5 updates each) run the 3-layer unrolled stack.
+        assert step == 9 and float(second["train_f_steps"]) == 3 and math.isnan(float(second["train_b_steps"]))
+        assert line == ("Equilibrium layers at step 0, restarted at 0 (--restart-deq-schedule): unrolled "
+                        "pretraining until step 1003 (3 layers)")
+    else:
+        # Steps 1000..1009: the solver (and its backward solve) from step 1003, inside the first epoch.
+        assert step == 1009 and float(second["train_b_steps"]) > 0 and float(first["train_b_steps"]) > 0
+        assert line == ("Equilibrium layers at step 1000, continuing the loaded weights' count (1000): unrolled "
+                        "pretraining until step 1003 (3 layers)")

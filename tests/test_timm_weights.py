@@ -230,3 +230,22 @@ def test_the_2020_codes_derived_copies_of_the_layer_are_left_out(reference):
     got = checkpoint_filter_fn(old, model)
     assert len(old) > len(plain) and sorted(got) == sorted(want)
     assert all(got[k] is want[k] or torch.equal(got[k], want[k]) for k in want)
+
+
+def test_original_checkpoint_loads_through_the_entry_points_file_flags(reference, tmp_path):
+    # --checkpoint (validate), --initial-checkpoint (train) and hard_stop.sh load a file with
+    # _cli.load_weights, which applies the model's checkpoint filter as timm's pretrained path does.
+    from timm_deq import _cli
+
+    path = tmp_path / "mdeq_original.pkl"
+    torch.save(reference["state_dict"], path)
+    args = _reference_model_args(reference["config"])
+    model = timm.create_model("mdeq_small", **args).eval()
+    _cli.load_weights(model, str(path), "--checkpoint")
+    with torch.no_grad():
+        logits = model.forward_head(model._merge(list(reference["z"])))
+    assert _max_diff(logits, reference["logits"]) < 1e-5 and not model.deq.pretraining
+    timm_layout = timm.create_model("mdeq_small", **{k: v for k, v in args.items() if k != "layout"})
+    with pytest.raises(ValueError, match=r"argument --checkpoint: cannot load .*original MDEQ-Vision layout.*"
+                                         r"layout='original'"):
+        _cli.load_weights(timm_layout, str(path), "--checkpoint")

@@ -28,6 +28,7 @@ from timm.models import create_model, load_checkpoint
 
 from deq_core import DEQConfig
 
+from .models.mdeq import MDEQ, checkpoint_filter_fn
 from .task import deq_layers
 
 _logger = logging.getLogger(__name__)
@@ -441,8 +442,10 @@ def create_model_from_flags(args: argparse.Namespace, flagged: Mapping[str, Tupl
 
 
 def load_weights(model: nn.Module, path: str, flag: str, use_ema: bool = True) -> None:
-    """timm's ``load_checkpoint`` (EMA weights first when ``use_ema`` and present), reporting a
-    missing or unloadable file as a usage error.
+    """timm's ``load_checkpoint`` (EMA weights first when ``use_ema`` and present) through the
+    model's checkpoint filter, as timm's pretrained loading applies it (so an MDEQ in the
+    ``'original'`` layout reads the authors' MDEQ-Vision files), reporting a missing or
+    unloadable file as a usage error.
 
     Args:
         model: the model to load into.
@@ -455,8 +458,9 @@ def load_weights(model: nn.Module, path: str, flag: str, use_ema: bool = True) -
     """
     if not os.path.isfile(path):
         raise UsageError(f'argument {flag}: no such file: {path}')
+    filter_fn = checkpoint_filter_fn if isinstance(model, MDEQ) else None
     try:
-        load_checkpoint(model, path, use_ema=use_ema)
+        load_checkpoint(model, path, use_ema=use_ema, filter_fn=filter_fn)
     except Exception as err:  # unpickling, key or shape mismatches: all mean this file does not fit
         raise UsageError(f'argument {flag}: cannot load {path} into the model: {err}') from err
 

@@ -51,11 +51,13 @@ def train_one_epoch(
         amp_autocast: Callable = nullcontext,
         loss_scaler=None,
         mixup_fn=None,
+        deq_step_offset: int = 0,
 ) -> Tuple[Dict[str, float], int]:
     """Train for one epoch; returns the epoch's metrics and the new update count.
 
-    Before each step every equilibrium layer (and its EMA copy) is told the update count, which
-    drives the pretraining switch, the JR schedule and the per-step random decisions. In a
+    Before each step every equilibrium layer (and its EMA copy) is told the update count plus
+    ``deq_step_offset`` (the count the loaded weights carry), which drives the pretraining
+    switch, the JR schedule and the per-step random decisions. In a
     distributed run the logged losses and solver statistics are means over all processes, and
     only the primary process logs.
     """
@@ -78,8 +80,8 @@ def train_one_epoch(
     for batch_idx, (input, target) in enumerate(loader):
         last_batch = batch_idx == last_idx
         need_update = last_batch or (batch_idx + 1) % accum == 0
-        set_deq_step(model, num_updates, epoch)
-        set_deq_step(ema_module, num_updates, epoch)
+        set_deq_step(model, deq_step_offset + num_updates, epoch)
+        set_deq_step(ema_module, deq_step_offset + num_updates, epoch)
         input, target = input.to(device), target.to(device)
         if mixup_fn is not None:
             input, target = mixup_fn(input, target)

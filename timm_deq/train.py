@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='load these weights into the model before training (EMA weights if the file has '
                             'them); optimizer and schedule start afresh, unlike --resume')
     group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume full training state')
+    group.add_argument('--restart-deq-schedule', action='store_true', default=False,
+                       help="start the equilibrium layers' step count at 0 (pretraining and the JR schedule "
+                            'again from their start) instead of continuing from the count of the loaded weights')
     group.add_argument('--no-resume-opt', action='store_true', default=False,
                        help='with --resume, do not restore the optimizer and loss-scaler state')
     _cli.add_model_input_args(group)
@@ -360,6 +363,7 @@ class Training:
     start_epoch: int
     num_epochs: int
     num_updates: int
+    deq_step_offset: int = 0
     output_dir: Optional[str] = None
     saver: Optional[utils.CheckpointSaver] = None
     log_wandb: bool = False
@@ -493,14 +497,17 @@ def setup(argv: Optional[List[str]] = None) -> Training:
             lr_scheduler.step_update(num_updates)
         else:
             lr_scheduler.step(start_epoch)
-    set_deq_step(task.get_trainable_module(), num_updates, start_epoch)
+    offset = _deq_step_offset(model, num_updates, args.restart_deq_schedule)
+    set_deq_step(task.get_trainable_module(), offset + num_updates, start_epoch)
     ema = task.get_trainable_module(ema=True)
-    set_deq_step(getattr(ema, 'module', None), num_updates, start_epoch)
+    set_deq_step(getattr(ema, 'module', None), offset + num_updates, start_epoch)
+    if primary:
+        _logger.info(_schedule_line(model, offset, args.restart_deq_schedule))
 
     run = Training(args=args, device=device, task=task, optimizer=optimizer, lr_scheduler=lr_scheduler,
                    loader_train=loader_train, loader_eval=loader_eval, mixup_fn=mixup_fn,
                    amp_autocast=amp_autocast, loss_scaler=loss_scaler, start_epoch=start_epoch,
-                   num_epochs=num_epochs, num_updates=num_updates)
+                   num_epochs=num_epochs, num_updates=num_updates, deq_step_offset=offset)
     if primary:
         exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
                                                  safe_model_name(args.model), str(data_config['input_size'][-1])])
@@ -524,6 +531,30 @@ def setup(argv: Optional[List[str]] = None) -> Training:
         _logger.info(f'Scheduled epochs: {num_epochs}; {updates_per_epoch} updates per epoch; '
                      f'output in {run.output_dir}')
     return run
+
+
+def _deq_step_offset(model: torch.nn.Module, num_updates: int, restart: bool) -> int:
+    """The equilibrium layers' step count ahead of this run's update count: what the loaded weights
+    carry (a released or fine-tuned model past its pretraining; a resumed run of one), 0 with
+    ``--restart-deq-schedule`` or for a fresh model."""
+    if restart:
+        return 0
+    loaded = max((layer.num_updates for layer in deq_layers(model)), default=0)
+    return max(loaded - num_updates, 0)
+
+
+def _schedule_line(model: torch.nn.Module, offset: int, restart: bool) -> str:
+    """The log line saying where the equilibrium layers' schedule starts."""
+    layers = deq_layers(model)
+    if not layers:
+        return 'no equilibrium layer in the model'
+    layer = layers[0]
+    step, pretrain = layer.num_updates, layer.config.pretrain_steps
+    source = ('restarted at 0 (--restart-deq-schedule)' if restart else
+              f'continuing the loaded weights\' count ({offset})' if offset else 'a fresh schedule')
+    phase = (f'unrolled pretraining until step {pretrain} ({layer.config.unrolled_layers} layers)'
+             if layer.pretraining else f'solving, JR weight {layer.jac_weight:g}')
+    return f'Equilibrium layers at step {step}, {source}: {phase}'
 
 
 EpochCallback = Callable[[Training, int, Dict[str, float], Dict[str, float]], None]
@@ -551,7 +582,7 @@ def train(run: Training, on_epoch_end: Optional[EpochCallback] = None) -> Dict[s
         train_metrics, run.num_updates = train_one_epoch(
             epoch, task, run.loader_train, run.optimizer, args, run.device, run.num_updates,
             lr_scheduler=run.lr_scheduler, amp_autocast=run.amp_autocast, loss_scaler=run.loss_scaler,
-            mixup_fn=run.mixup_fn)
+            mixup_fn=run.mixup_fn, deq_step_offset=run.deq_step_offset)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
         eval_metrics = evaluate(task.get_eval_model(), run.loader_eval, run.device, run.amp_autocast,
