@@ -76,6 +76,7 @@ def train_one_epoch(
     last_idx = len(loader) - 1
     updates_per_epoch = (len(loader) + accum - 1) // accum
     end = time.time()
+    skipped_in_a_row = 0
     optimizer.zero_grad()
     for batch_idx, (input, target) in enumerate(loader):
         last_batch = batch_idx == last_idx
@@ -99,7 +100,13 @@ def train_one_epoch(
                 if need_update:
                     if args.clip_grad is not None:
                         dispatch_clip_grad(params, value=args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
+                    if _finite_gradients(optimizer):
+                        optimizer.step()
+                        _check_weights(optimizer, epoch, batch_idx // accum)
+                        skipped_in_a_row = 0
+                    else:
+                        skipped_in_a_row += 1
+                        _skip_update(epoch, batch_idx // accum, skipped_in_a_row, primary)
         for stats in result['deq_stats']:
             deq_meter.update(stats)  # after backward: the backward solve is recorded too
         losses.update(result['loss'].detach(), input.size(0))
@@ -131,6 +138,47 @@ def train_one_epoch(
     metrics = OrderedDict(loss=loss_avg, task_loss=task_loss_avg)
     metrics.update(_reduced(deq_meter, distributed))
     return metrics, num_updates
+
+
+# Updates in a row with non-finite gradients after which training stops instead of skipping on.
+MAX_SKIPPED_UPDATES = 10
+
+
+def _all_finite(tensors: List[torch.Tensor]) -> bool:
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one host read per update;
+    without a loss scaler nothing else checks, and an optimizer step with a NaN gradient
+    destroys the weights)."""
+    return _all_finite([p.grad for group in optimizer.param_groups for p in group['params'] if p.grad is not None])
+
+
+def _check_weights(optimizer: torch.optim.Optimizer, epoch: int, update: int) -> None:
+    """Stop, naming the update, when a step with finite gradients made a float16 weight
+    non-finite (an Adam-family optimizer's eps rounds to 0 there; checked for float16 weights
+    only); the last checkpoint on disk is from before it."""
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    if any(p.dtype == torch.float16 for p in params) and not _all_finite(params):
+        raise RuntimeError(
+            f'stopping: the update of epoch {epoch}, update {update} made weights non-finite although its gradients '
+            'were finite (with float16 weights an Adam-family optimizer\'s eps rounds to 0). The last checkpoint '
+            'is from before it. Train in bfloat16 (--model-dtype bfloat16), with float32 weights under --amp, '
+            'or with --opt sgd')
+
+
+def _skip_update(epoch: int, update: int, in_a_row: int, primary: bool) -> None:
+    """Report an update skipped for its non-finite gradients; stop after MAX_SKIPPED_UPDATES in a row."""
+    if in_a_row >= MAX_SKIPPED_UPDATES:
+        raise RuntimeError(
+            f'stopping: {in_a_row} updates in a row had non-finite gradients (epoch {epoch}, update {update}), and '
+            'none was applied, so the weights and the last checkpoint are intact. A float16 model overflows '
+            'in the backward of its norms: train in bfloat16 (--model-dtype bfloat16) or with float32 weights '
+            'under --amp, or lower --lr')
+    if primary:
+        _logger.warning(f'Train: {epoch} update {update}: non-finite gradients, update skipped '
+                        f'({in_a_row} in a row; training stops at {MAX_SKIPPED_UPDATES})')
 
 
 @torch.no_grad()
