@@ -67,6 +67,11 @@ TRAIN_ERRORS = {
     "float16-model-with-jr": (["--model-dtype", "float16"],
                               ["argument --model-dtype:", "cannot train with Jacobian regularization", "bfloat16",
                                "--amp --amp-dtype float16", "JR weight is 0.4"]),
+    "pretrained-path": (["--pretrained-path", "missing.pth"], ["argument --pretrained-path: no such file: missing.pth"]),
+    "not-a-deq": (["--model", "resnet18"], ["argument --model: resnet18 has no deep equilibrium layer",
+                                            "timm's own train.py"]),
+    "input-size": (["--input-size", "3", "0", "0"], ["argument --input-size: C H W must all be >= 1, got 3 0 0"]),
+    "img-size": (["--img-size", "0"], ["argument --img-size: must be >= 1, got 0"]),
     "initial-checkpoint": (["--initial-checkpoint", "missing.pth"], ["argument --initial-checkpoint:", "missing.pth"]),
     "resume": (["--resume", "missing.pth"], ["argument --resume:", "missing.pth"]),
     "lr-base-scale": (["--lr-base-scale", "cubic"], ["argument --lr-base-scale: invalid choice: 'cubic'", "'sqrt'"]),
@@ -99,6 +104,17 @@ VALIDATE_ERRORS = {
     "limits": (["--eval-max-iter", "0", "2"], ["argument --eval-max-iter:", ">= 1"]),
     "not-a-deq": (["--model", "resnet18"], ["argument --model:", "resnet18 has no deep equilibrium layer"]),
 }
+
+
+def test_resuming_another_variants_checkpoint_names_resume_and_the_mismatch(data, tmp_path, capsys):
+    import timm
+
+    path = tmp_path / "small.pth"
+    torch.save({"state_dict": timm.create_model("mdeq_small").state_dict(), "epoch": 0}, path)
+    message = _usage_error(train, _train_args(data, tmp_path, "resume-other", "--resume", str(path)), capsys)
+    assert message.startswith(f"argument --resume: cannot resume mdeq_tiny_cifar from {path}: the weights do not "
+                              "fit the model: 150 tensors of other shapes (first: stem.bn1.weight")
+    assert "\n" not in message.strip()
 
 
 @pytest.mark.parametrize("case", sorted(VALIDATE_ERRORS))

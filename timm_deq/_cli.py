@@ -14,6 +14,7 @@ import difflib
 import inspect
 import logging
 import os
+import re
 import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -305,6 +306,20 @@ def resolve_dtypes(args: argparse.Namespace) -> Tuple[Optional[torch.dtype], Opt
     return (AMP_DTYPES[args.amp_dtype] if args.amp else None), model_dtype
 
 
+def check_model_input(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a parser error when ``--input-size``, ``--img-size`` or ``--in-chans`` is not positive.
+
+    Args:
+        parser: the parser whose ``error`` reports the problem.
+        args: parsed arguments with the flags of :func:`add_model_input_args`.
+    """
+    if args.input_size is not None and min(args.input_size) < 1:
+        parser.error(f'argument --input-size: C H W must all be >= 1, got {" ".join(map(str, args.input_size))}')
+    for flag, value in (('--img-size', args.img_size), ('--in-chans', args.in_chans)):
+        if value is not None and value < 1:
+            parser.error(f'argument {flag}: must be >= 1, got {value}')
+
+
 def check_data_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Set ``args.data_dir`` from ``DIR``/``--data-dir`` and stop with a parser error when it is
     missing (for timm's folder and tar datasets, the ones read from a local path).
@@ -420,7 +435,10 @@ def create_model_from_flags(args: argparse.Namespace, flagged: Mapping[str, Tupl
     sources.update({k: '--model-kwargs' for k in extra})
     pretrained = bool(getattr(args, 'pretrained', False))
     pretrained_path = getattr(args, 'pretrained_path', None)
+    weights_flag = '--pretrained-path' if pretrained_path else '--pretrained'
     if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise UsageError(f'argument --pretrained-path: no such file: {pretrained_path}')
         # timm's train.py: the file as the weight source, the classifier adapted to --num-classes.
         pretrained = True
         kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_path, num_classes=-1)
@@ -437,8 +455,53 @@ def create_model_from_flags(args: argparse.Namespace, flagged: Mapping[str, Tupl
         except (ValueError, TypeError, RuntimeError, KeyError) as err:
             failure = err
         else:
-            raise UsageError(f'argument --pretrained: {failure}') from failure
+            raise UsageError(f'argument {weights_flag}: {first_line(failure)}') from failure
+    if isinstance(failure, TypeError) and _builds_without_deq_layer(args.model, kwargs, extra, flag_of):
+        raise UsageError(f'argument --model: {args.model} has no deep equilibrium layer (it does not take the DEQ '
+                         'options); these entry points train and evaluate models that hold one (the mdeq_* '
+                         "family); train it with timm's own train.py") from failure
     raise UsageError(_explain_model_error(failure, args.model, sources, flag_of)) from failure
+
+
+def _builds_without_deq_layer(model_name: str, kwargs: Mapping[str, Any], extra: Mapping[str, Any],
+                              flag_of: Mapping[str, str]) -> bool:
+    """Whether ``model_name`` builds once the DEQ options are left out, holding no equilibrium layer."""
+    plain = {k: v for k, v in kwargs.items() if k not in flag_of}
+    try:
+        with torch.device('meta'):
+            model = create_model(model_name, **plain, **extra)
+    except Exception:  # it fails for another reason: the original error explains it
+        return False
+    return not deq_layers(model)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (its type when it has none): torch's state-dict
+    mismatch errors, which run to hundreds of lines, as counts and the first mismatch.
+
+    Args:
+        err: the exception.
+
+    Returns:
+        the line.
+    """
+    text = str(err).strip() or type(err).__name__
+    if not text.startswith('Error(s) in loading state_dict'):
+        return text.splitlines()[0]
+    sizes = re.findall(r'size mismatch for (\S+): copying a param with shape (\S+ ?\S*) from checkpoint, '
+                       r'the shape in current model is (\S+ ?\S*)\.', text)
+    missing = re.search(r'Missing key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)', text, re.S)
+    unexpected = re.search(r'Unexpected key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)', text, re.S)
+    parts = []
+    if sizes:
+        name, ckpt, own = sizes[0]
+        parts.append(f'{len(sizes)} tensors of other shapes (first: {name}, {ckpt} in the file, {own} in the model)')
+    for label, match in (('missing', missing), ('unexpected', unexpected)):
+        if match:
+            keys = match.group(1).split(', ')
+            parts.append(f'{len(keys)} {label} keys (first: {keys[0]})')
+    return ('the weights do not fit the model: ' + '; '.join(parts) +
+            ' (a checkpoint of another variant or configuration?)')
 
 
 def load_weights(model: nn.Module, path: str, flag: str, use_ema: bool = True) -> None:
@@ -462,7 +525,7 @@ def load_weights(model: nn.Module, path: str, flag: str, use_ema: bool = True) -
     try:
         load_checkpoint(model, path, use_ema=use_ema, filter_fn=filter_fn)
     except Exception as err:  # unpickling, key or shape mismatches: all mean this file does not fit
-        raise UsageError(f'argument {flag}: cannot load {path} into the model: {err}') from err
+        raise UsageError(f'argument {flag}: cannot load {path} into the model: {first_line(err)}') from err
 
 
 def prepare_model(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype],

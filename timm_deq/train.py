@@ -389,6 +389,7 @@ def setup(argv: Optional[List[str]] = None) -> Training:
     args = parser.parse_args(argv)
     args_text = _cli.args_yaml(args)
     _cli.check_data_dir(parser, args)
+    _cli.check_model_input(parser, args)
     if args.grad_accum_steps < 1:
         parser.error(f'argument --grad-accum-steps: must be >= 1, got {args.grad_accum_steps}')
     amp_dtype, model_dtype = _cli.resolve_dtypes(args)
@@ -442,9 +443,14 @@ def setup(argv: Optional[List[str]] = None) -> Training:
     if args.resume:
         if not os.path.isfile(args.resume):
             raise _cli.UsageError(f'argument --resume: no such file: {args.resume}')
-        resume_epoch = resume_task_checkpoint(task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                                              loss_scaler=None if args.no_resume_opt else loss_scaler,
-                                              log_info=primary)
+        try:
+            resume_epoch = resume_task_checkpoint(task, args.resume,
+                                                  optimizer=None if args.no_resume_opt else optimizer,
+                                                  loss_scaler=None if args.no_resume_opt else loss_scaler,
+                                                  log_info=primary)
+        except (RuntimeError, KeyError, ValueError) as err:  # another model's weights, or not a checkpoint
+            raise _cli.UsageError(f'argument --resume: cannot resume {args.model} from {args.resume}: '
+                                  f'{_cli.first_line(err)}') from err
         if args.model_ema:
             load_task_ema_checkpoint(task, args.resume)
     if args.torchcompile and args.torchcompile_scope == 'model':

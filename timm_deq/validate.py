@@ -103,6 +103,7 @@ def setup(argv: Optional[List[str]] = None) -> Validation:
     parser = build_parser()
     args = parser.parse_args(argv)
     _cli.check_data_dir(parser, args)
+    _cli.check_model_input(parser, args)
     if args.eval_limits and min(args.eval_limits) < 1:
         parser.error(f'argument --eval-max-iter: values must be >= 1, got {args.eval_limits}')
     amp_dtype, model_dtype = _cli.resolve_dtypes(args)
