@@ -250,8 +250,16 @@ class DEQLayer(nn.Module):
         Inside ``torch.compile`` of a whole model the layer is one explicit graph break: the
         solver loop is data dependent and JR differentiates a vector-Jacobian product, which
         compiled graphs cannot do, so the layer runs eagerly (its solver evaluations of f
-        compiled when ``compile_f`` is on) and the model around it stays compiled.
+        compiled when ``compile_f`` is on) and the model around it stays compiled. ``torch.export``
+        and the ONNX exporters are refused: a graph of fixed operations cannot hold a solve whose
+        number of steps depends on the data.
         """
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            raise RuntimeError(
+                "DEQLayer cannot be exported (torch.export, torch.onnx): its forward is a solve whose number of "
+                "evaluations of f and per-sample stops depend on the data, which a graph of fixed operations "
+                "cannot hold. Run the model eagerly or with torch.compile (the layer is one graph break there), "
+                "and ship its state_dict (timm: save_for_hf or torch.save(model.state_dict()))")
         return self._equilibrium_forward(*inputs, z0=z0, **kwargs)
 
     @torch.compiler.disable

@@ -1,5 +1,7 @@
 """MDEQ against the parts of timm's model contract that feature extraction, fine-tuning and
 tracing rely on: the values they return, not only their shapes."""
+import io
+
 import pytest
 import torch
 
@@ -95,6 +97,33 @@ def test_reset_classifier_keeps_device_dtype_mode_and_the_pooled_width(training)
 def test_scripting_is_refused_with_the_reason():
     with pytest.raises(RuntimeError, match="DEQLayer cannot be scripted.*torch.compile"):
         torch.jit.script(_model())
+
+
+def test_export_and_onnx_are_refused_with_the_reason_and_what_to_use():
+    model, x = _model().eval(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(RuntimeError, match=r"DEQLayer cannot be exported .*number of evaluations of f .*"
+                                           r"torch.compile .*state_dict"):
+        torch.export.export(model, (x,))
+    with pytest.raises(RuntimeError, match=r"DEQLayer cannot be exported"):
+        torch.onnx.export(model, (x,), io.BytesIO(), dynamo=False)
+
+
+def test_saving_the_whole_model_names_the_state_dict_and_the_state_dict_round_trips():
+    model = _model()
+    with pytest.raises(RuntimeError, match="only supported through state_dict"):
+        torch.save(model, io.BytesIO())  # torch's parametrizations (weight norm) refuse pickling
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = _model()
+    fresh.load_state_dict(torch.load(buf))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("cls", ["dict", "list"])
+def test_feature_classes_that_run_modules_in_sequence_are_refused_naming_the_ones_that_work(cls):
+    with pytest.raises(ValueError, match=f"feature_cls='{cls}' .*not such a sequence.*'getter'.*'hook'.*'fx'"):
+        timm.create_model("mdeq_tiny_cifar", features_only=True, feature_cls=cls)
 
 
 def test_timm_factory_kwargs_device_dtype_and_batchnorm_settings():

@@ -592,6 +592,12 @@ def _create_mdeq(variant: str, pretrained: bool = False, **kwargs) -> MDEQ:
                 "a 'local-dir:PATH' or 'hf-hub:ORG/NAME' model name, or timm's train.py --pretrained-path; else "
                 "pretrained=False")
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    if kwargs.get('features_only') and kwargs.get('feature_cls') in ('dict', 'list'):
+        raise OptionValueError(
+            f"feature_cls={kwargs['feature_cls']!r} rebuilds the model as its top-level modules run one after another "
+            "(timm's FeatureDictNet/FeatureListNet), and an MDEQ is not such a sequence: its equilibrium layer "
+            "returns all four branch states at once. Use feature_cls='getter' (the default), 'hook' or 'fx', "
+            'which return the same states', 'feature_cls')
     return build_model_with_cfg(
         MDEQ, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
