@@ -204,15 +204,42 @@ def test_every_key_of_the_full_size_original_checkpoints_has_its_place(manifests
     assert [k for k in out if out[k].shape != own[k].shape] == []
 
 
-def test_released_small_tag_has_the_released_config(manifests):
+def _as_2020_small(manifest):
+    """The key shapes of the released MDEQ-Small file, from the manifest of the 2021 JR config: the
+    2020 code (whose config trained that file) expands blocks 4x instead of 5x, always keeps
+    affine post-fusion GroupNorms, and saves a derived copy of the layer (fullstage_copy.*)."""
+    out = {}
+    for key, shape in manifest.items():
+        if key.startswith("fullstage.branches.") and any(f".{m}." in key for m in ("conv1", "gn1", "conv2")):
+            shape = [s // 5 * 4 if s % 5 == 0 and s > 8 else s for s in shape]
+        out[key] = shape
+    for i, width in enumerate((32, 64, 128, 256)):
+        out[f"fullstage.post_fuse_layers.{i}.gnorm.weight"] = [width]
+        out[f"fullstage.post_fuse_layers.{i}.gnorm.bias"] = [width]
+    out.update({"fullstage_copy." + k[len("fullstage."):]: v for k, v in list(out.items())
+                if k.startswith("fullstage.")})
+    return out
+
+
+def test_released_small_tag_has_the_config_that_trained_the_released_file(manifests):
+    # The one released MDEQ-Small file is linked from the 2020 repository and loaded strictly
+    # elsewhere with that repository's cls_mdeq_SMALL.yaml: expansion 4, head 28-224.
     with torch.device("meta"):
         model = timm.create_model("mdeq_small.locuslab_in1k")
     assert model.layout == "original" and model.pretrained_cfg["tag"] == "locuslab_in1k"
-    assert [b.conv1.out_channels for b in model.incre] == [24, 48, 96, 192]  # cls_mdeq_SMALL.yaml
+    assert [b.conv1.out_channels for b in model.incre] == [28, 56, 112, 224]
+    assert [blk.conv1.out_channels for blk in model.deq.f.blocks] == [128, 256, 512, 1024]
     assert all(post[2].affine and post[2].num_groups == 4 for post in model.deq.f.post)
-    # The JR config (the small manifest) has other head widths: named, not loaded half.
-    with pytest.raises(ValueError, match=r"shape\(s\) differ.*incre_modules\.0\.0\.conv1\.weight"):
-        checkpoint_filter_fn(_meta_state(manifests["mdeq_small"]["state_dict"]), model)
+    released = _as_2020_small(manifests["mdeq_small"]["state_dict"])
+    own = model.state_dict()
+    out = checkpoint_filter_fn(_meta_state(released), model)
+    assert sorted(out) == sorted(own) and [k for k in out if out[k].shape != own[k].shape] == []
+    # The 2021 repository's cls_mdeq_SMALL.yaml (expansion 5, head 24-192) would not hold it.
+    with torch.device("meta"):
+        config_2021 = timm.create_model("mdeq_small", layout="original", head_channels=(24, 48, 96, 192),
+                                        post_norm_affine=True)
+    with pytest.raises(ValueError, match=r"shape\(s\) differ"):
+        checkpoint_filter_fn(_meta_state(released), config_2021)
 
 
 def test_layout_is_validated():

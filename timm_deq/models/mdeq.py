@@ -619,23 +619,25 @@ def _cifar_cfg(**kwargs) -> Dict[str, Any]:
                 mean=_CIFAR10_MEAN, std=_CIFAR10_STD, **kwargs)
 
 
-def _released_cfg(config: str, *notes: str) -> Dict[str, Any]:
+def _released_cfg(config: str, origin: str, *notes: str) -> Dict[str, Any]:
     return _cfg(
-        origin_url='https://github.com/locuslab/deq/tree/master/MDEQ-Vision', paper_ids='arXiv:2006.08656',
-        paper_name='Multiscale Deep Equilibrium Models',
-        notes=(f'The authors\' ImageNet checkpoint (their experiments/imagenet/{config}), in the original '
-               "layout; not hosted: download it from their README and load it with "
+        origin_url=origin, paper_ids='arXiv:2006.08656', paper_name='Multiscale Deep Equilibrium Models',
+        notes=(f'The authors\' ImageNet checkpoint (trained with their experiments/imagenet/{config}), in the '
+               "original layout; not hosted: download it from their README and load it with "
                "pretrained_cfg_overlay=dict(file=PATH)", *notes))
 
 
 default_cfgs = generate_default_cfgs({
     'mdeq_small': _cfg(),
-    'mdeq_small.locuslab_in1k': _released_cfg(
-        'cls_mdeq_SMALL.yaml', "The 2020 code's (locuslab/mdeq) MDEQ-Small config differs: if the file does not fit, "
-        'add expansion=4, head_channels=(28, 56, 112, 224)'),
+    # The one released MDEQ-Small file is linked from the 2020 repository and was trained with its
+    # config (expansion 4, head 28-224; that code's post-fusion GroupNorms are always affine),
+    # which is how other loaders of it build the model and load it strictly. The 2021 repository's
+    # cls_mdeq_SMALL.yaml (expansion 5, head 24-192) describes no released file.
+    'mdeq_small.locuslab_in1k': _released_cfg('cls_mdeq_SMALL.yaml', 'https://github.com/locuslab/mdeq'),
     'mdeq_large': _cfg(),
     'mdeq_xl': _cfg(),
-    'mdeq_xl.locuslab_in1k': _released_cfg('cls_mdeq_XL.yaml'),
+    'mdeq_xl.locuslab_in1k': _released_cfg('cls_mdeq_XL.yaml',
+                                           'https://github.com/locuslab/deq/tree/master/MDEQ-Vision'),
     'mdeq_tiny_cifar': _cifar_cfg(),
     'mdeq_large_cifar': _cifar_cfg(),
 })
@@ -657,7 +659,8 @@ _TINY_DEQ = dict(f_solver='broyden', f_max_iter=8, f_stop_mode='rel', b_solver='
 # The architecture of the authors' released checkpoints, by pretrained tag: their configs differ
 # from the variants' (the JR configs) in the head (MDEQ-Small) and the post-fusion GroupNorm.
 _RELEASED_ARGS = {
-    'mdeq_small.locuslab_in1k': dict(layout='original', head_channels=(24, 48, 96, 192), post_norm_affine=True),
+    'mdeq_small.locuslab_in1k': dict(layout='original', expansion=4, head_channels=(28, 56, 112, 224),
+                                     post_norm_affine=True, dropout=0.0),
     'mdeq_xl.locuslab_in1k': dict(layout='original', post_norm_affine=True),
 }
 
@@ -684,7 +687,8 @@ def mdeq_small(pretrained: bool = False, **kwargs) -> MDEQ:
     """MDEQ-small (ImageNet): branches 32-256, JR weight 2.5 at frequency 0.08.
 
     ``mdeq_small.locuslab_in1k``: the architecture of the authors' released MDEQ-Small ImageNet
-    checkpoint (original layout, head 24-192, affine post-fusion GroupNorm).
+    checkpoint, the 2020 code's config (original layout, expansion 4, head 28-224, affine
+    post-fusion GroupNorm).
     """
     model_args = _arch('mdeq_small', kwargs, channels=(32, 64, 128, 256), head_channels=(28, 56, 112, 224),
                        dropout=0.02)
