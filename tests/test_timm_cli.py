@@ -72,6 +72,13 @@ TRAIN_ERRORS = {
                                             "timm's own train.py"]),
     "input-size": (["--input-size", "3", "0", "0"], ["argument --input-size: C H W must all be >= 1, got 3 0 0"]),
     "img-size": (["--img-size", "0"], ["argument --img-size: must be >= 1, got 0"]),
+    "drop-path": (["--drop-path", "0.1"], ["argument --drop-path: drop_path_rate=0.1 is not supported by MDEQ",
+                                           "Use dropout="]),
+    "bce-without-bce-loss": (["--bce-sum"], ["argument --bce-sum/--bce-target-thresh/--bce-pos-weight: only read "
+                                             "with --bce-loss"]),
+    "aug-repeats": (["--aug-repeats", "3"], ["argument --aug-repeats:", "distributed run (torchrun)"]),
+    "device-modules": (["--device-modules", "no_such_backend"], ["argument --device-modules: cannot import "
+                                                                 "no_such_backend"]),
     "initial-checkpoint": (["--initial-checkpoint", "missing.pth"], ["argument --initial-checkpoint:", "missing.pth"]),
     "resume": (["--resume", "missing.pth"], ["argument --resume:", "missing.pth"]),
     "lr-base-scale": (["--lr-base-scale", "cubic"], ["argument --lr-base-scale: invalid choice: 'cubic'", "'sqrt'"]),
@@ -103,6 +110,11 @@ VALIDATE_ERRORS = {
     "checkpoint": (["--checkpoint", "missing.pth"], ["argument --checkpoint:", "missing.pth"]),
     "limits": (["--eval-max-iter", "0", "2"], ["argument --eval-max-iter:", ">= 1"]),
     "not-a-deq": (["--model", "resnet18"], ["argument --model:", "resnet18 has no deep equilibrium layer"]),
+    "test-pool": (["--test-pool"], ["argument --test-pool: not supported by timm_deq.validate:", "global pooling"]),
+    "real-labels": (["--real-labels", "real.json"], ["argument --real-labels: not supported", "timm's own validate.py"]),
+    "valid-labels": (["--valid-labels", "v.txt"], ["argument --valid-labels: not supported"]),
+    "retry": (["--retry"], ["argument --retry: not supported", "smaller -b"]),
+    "results-format": (["--results-format", "xml"], ["argument --results-format: invalid choice: 'xml'"]),
 }
 
 

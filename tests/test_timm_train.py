@@ -161,3 +161,25 @@ def test_fine_tuning_keeps_the_loaded_step_count_unless_told_to_restart(data, tm
         assert step == 1009 and float(second["train_b_steps"]) > 0 and float(first["train_b_steps"]) > 0
         assert line == ("Equilibrium layers at step 1000, continuing the loaded weights' count (1000): unrolled "
                         "pretraining until step 1003 (3 layers)")
+
+
+def test_timms_loss_schedule_and_batchnorm_flags_reach_the_run(data, tmp_path):
+    out = train.main([data, *COMMON, "--epochs", "1", "--output", str(tmp_path), "--experiment", "flags",
+                      "--bce-loss", "--bce-target-thresh", "0.2", "--bn-momentum", "0.01", "--bn-eps", "1e-3",
+                      "--sched", "plateau", "--patience-epochs", "2", "--lr-noise", "0.4", "0.9",
+                      "--train-num-samples", "60"])
+    saved = torch.load(f"{out['output_dir']}/last.pth.tar", map_location="cpu", weights_only=False)
+    args = saved["args"]
+    assert args.bce_loss and args.bce_target_thresh == 0.2 and args.patience_epochs == 2 and args.lr_noise == [0.4, 0.9]
+    assert math.isfinite(out["loss"])
+
+
+def test_validate_writes_json_results_and_takes_timms_input_flags(data, tmp_path):
+    import json
+
+    path = tmp_path / "r.json"
+    results = validate.main([data, "--model", "mdeq_tiny_cifar", "-b", "8", "-j", "0", "--f-max-iter", "3",
+                             "--eval-max-iter", "2", "3", "--results-file", str(path), "--results-format", "json",
+                             "--crop-mode", "squash", "--use-train-size", "--num-samples", "12",
+                             "--torchcompile", "aot_eager"])
+    assert json.loads(path.read_text()) == results and [r["f_limit"] for r in results] == [2.0, 3.0]

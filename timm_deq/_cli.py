@@ -11,6 +11,7 @@ Importing this module checks that the installed timm has what the entry points u
 """
 import argparse
 import difflib
+import importlib
 import inspect
 import logging
 import os
@@ -262,11 +263,14 @@ def add_precision_args(group: argparse._ArgumentGroup) -> None:
     """The device, precision, memory-layout and loader flags, identical in train and validate.
 
     Args:
-        group: the parser (or argument group) to add ``--device``, ``--amp``, ``--amp-dtype``,
-            ``--model-dtype``, ``--channels-last``, ``--no-prefetcher`` and ``--pin-mem`` to.
+        group: the parser (or argument group) to add ``--device``, ``--device-modules``, ``--amp``,
+            ``--amp-dtype``, ``--model-dtype``, ``--channels-last``, ``--no-prefetcher`` and
+            ``--pin-mem`` to.
     """
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
                        help='device to run on')
+    group.add_argument('--device-modules', default=None, type=str, nargs='+', metavar='MODULE',
+                       help='Python modules to import for a device backend (e.g. torch_npu), as timm\'s scripts')
     group.add_argument('--amp', action='store_true', default=False,
                        help='mixed precision with torch.autocast (float16 also gets a GradScaler when training)')
     group.add_argument('--amp-dtype', default='float16', type=str, metavar='DTYPE',
@@ -281,6 +285,22 @@ def add_precision_args(group: argparse._ArgumentGroup) -> None:
                             'them there); the data loader then normalizes on its workers')
     group.add_argument('--pin-mem', action='store_true', default=False,
                        help='pin CPU memory in the data loader (faster transfers to a GPU)')
+
+
+def import_device_modules(args: argparse.Namespace) -> None:
+    """Import the ``--device-modules`` (a device backend registers itself with torch on import).
+
+    Args:
+        args: parsed arguments with ``device_modules``.
+
+    Raises:
+        UsageError: a module that cannot be imported.
+    """
+    for name in args.device_modules or ():
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UsageError(f'argument --device-modules: cannot import {name}: {err}') from err
 
 
 def resolve_dtypes(args: argparse.Namespace) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                        help='path to a class to index mapping file')
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode')
+    group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                       help='manually specify the number of training samples (iterable datasets)')
+    group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                       help='manually specify the number of validation samples (iterable datasets)')
 
     group = parser.add_argument_group('Model parameters')
     group.add_argument('--model', default='mdeq_tiny_cifar', type=str, metavar='MODEL', help='name of the model')
@@ -158,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
                        help='epochs at --min-lr after the cyclic schedule ends')
     group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                       help='epochs without improvement before the plateau scheduler lowers the LR')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                       help='learning rate noise on/off epoch percentages')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT',
+                       help='learning rate noise limit percent')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV',
+                       help='learning rate noise standard deviation')
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT',
+                       help='learning rate cycle length multiplier')
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT',
+                       help='amount to decay each learning rate cycle')
+    group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='learning rate cycle limit')
+    group.add_argument('--lr-k-decay', type=float, default=1.0, help='learning rate k-decay for cosine/poly')
 
     group = parser.add_argument_group('Augmentation and regularization parameters')
     group.add_argument('--no-aug', action='store_true', default=False,
@@ -188,9 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
                        help='turn mixup off from this epoch on (0: never)')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--bce-loss', action='store_true', default=False,
+                       help='binary cross-entropy instead of cross-entropy (the JR term is added all the same)')
+    group.add_argument('--bce-sum', action='store_true', default=False,
+                       help='with --bce-loss: sum over classes instead of the mean')
+    group.add_argument('--bce-target-thresh', type=float, default=None,
+                       help='with --bce-loss: binarize the (soft) targets at this threshold')
+    group.add_argument('--bce-pos-weight', type=float, default=None, help='with --bce-loss: positive class weight')
+    group.add_argument('--aug-repeats', type=float, default=0,
+                       help='number of augmentation repetitions (distributed training only; 0: off)')
     group.add_argument('--train-interpolation', type=str, default='random',
                        help='interpolation of the training images')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='classifier dropout rate')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT',
+                       help="stochastic depth rate (refused by MDEQ with the reason: f must be one map at every "
+                            "solver step; its variational --dropout is the DEQ's)")
+    group.add_argument('--drop-block', type=float, default=None, metavar='PCT',
+                       help='DropBlock rate (refused by MDEQ, as --drop-path)')
+    group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum (unset: the model\'s)')
+    group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon (unset: the model\'s)')
     group.add_argument('--sync-bn', action='store_true', default=False,
                        help='synchronized BatchNorm across processes (needs CUDA)')
     group.add_argument('--dist-bn', type=str, default='reduce', choices=('broadcast', 'reduce', ''),
@@ -390,6 +424,7 @@ def setup(argv: Optional[List[str]] = None) -> Training:
     args_text = _cli.args_yaml(args)
     _cli.check_data_dir(parser, args)
     _cli.check_model_input(parser, args)
+    _cli.import_device_modules(args)
     if args.grad_accum_steps < 1:
         parser.error(f'argument --grad-accum-steps: must be >= 1, got {args.grad_accum_steps}')
     amp_dtype, model_dtype = _cli.resolve_dtypes(args)
@@ -398,6 +433,9 @@ def setup(argv: Optional[List[str]] = None) -> Training:
     if problem:
         raise _cli.UsageError(problem)
     primary = utils.is_primary(args)
+    if args.aug_repeats and not args.distributed:
+        raise _cli.UsageError('argument --aug-repeats: repeated augmentation shares each sample among the processes '
+                              'of a distributed run (torchrun), as in timm; this run has one process')
     if model_dtype == torch.float16 and primary:
         _logger.warning('--model-dtype float16 is not recommended for training; bfloat16 is')
     utils.random_seed(args.seed, args.rank)
@@ -405,6 +443,10 @@ def setup(argv: Optional[List[str]] = None) -> Training:
 
     flagged = {'num_classes': ('--num-classes', args.num_classes), 'drop_rate': ('--drop', args.drop),
                'global_pool': ('--gp', args.gp), **_deq_flagged(args)}
+    for kwarg, dest in (('drop_path_rate', 'drop_path'), ('drop_block_rate', 'drop_block'),
+                        ('bn_momentum', 'bn_momentum'), ('bn_eps', 'bn_eps')):
+        if getattr(args, dest) is not None:  # unset: the model's own value, as timm's train.py
+            flagged[kwarg] = ('--' + dest.replace('_', '-'), getattr(args, dest))
     if args.in_chans is not None:
         flagged['in_chans'] = ('--in-chans', args.in_chans)
     model = _cli.create_model_from_flags(args, flagged, _cli.deq_flag_names(parser))
@@ -427,9 +469,8 @@ def setup(argv: Optional[List[str]] = None) -> Training:
 
     _scaled_lr(args)
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    task = DEQClassificationTask(model, criterion_kwargs=dict(
-        smoothing=0. if mixup_active else args.smoothing, soft_targets=mixup_active), device=device,
-        dtype=model_dtype, verbose=primary)
+    task = DEQClassificationTask(model, criterion_kwargs=_criterion_kwargs(args, mixup_active), device=device,
+                                 dtype=model_dtype, verbose=primary)
     try:
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     except (ValueError, KeyError, TypeError, AssertionError) as err:
@@ -462,10 +503,12 @@ def setup(argv: Optional[List[str]] = None) -> Training:
 
     dataset_train = _cli.create_dataset_from_flags(
         args, args.train_split, '--train-split', is_training=True, class_map=args.class_map,
-        batch_size=args.batch_size, seed=args.seed, input_img_mode=args.input_img_mode)
+        batch_size=args.batch_size, seed=args.seed, input_img_mode=args.input_img_mode,
+        num_samples=args.train_num_samples)
     dataset_eval = _cli.create_dataset_from_flags(
         args, args.val_split, '--val-split', is_training=False, class_map=args.class_map,
-        batch_size=args.validation_batch_size or args.batch_size, input_img_mode=args.input_img_mode)
+        batch_size=args.validation_batch_size or args.batch_size, input_img_mode=args.input_img_mode,
+        num_samples=args.val_num_samples)
     mixup_fn = None
     if mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
@@ -480,7 +523,7 @@ def setup(argv: Optional[List[str]] = None) -> Training:
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-        use_prefetcher=prefetch, img_dtype=img_dtype)
+        use_prefetcher=prefetch, img_dtype=img_dtype, num_aug_repeats=args.aug_repeats)
     loader_eval = create_loader(
         dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
@@ -554,6 +597,19 @@ def _float16_jr_problem(model: torch.nn.Module, model_dtype: Optional[torch.dtyp
             f'initializations of mdeq_tiny_cifar). Use --model-dtype bfloat16, or float32 weights with --amp '
             f'--amp-dtype float16 (autocast runs the norms in float32), or --jac-weight 0 --pretrain-jac-weight 0 '
             f'(this model\'s JR weight is {jr[0].config.jac_weight:g})')
+
+
+def _criterion_kwargs(args: argparse.Namespace, mixup_active: bool) -> Dict[str, object]:
+    """timm's classification loss as timm's train.py chooses it: binary cross-entropy with
+    ``--bce-loss`` (its threshold, sum and positive weight), else cross-entropy; label smoothing,
+    or soft targets under mixup/cutmix."""
+    kwargs: Dict[str, object] = dict(smoothing=0. if mixup_active else args.smoothing, soft_targets=mixup_active)
+    if args.bce_loss:
+        kwargs.update(loss_type='bce', bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
+                      pos_weight=args.bce_pos_weight)
+    elif args.bce_sum or args.bce_target_thresh is not None or args.bce_pos_weight is not None:
+        raise _cli.UsageError('argument --bce-sum/--bce-target-thresh/--bce-pos-weight: only read with --bce-loss')
+    return kwargs
 
 
 def _deq_step_offset(model: torch.nn.Module, num_updates: int, restart: bool) -> int:

@@ -12,6 +12,7 @@ the flag.
 """
 import argparse
 import csv
+import json
 import logging
 import os
 from contextlib import ExitStack, nullcontext
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                         help='path to a class to index mapping file')
     parser.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode')
+    parser.add_argument('--num-samples', default=None, type=int, metavar='N',
+                        help='manually specify the number of samples (iterable datasets)')
+    parser.add_argument('--crop-mode', default=None, type=str, metavar='MODE',
+                        help='crop mode: center, squash or border (None: the model\'s)')
+    parser.add_argument('--use-train-size', action='store_true', default=False,
+                        help='evaluate at the model\'s training input size, not its test size')
     parser.add_argument('--model', '-m', metavar='NAME', default='mdeq_tiny_cifar', help='name of the model')
     parser.add_argument('--pretrained', action='store_true', default=False,
                         help='use the pretrained weights of the model (if published)')
@@ -68,10 +75,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--eval-max-iter', dest='eval_limits', type=int, nargs='+', default=None, metavar='N',
                         help='forward solver limits to evaluate at (None: the model\'s eval limit)')
     parser.add_argument('--results-file', default='', type=str, metavar='FILENAME',
-                        help='write one CSV row per limit here')
+                        help='write one row per limit here')
+    parser.add_argument('--results-format', default='csv', choices=('csv', 'json'),
+                        help='format of --results-file')
+    parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                        help='compile the equilibrium layers\' function f with torch.compile (BACKEND, default '
+                             'inductor) for their solver evaluations, as timm_deq.train\'s flag')
+    for flag, why in _UNSUPPORTED.items():
+        parser.add_argument(flag, default=None, help=argparse.SUPPRESS, action=_Refuse, why=why)
     add_deq_args(parser, suppress_defaults=True, exclude=('eval_max_iter',))
     _cli.note_deq_defaults(parser)
     return parser
+
+
+# timm's validate.py flags that do not apply here, and why.
+_UNSUPPORTED = {
+    '--test-pool': "test-time pooling evaluates at a larger input than the model's and pools its classifier's "
+                   "output map, and an MDEQ's head ends in global pooling before its linear classifier: there is "
+                   "no output map to pool",
+    '--real-labels': "this entry point measures accuracy against the solver limit; score the ImageNet ReaL "
+                     "labels with timm's own validate.py, which builds these models once timm_deq is imported",
+    '--valid-labels': "this entry point measures accuracy against the solver limit; score a class subset "
+                      "(ImageNet-A/R) with timm's own validate.py, which builds these models once timm_deq is "
+                      "imported",
+    '--retry': "retrying with a smaller batch after running out of memory repeats the whole limit sweep; pass a "
+               "smaller -b",
+}
+
+
+class _Refuse(argparse.Action):
+    """A flag of timm's validate.py that does not apply: argparse's error with the reason."""
+
+    def __init__(self, *args, why: str = '', **kwargs) -> None:
+        kwargs['nargs'] = '?'
+        super().__init__(*args, **kwargs)
+        self.why = why
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f'argument {option_string}: not supported by timm_deq.validate: {self.why}')
 
 
 @dataclass
@@ -104,6 +145,7 @@ def setup(argv: Optional[List[str]] = None) -> Validation:
     args = parser.parse_args(argv)
     _cli.check_data_dir(parser, args)
     _cli.check_model_input(parser, args)
+    _cli.import_device_modules(args)
     if args.eval_limits and min(args.eval_limits) < 1:
         parser.error(f'argument --eval-max-iter: values must be >= 1, got {args.eval_limits}')
     amp_dtype, model_dtype = _cli.resolve_dtypes(args)
@@ -117,6 +159,8 @@ def setup(argv: Optional[List[str]] = None) -> Validation:
                     if hasattr(args, k)})
     if args.in_chans is not None:
         flagged['in_chans'] = ('--in-chans', args.in_chans)
+    if args.torchcompile:
+        flagged.update(compile_f=('--torchcompile', True), compile_backend=('--torchcompile', args.torchcompile))
     model = _cli.create_model_from_flags(args, flagged, _cli.deq_flag_names(parser))
     if args.checkpoint:
         _cli.load_weights(model, args.checkpoint, '--checkpoint', use_ema=args.use_ema)
@@ -125,15 +169,16 @@ def setup(argv: Optional[List[str]] = None) -> Validation:
         raise _cli.UsageError(f'argument --model: {args.model} has no deep equilibrium layer to evaluate at '
                               'several limits')
     _cli.prepare_model(model, device, model_dtype, args.channels_last).eval()
-    data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size, verbose=True)
     dataset = _cli.create_dataset_from_flags(args, args.split, '--split', class_map=args.class_map,
-                                             input_img_mode=args.input_img_mode)
+                                             input_img_mode=args.input_img_mode, num_samples=args.num_samples)
     prefetch = not args.no_prefetcher
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device,
-        use_prefetcher=prefetch, img_dtype=model_dtype or torch.float32)
+        num_workers=args.workers, crop_pct=data_config['crop_pct'], crop_mode=args.crop_mode or data_config.get(
+            'crop_mode'), pin_memory=args.pin_mem, device=device, use_prefetcher=prefetch,
+        img_dtype=model_dtype or torch.float32)
     loader = _cli.wrap_loader(loader, model_dtype, args.channels_last, prefetch)
     limits = args.eval_limits or [layers[0].config.eval_max_iter or layers[0].config.f_max_iter]
     return Validation(args=args, device=device, model=model, loader=loader, amp_autocast=amp_autocast,
@@ -185,9 +230,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
     if args.results_file:
         os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
         with open(args.results_file, 'w', newline='') as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(results[0]))
-            writer.writeheader()
-            writer.writerows(results)
+            if args.results_format == 'json':
+                json.dump(results, fh, indent=2)
+            else:
+                writer = csv.DictWriter(fh, fieldnames=list(results[0]))
+                writer.writeheader()
+                writer.writerows(results)
     return results
 
 
