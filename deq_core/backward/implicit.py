@@ -59,8 +59,8 @@ class ImplicitBackward(SolvingMode):
         """b_refine_steps without the forward's estimate; b_max_iter when b_refine_steps replaces
         it; the solver and its options at 0 refinement steps (only the estimate's residual is measured)."""
         if not cls.forward_inverse(config):
-            return f"b_init={config.b_init!r}", ("b_refine_steps",), "b_refine_steps is read with " \
-                                                                      "b_init='forward_inverse' only"
+            return (f"b_init={config.b_init!r}", ("b_refine_steps",),
+                    "b_refine_steps is read with b_init='forward_inverse' only")
         if config.b_refine_steps is None:
             return None
         setting = f"b_init={config.b_init!r} with b_refine_steps={config.b_refine_steps}"
