@@ -296,3 +296,38 @@ def test_jac_stop_epoch_needs_a_task_that_passes_the_epoch(dict_dir):
     model.set_epoch(3)
     model(**_sample()["net_input"])
     assert model.decoder.deq.jac_weight == 0.0
+
+
+@pytest.mark.parametrize("pre_ln", [False, True], ids=["post-LN", "pre-LN"])
+def test_both_presets_layers_train_and_their_solves_converge(dict_dir, pre_ln):
+    # A behaviour test, not the layer's own equation: the pre-LN layer that kept an identity path
+    # (f = h + FFN(LN2(h))) stayed near 10 bits with rel. residual 0.5 and JR near 1 (J_f = I + ...),
+    # where the paper's layer (f = LN2(h) + FFN(LN2(h))) trains as post-LN does.
+    torch.manual_seed(0)
+    flags = [*TINY, "--injection", "qkv", "--criterion", "cross_entropy_jr", "--jac-weight", "1.9", "--jac-freq", "1",
+             "--pretrain-steps", "0", "--dropout", "0"] + (["--decoder-normalize-before"] if pre_ln else [])
+    cfg, task, model = build(dict_dir, *flags)
+    criterion = task.build_criterion(cfg.criterion)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    losses, logs = [], []
+    for step in range(40):
+        # A learnable stream: each token is the previous one plus 1 or 2 (mod the vocabulary).
+        start = torch.randint(0, VOCAB, (8, 1), generator=g)
+        tokens = 4 + (start + torch.cumsum(torch.randint(1, 3, (8, 17), generator=g), dim=1)) % VOCAB
+        sample = {"id": torch.arange(8), "nsentences": 8, "ntokens": 8 * 16,
+                  "net_input": {"src_tokens": tokens[:, :-1], "src_lengths": torch.full((8,), 16)},
+                  "target": tokens[:, 1:].contiguous()}
+        model.set_num_updates(step)
+        loss, size, log = criterion(model, sample)
+        optimizer.zero_grad()
+        (loss / size).backward()
+        optimizer.step()
+        losses.append(float(log["loss"]) / size)
+        logs.append(log)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.75 * first, (first, last)
+    rel_res = sum(float(log["deq_f_rel_res"]) for log in logs[-5:]) / 5
+    jr = sum(float(log["deq_jr"]) for log in logs[-5:]) / 5
+    assert rel_res < 0.02 and jr < 0.5, (rel_res, jr)

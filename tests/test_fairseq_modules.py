@@ -76,9 +76,9 @@ def test_cell_layouts_follow_their_equations(pre_ln):
     u = torch.randn(2, 5, 48)
     a = paper.attn_norm(z) if pre_ln else z
     attn = paper.attn(a, pos, u=u)
-    if pre_ln:
-        h = z + attn
-        expected = h + paper.ffn(paper.ffn_norm(h))
+    if pre_ln:  # the paper's code: the attention block's output normalized before the residual
+        b = paper.ffn_norm(z + attn)
+        expected = b + paper.ffn(b)
     else:
         h = paper.attn_norm(z + attn)
         expected = paper.ffn_norm(h + paper.ffn(h))
@@ -88,8 +88,8 @@ def test_cell_layouts_follow_their_equations(pre_ln):
     a = (residual.attn_norm(z) if pre_ln else z) + u_attn
     attn = residual.attn(a, pos)
     if pre_ln:
-        h = z + attn
-        expected = h + residual.ffn(residual.ffn_norm(h) + u_ffn)
+        b = residual.ffn_norm(z + attn)
+        expected = b + residual.ffn(b + u_ffn)
     else:
         b = residual.attn_norm(a + attn) + u_ffn
         expected = residual.ffn_norm(b + residual.ffn(b))

@@ -31,12 +31,17 @@ class DEQTransformerCell(nn.Module):
     ``injection="qkv"`` (the paper's; ``u`` is ``3d`` wide, the FFN input gets no injection)::
 
         post-LN:  a = z;       h = LN1(a + Attn(a; u));  f = LN2(h + FFN(h))
-        pre-LN:   a = LN1(z);  h = z + Attn(a; u);       f = h + FFN(LN2(h))
+        pre-LN:   a = LN1(z);  h = z + Attn(a; u);       b = LN2(h);  f = b + FFN(b)
 
     ``injection="residual"`` (``u = [u_attn, u_ffn]``, ``2d`` wide)::
 
         post-LN:  a = z + u_attn;       h = LN1(a + Attn(a; 0));  b = h + u_ffn;  f = LN2(b + FFN(b))
-        pre-LN:   a = LN1(z) + u_attn;  h = z + Attn(a; 0);       f = h + FFN(LN2(h) + u_ffn)
+        pre-LN:   a = LN1(z) + u_attn;  h = z + Attn(a; 0);       b = LN2(h);     f = b + FFN(b + u_ffn)
+
+    The pre-LN layer is that of the paper's code (its weight-shared position-wise feed-forward
+    with ``pre_lnorm`` normalizes the attention block's output before the residual): f carries
+    ``LN2(h)``, not ``h``, so f has no identity path from z (an identity path makes ``J_f = I + ...``,
+    which JR cannot shrink and the solver cannot contract).
 
     The linear maps keep torch's fan-in initialization (that of the paper's 1x1 convolutions)
     unless ``init_std`` asks for a normal one. Norms are ``torch.nn.LayerNorm`` (twice
@@ -92,9 +97,8 @@ class DEQTransformerCell(nn.Module):
         a, u_qkv, u_ffn = self._split(z, u)
         attn = self.attn_dropout(self.attn(a, pos, mem, u_qkv))
         if self.normalize_before:
-            h = z + attn
-            b = self.ffn_norm(h)
-            return h + self.ffn_dropout(self.ffn(b if u_ffn is None else b + u_ffn))
+            b = self.ffn_norm(z + attn)
+            return b + self.ffn_dropout(self.ffn(b if u_ffn is None else b + u_ffn))
         h = self.attn_norm(a + attn)
         b = h if u_ffn is None else h + u_ffn
         return self.ffn_norm(b + self.ffn_dropout(self.ffn(b)))
