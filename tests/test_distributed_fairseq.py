@@ -63,3 +63,24 @@ def test_two_cpu_processes_train_with_jr_like_one_process(data_bin):
     for key in ("loss", "f_steps", "f_abs_res", "b_steps"):
         assert float(ddp[0][key]) == pytest.approx(float(single[0][key]), rel=2e-3, abs=2e-3), key
     assert (root / "rank0" / "checkpoint_last.pt").exists() and not (root / "rank1" / "checkpoint_last.pt").exists()
+
+
+def test_two_processes_resumed_mid_epoch_continue_exactly(data_bin):
+    """Every rank's segment memory is in the checkpoint: 4 updates, a resume, and 4 more give the
+    losses of 8 straight updates (fairseq seeds every update from --seed and the update count)."""
+    root = data_bin.parent
+
+    def two_ranks(save_dir, updates):
+        dist = ["--distributed-world-size", "2", "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}",
+                "--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
+                "--batch-size", str(STREAMS), "--jac-freq", "1", "--load-checkpoint-on-all-dp-ranks"]
+        procs = [start(_train(data_bin, save_dir, *dist, "--distributed-rank", str(r), "--max-update", str(updates)),
+                       cwd=root) for r in (0, 1)]
+        return {int(r["num_updates"]): r for r in json_logs(check(procs)[0], "train_inner")}
+
+    straight = two_ranks(root / "straight", 2 * UPDATES)
+    two_ranks(root / "parts", UPDATES)
+    resumed = two_ranks(root / "parts", 2 * UPDATES)
+    assert sorted(resumed) == list(range(UPDATES + 1, 2 * UPDATES + 1))
+    diffs = {u: abs(float(r["loss"]) - float(straight[u]["loss"])) for u, r in resumed.items()}
+    assert max(diffs.values()) == 0.0, diffs

@@ -266,3 +266,51 @@ def test_precision_flags_that_cannot_run_on_cpu_are_refused(data_bin, flags, mes
     ok = parse_train_config(data_bin, "--arch", "deq_transformer_lm_tiny", "--task", "deq_language_modeling",
                             "--criterion", criterion, "--tokens-per-sample", "16", *extra, "--memory-efficient-fp16")
     tasks.setup_task(ok.task).build_criterion(ok.criterion)
+
+
+@pytest.mark.parametrize("flags, warns", [((), True), (("--load-checkpoint-on-all-dp-ranks",), False)])
+def test_a_multi_process_run_is_told_the_flag_its_resume_needs(data_bin, caplog, flags, warns):
+    from fairseq import tasks
+
+    cfg = parse_train_config(data_bin, "--arch", "deq_transformer_lm_tiny", *STREAM, "--tokens-per-sample", "16",
+                             "--distributed-world-size", "2", *flags)
+    with caplog.at_level("WARNING"):
+        tasks.setup_task(cfg.task)
+    said = [r.getMessage() for r in caplog.records if "--load-checkpoint-on-all-dp-ranks" in r.getMessage()]
+    assert len(said) == (1 if warns else 0), said
+
+
+def _average_as_fairseq_does(paths):
+    """What fairseq's ``scripts/average_checkpoints.py`` (not installed with fairseq) does to the
+    model states: every value a tensor, summed through ``clone()``/``+=``, floats divided, integers
+    floor-divided; the other entries are the first checkpoint's."""
+    new_state, summed = None, {}
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        new_state = new_state or state
+        for key, p in state["model"].items():
+            p = p.float() if isinstance(p, torch.HalfTensor) else p
+            summed[key] = p.clone() if key not in summed else summed[key].__iadd__(p)
+    for key, v in summed.items():
+        if v.is_floating_point():
+            v.div_(len(paths))
+        else:
+            v //= len(paths)
+    new_state["model"] = summed
+    return new_state
+
+
+def test_checkpoints_average_as_fairseq_users_do(data_bin, tmp_path):
+    save = tmp_path / "save"
+    run(tiny_train_args(data_bin, save, *STREAM, "--max-update", "6", "--save-interval-updates", "3",
+                        "--disable-validation", "--jac-freq", "1"), cwd=tmp_path)
+    paths = [save / "checkpoint_1_3.pt", save / "checkpoint_1_6.pt"]
+    states = [torch.load(p, map_location="cpu", weights_only=True)["model"] for p in paths]
+    assert states[0].keys() == states[1].keys() and all(torch.is_tensor(v) for v in states[0].values())
+    assert any(k.startswith("decoder.memory.train@0/1.") for k in states[0])        # the memory is kept
+    averaged = _average_as_fairseq_does(paths)
+    torch.save(averaged, tmp_path / "averaged.pt")
+    weight = "decoder.embed_tokens.weight"
+    assert averaged["model"][weight].allclose((states[0][weight] + states[1][weight]) / 2)
+    bits, steps = _eval_lm(data_bin, tmp_path / "averaged.pt", "{}")
+    assert math.isfinite(bits) and steps >= 1

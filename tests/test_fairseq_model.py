@@ -331,3 +331,29 @@ def test_both_presets_layers_train_and_their_solves_converge(dict_dir, pre_ln):
     rel_res = sum(float(log["deq_f_rel_res"]) for log in logs[-5:]) / 5
     jr = sum(float(log["deq_jr"]) for log in logs[-5:]) / 5
     assert rel_res < 0.02 and jr < 0.5, (rel_res, jr)
+
+
+def test_segment_memory_is_tensors_in_the_state_dict_and_older_checkpoints_load(dict_dir):
+    _, _, model = build(dict_dir, *TINY)
+    net_input = dict(_sample()["net_input"], mem_key="train", mem_segment=4)
+    model.decoder.set_epoch(2)
+    model.train()
+    model(**net_input)
+    state = model.state_dict()
+    entry = "decoder.memory.train@0/1"
+    assert state[f"{entry}.states"].shape == (4, 16, 64)
+    assert int(state[f"{entry}.next_segment"]) == 5 and int(state[f"{entry}.epoch"]) == 2
+    x = torch.zeros(4, 16, 64)
+    for saved in (state, {**{k: v for k, v in state.items() if not k.startswith("decoder.memory.")},
+                          # the layout before the memory was tensors: the decoder's extra state
+                          "decoder._extra_state": {"memory": {"train": {
+                              "states": state[f"{entry}.states"], "next_segment": 5, "epoch": 2}}}}):
+        _, _, fresh = build(dict_dir, *TINY)
+        fresh.load_state_dict(saved)
+        assert fresh.decoder.memory.read("train", 5, x).equal(state[f"{entry}.states"])
+        assert fresh.decoder.memory.read("train", 4, x) is None
+    # Memory written by two ranks is not this single process's streams.
+    two_ranks = {k.replace("@0/1", "@0/2"): v for k, v in state.items()}
+    _, _, fresh = build(dict_dir, *TINY)
+    fresh.load_state_dict(two_ranks)
+    assert fresh.decoder.memory.read("train", 5, x) is None

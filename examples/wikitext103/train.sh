@@ -18,6 +18,8 @@
 #
 # fairseq starts one process per visible GPU (--distributed-world-size). --fp16 runs the model in
 # half precision (the solvers keep float32 states); use --amp instead for autocast on float32 weights.
+# --load-checkpoint-on-all-dp-ranks lets the run resume: fairseq otherwise sends the checkpoint to
+# the other ranks through torch.load, which refuses fairseq's config in it (torch >= 2.6).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -40,6 +42,7 @@ fairseq-train "$DATA" \
     --max-update 300000 \
     --fp16 \
     --save-dir "$SAVE" --save-interval-updates 10000 --keep-interval-updates 3 \
+    --load-checkpoint-on-all-dp-ranks \
     --validate-interval-updates 10000 --log-format simple --log-interval 200 \
     --tensorboard-logdir "$SAVE/tensorboard" \
     "$@"

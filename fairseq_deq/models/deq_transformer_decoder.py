@@ -94,17 +94,16 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         """The longest input scored or generated (``--max-target-positions``)."""
         return self.max_target_positions
 
-    def get_extra_state(self) -> Dict[str, Any]:
-        """The segment memory of the training streams, saved in the state dict (exact resume)."""
-        return {"memory": self.memory.state_dict()}
-
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
-        """Restore what :meth:`get_extra_state` saved."""
-        self.memory.load_state_dict(state.get("memory", {}))
-
     def upgrade_state_dict_named(self, state_dict: Dict[str, Any], name: str) -> Dict[str, Any]:
-        """fairseq's hook before loading: checkpoints written before the memory was saved load too."""
-        state_dict.setdefault(f"{name}._extra_state" if name else "_extra_state", {"memory": {}})
+        """fairseq's hook before loading: a checkpoint written when the memory was saved as the
+        decoder's extra state (one process's streams) loads as that of rank 0 of 1."""
+        prefix = f"{name}." if name else ""
+        old = state_dict.pop(f"{prefix}_extra_state", None)
+        for key, e in (old or {}).get("memory", {}).items():
+            entry = f"{prefix}memory.{key}@0/1"
+            state_dict[f"{entry}.states"] = e["states"]
+            state_dict[f"{entry}.next_segment"] = torch.tensor(int(e["next_segment"]))
+            state_dict[f"{entry}.epoch"] = torch.tensor(-1 if e["epoch"] is None else int(e["epoch"]))
         return super().upgrade_state_dict_named(state_dict, name)
 
     def reset_memory(self, training: Optional[bool] = None, keep_epoch: Optional[int] = None) -> None:

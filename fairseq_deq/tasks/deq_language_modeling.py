@@ -5,10 +5,13 @@ the model's memory of the previous segment carries over between updates and duri
 and ``fairseq-eval-lm``. The memory is reset at the start of every epoch and every validation.
 """
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional
 
+import torch
+from omegaconf import II
 from torch import nn
 
 from fairseq.data import iterators
@@ -26,10 +29,20 @@ __all__ = ["DEQLanguageModelingTask", "DEQLanguageModelingConfig"]
 
 
 @dataclass
-class DEQLanguageModelingConfig(LanguageModelingConfig, PrecisionFlags):
+class _ResumeFlags:
+    """fairseq's flags that decide how a checkpoint reaches the other data-parallel ranks."""
+
+    distributed_world_size: int = II("distributed_training.distributed_world_size")
+    distributed_rank: int = II("distributed_training.distributed_rank")
+    load_checkpoint_on_all_dp_ranks: bool = II("checkpoint.load_checkpoint_on_all_dp_ranks")
+
+
+@dataclass
+class DEQLanguageModelingConfig(LanguageModelingConfig, PrecisionFlags, _ResumeFlags):
     """Same options as ``language_modeling``; ``--batch-size`` is the number of parallel streams
-    per GPU and ``--tokens-per-sample`` the segment length. The precision flags are fairseq's own,
-    read to refuse combinations that cannot run on this device."""
+    per GPU and ``--tokens-per-sample`` the segment length. The precision and distributed flags
+    are fairseq's own, read to refuse combinations that cannot run on this device and to warn of
+    a resume that would fail."""
 
 
 @register_task("deq_language_modeling", dataclass=DEQLanguageModelingConfig)
@@ -38,6 +51,7 @@ class DEQLanguageModelingTask(LanguageModelingTask):
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None) -> None:
         check_precision_flags(args)
+        _warn_if_resume_would_fail(args)
         if str(args.sample_break_mode) != "none":
             raise ValueError("--task deq_language_modeling streams the corpus as one token sequence: "
                              f"use --sample-break-mode none (got {args.sample_break_mode!r})")
@@ -129,6 +143,28 @@ class DEQLanguageModelingTask(LanguageModelingTask):
     def begin_valid_epoch(self, epoch: int, model) -> None:
         """Validation starts its streams from scratch; the training streams' memory is kept."""
         model.reset_memory(training=False)
+
+
+def _read(cfg: Any, name: str, default: Any) -> Any:
+    try:
+        value = getattr(cfg, name, default)
+    except Exception:  # an interpolation that cannot resolve outside fairseq-train's config
+        return default
+    return default if value is None else value
+
+
+def _warn_if_resume_would_fail(cfg: Any) -> None:
+    """fairseq sends a resumed checkpoint from rank 0 to the others through ``torch.load``, whose
+    ``weights_only=True`` default (torch >= 2.6) refuses the omegaconf config in it: without
+    ``--load-checkpoint-on-all-dp-ranks`` a multi-process run cannot resume. Say so when it starts."""
+    world = int(_read(cfg, "distributed_world_size", 1))
+    if (world > 1 and int(_read(cfg, "distributed_rank", 0)) == 0
+            and not _read(cfg, "load_checkpoint_on_all_dp_ranks", False)
+            and torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
+            and os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() not in ("1", "y", "yes", "true")):
+        logger.warning(f"this run has {world} processes: resuming it from a checkpoint needs "
+                       "--load-checkpoint-on-all-dp-ranks (fairseq broadcasts the checkpoint through torch.load, "
+                       f"which refuses fairseq's config in it with weights_only=True, torch {torch.__version__}'s default)")
 
 
 class _SolverSummary:
