@@ -2,12 +2,14 @@
 
 fairseq's ``--amp`` is CUDA autocast (``torch.cuda.amp``): on a CPU run it changes nothing and
 the model trains in float32 without a word. Its ``--fp16`` keeps flattened float32 master weights
-on the current CUDA device and fails on CPU with a CUDA error. The plugin's task and criterions
-refuse both on CPU with what to use instead; ``--memory-efficient-fp16``, ``--fp16
---fp16-no-flatten-grads`` and ``--bf16`` (half-precision models with float32 master weights) run
-on CPU.
+on the current CUDA device and fails on CPU with a CUDA error. Its ``--bf16`` (and
+``--memory-efficient-bf16``) implies ``--tpu`` and needs ``torch_xla`` on any device. The plugin's
+task and criterions refuse these where they cannot run, with what to use instead;
+``--memory-efficient-fp16`` and ``--fp16 --fp16-no-flatten-grads`` (half-precision models with
+float32 master weights) run on CPU.
 """
 # No ``from __future__ import annotations`` here: fairseq reads the dataclass field types at run time.
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ class PrecisionFlags(FairseqDataclass):
     memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
     fp16_no_flatten_grads: bool = II("common.fp16_no_flatten_grads")
     amp: bool = II("common.amp")
+    bf16: bool = II("common.bf16")
+    memory_efficient_bf16: bool = II("common.memory_efficient_bf16")
     cpu: bool = II("common.cpu")
 
 
@@ -46,13 +50,18 @@ def check_precision_flags(cfg: Any) -> None:
         cfg: a config holding :class:`PrecisionFlags`' fields (missing or unresolved ones read
             as False).
     """
+    bf16 = next((f"--{name.replace('_', '-')}" for name in ("memory_efficient_bf16", "bf16") if _flag(cfg, name)), None)
+    if bf16 and importlib.util.find_spec("torch_xla") is None:
+        raise ValueError(f"{bf16} in fairseq implies --tpu, which needs torch_xla (not installed): use "
+                         "--memory-efficient-fp16, or --fp16 on CUDA (bfloat16 is not one of fairseq's precisions "
+                         "off TPUs)")
     on_cuda = torch.cuda.is_available() and not _flag(cfg, "cpu")
     if on_cuda:
         return
     if _flag(cfg, "amp"):
         raise ValueError("--amp is fairseq's CUDA autocast (torch.cuda.amp): on CPU it does nothing and "
-                         "the model would train in float32. Without CUDA use --memory-efficient-fp16 or "
-                         "--bf16 (a half-precision model with float32 master weights), or drop --amp")
+                         "the model would train in float32. Without CUDA use --memory-efficient-fp16 (a "
+                         "half-precision model with float32 master weights), or drop --amp")
     if _flag(cfg, "fp16") and not (_flag(cfg, "memory_efficient_fp16") or _flag(cfg, "fp16_no_flatten_grads")):
         raise ValueError("--fp16 keeps its flattened float32 master weights on a CUDA device, and there "
                          "is none here: add --fp16-no-flatten-grads or use --memory-efficient-fp16")

@@ -244,9 +244,11 @@ def test_memory_efficient_fp16_trains_a_half_model_with_jr_on_cpu(data_bin):
 
 @pytest.mark.parametrize("flags, message", [
     (("--amp",), r"--amp is fairseq's CUDA autocast \(torch.cuda.amp\): on CPU it does nothing .* use "
-                 r"--memory-efficient-fp16 or --bf16"),
+                 r"--memory-efficient-fp16 \(a half-precision model"),
     (("--fp16",), r"--fp16 keeps its flattened float32 master weights on a CUDA device, and there is none here: "
                   r"add --fp16-no-flatten-grads or use --memory-efficient-fp16"),
+    (("--bf16",), r"--bf16 in fairseq implies --tpu, which needs torch_xla \(not installed\): use --memory-efficient-fp16"),
+    (("--memory-efficient-bf16",), r"--memory-efficient-bf16 in fairseq implies --tpu"),
 ])
 @pytest.mark.parametrize("criterion", ["cross_entropy_jr", "adaptive_loss_jr"])
 def test_precision_flags_that_cannot_run_on_cpu_are_refused(data_bin, flags, message, criterion):
