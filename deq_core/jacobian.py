@@ -109,6 +109,12 @@ class JRSchedule:
                    pretrain_weight=config.pretrain_jac_weight, stop_step=config.jac_stop_step,
                    stop_epoch=config.jac_stop_epoch)
 
+    @property
+    def always_zero(self) -> bool:
+        """Whether the weight is 0 at every step (JR never adds a term)."""
+        grows = self.increment != 0 and self.increment_every > 0
+        return self.weight == 0 and self.pretrain_weight == 0 and not grows
+
     def weight_at(self, step: int, epoch: Optional[int] = None) -> float:
         """The JR weight at a training step.
 

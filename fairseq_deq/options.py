@@ -11,7 +11,7 @@ random decisions is fairseq's own ``--seed`` (fairseq defines that flag first).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
@@ -31,10 +31,18 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _fairseq_field(spec: DEQFlag, default: Any) -> Tuple[str, Any, dataclasses.Field]:
-    """(name, type, field) of the fairseq field that carries DEQConfig field ``spec.field`` with ``default``."""
+def _fairseq_field(spec: DEQFlag, default: Any, by_architecture: bool = False) -> Tuple[str, Any, dataclasses.Field]:
+    """(name, type, field) of the fairseq field that carries DEQConfig field ``spec.field`` with
+    ``default``; ``by_architecture``: the field is None unless given (the architecture sets it)."""
     meta = spec.meta
     kind, help_text = meta["kind"], meta["help"]
+    if by_architecture:
+        if kind in (bool, dict) or spec.field == "seed":
+            raise ValueError(f"{spec.field} cannot be set by an architecture (a switch, solver options or the seed)")
+        choices = meta["choices"]
+        kind = ChoiceEnum(list(choices)) if isinstance(choices, tuple) else kind
+        return spec.dest, Optional[kind], dataclasses.field(
+            default=None, metadata={"help": f"{help_text} (default: the architecture's)"})
     if spec.field == "seed":  # fairseq's own --seed, also in hydra configs
         return spec.dest, int, dataclasses.field(default=II("common.seed"), metadata={"help": help_text})
     if kind is bool:
@@ -52,11 +60,15 @@ def _fairseq_field(spec: DEQFlag, default: Any) -> Tuple[str, Any, dataclasses.F
     return spec.dest, kind_type, dataclasses.field(default=default, metadata={"help": help_text})
 
 
-def deq_options(name: str = "DEQOptions", **defaults: Any) -> type:
+def deq_options(name: str = "DEQOptions", by_architecture: Iterable[str] = (), **defaults: Any) -> type:
     """A fairseq dataclass with one field per DEQConfig field (and so one ``--flag``).
 
     Args:
         name: the dataclass's name.
+        by_architecture: DEQConfig fields whose defaults a model's architecture functions state:
+            these fields are None unless given, so that an architecture named in a hydra config
+            (``model._name``), where fairseq fills in the dataclass defaults before the
+            architecture function runs, still sets them.
         **defaults: DEQConfig field names and the defaults the fields take instead of
             DEQConfig's (a model's own defaults, e.g. ``f_stop_mode="rel"``); solver options as
             ``"key=value,..."`` strings.
@@ -65,11 +77,13 @@ def deq_options(name: str = "DEQOptions", **defaults: Any) -> type:
         the dataclass, a subclass of ``FairseqDataclass``.
     """
     names = DEQConfig.field_names()
-    unknown = sorted(set(defaults) - set(names))
+    by_architecture = set(by_architecture)
+    unknown = sorted((set(defaults) | by_architecture) - set(names))
     if unknown:
         raise ValueError(f"unknown DEQ option(s) {unknown}; accepted: {', '.join(names)}")
     by_name = {f.name: f for f in dataclasses.fields(DEQConfig)}
-    fields = [_fairseq_field(spec, defaults.get(spec.field, _default(by_name[spec.field]))) for spec in DEQ_FLAGS]
+    fields = [_fairseq_field(spec, defaults.get(spec.field, _default(by_name[spec.field])),
+                             spec.field in by_architecture) for spec in DEQ_FLAGS]
     options = dataclasses.make_dataclass(name, fields, bases=(FairseqDataclass,))
     options.__doc__ = "The equilibrium layer's options (one per DEQConfig field) as fairseq config fields."
     return options

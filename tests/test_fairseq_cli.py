@@ -316,3 +316,32 @@ def test_checkpoints_average_as_fairseq_users_do(data_bin, tmp_path):
     assert averaged["model"][weight].allclose((states[0][weight] + states[1][weight]) / 2)
     bits, steps = _eval_lm(data_bin, tmp_path / "averaged.pt", "{}")
     assert math.isfinite(bits) and steps >= 1
+
+
+@pytest.mark.parametrize("arch", ["deq_transformer_lm_tiny", "deq_transformer_lm"])
+def test_a_hydra_config_naming_an_architecture_builds_the_model_arch_builds(data_bin, tmp_path, arch):
+    """fairseq-hydra-train fills in the model dataclass's defaults before the architecture
+    function runs: the architecture's settings must still win, as with ``--arch``."""
+    from fairseq import checkpoint_utils
+
+    small = {} if arch.endswith("tiny") else {"decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in small.items()]
+    cli_run = run(tiny_train_args(data_bin, tmp_path / "cli", *STREAM, "--max-update", "1", "--log-interval", "1",
+                                  "--disable-validation", "--arch", arch, *flags), cwd=tmp_path)
+    hydra_run = run(cli("fairseq-hydra-train") + [
+        f"common.user_dir={USER_DIR}", "common.cpu=true", "common.seed=1", "common.log_format=json",
+        "common.log_interval=1", "+task._name=deq_language_modeling", f"+task.data={data_bin}",
+        "+task.tokens_per_sample=16", f"+model._name={arch}", "+model.dropout=0",
+        *(f"+model.{k}={v}" for k, v in small.items()), "++criterion._name=cross_entropy_jr",
+        "++optimizer._name=adam", "optimization.lr=[0.005]", "dataset.batch_size=8", "dataset.num_workers=0",
+        "dataset.disable_validation=true", "optimization.max_update=1", f"checkpoint.save_dir={tmp_path / 'hydra'}",
+        "checkpoint.no_epoch_checkpoints=true", f"hydra.run.dir={tmp_path / 'hydra_run'}"], cwd=tmp_path)
+    (cli_model,), _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "cli" / "checkpoint_last.pt")])
+    (hydra_model,), _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "hydra" / "checkpoint_last.pt")])
+    assert hydra_model.decoder.deq.config == cli_model.decoder.deq.config
+    assert ({k: v.shape for k, v in hydra_model.state_dict().items()}
+            == {k: v.shape for k, v in cli_model.state_dict().items()})
+    # The base architecture has no JR weight: the JR criterion says so once, on either path.
+    for proc in (cli_run, hydra_run):
+        said = proc.stdout.count("--criterion cross_entropy_jr adds no JR term")
+        assert said == (1 if arch == "deq_transformer_lm" else 0), proc.stdout[-3000:]

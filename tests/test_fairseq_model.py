@@ -357,3 +357,22 @@ def test_segment_memory_is_tensors_in_the_state_dict_and_older_checkpoints_load(
     _, _, fresh = build(dict_dir, *TINY)
     fresh.load_state_dict(two_ranks)
     assert fresh.decoder.memory.read("train", 5, x) is None
+
+
+def test_every_option_an_architecture_sets_is_unset_in_the_config_by_default():
+    # fairseq's hydra path fills in the dataclass defaults before the architecture function runs
+    # (which keeps any value already there), so an option an architecture sets must default to None.
+    import argparse
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY
+
+    from fairseq_deq.models import DEQTransformerLMConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DEQTransformerLMConfig)}
+    archs = [a for a, m in ARCH_MODEL_NAME_REGISTRY.items() if m == "deq_transformer_lm" and a != m]
+    assert len(archs) == 3
+    for arch in archs:
+        args = argparse.Namespace()
+        ARCH_CONFIG_REGISTRY[arch](args)
+        not_unset = sorted(k for k in vars(args) if k in defaults and defaults[k] is not None)
+        assert not not_unset, (arch, not_unset)

@@ -11,7 +11,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss, AdaptiveLossConfig
 
 from ..precision import PrecisionFlags, check_precision_flags
-from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics
+from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics, warn_if_jr_is_off
 
 __all__ = ["AdaptiveLossJR", "AdaptiveLossJRConfig"]
 
@@ -32,6 +32,8 @@ class AdaptiveLossJR(AdaptiveLoss):
     (:func:`~fairseq_deq.precision.check_precision_flags`).
     """
 
+    _jr_checked = False  # whether the first training pass looked for a JR weight
+
     @classmethod
     def build_criterion(cls, cfg: AdaptiveLossJRConfig, task):
         """fairseq's factory: the criterion for ``cfg`` and ``task``."""
@@ -46,6 +48,9 @@ class AdaptiveLossJR(AdaptiveLoss):
         if adaptive_softmax is None:
             raise ValueError("--criterion adaptive_loss_jr needs a model with an adaptive softmax: set "
                              "--adaptive-softmax-cutoff, or use --criterion cross_entropy_jr")
+        if model.training and not self._jr_checked:
+            self._jr_checked = True
+            warn_if_jr_is_off(model, "adaptive_loss_jr")
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
         nsentences = target.size(0)

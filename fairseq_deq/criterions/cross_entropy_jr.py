@@ -9,7 +9,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 
 from ..precision import PrecisionFlags, check_precision_flags
-from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics
+from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics, warn_if_jr_is_off
 
 __all__ = ["CrossEntropyJRCriterion", "CrossEntropyJRConfig"]
 
@@ -25,6 +25,8 @@ class CrossEntropyJRCriterion(CrossEntropyCriterion):
     with fixed-point correction when the model's layer returns correction states; logs the forward/backward solver steps and residuals and the JR estimate. Refuses precision
     flags that cannot run on this device (:func:`~fairseq_deq.precision.check_precision_flags`)."""
 
+    _jr_checked = False  # whether the first training pass looked for a JR weight
+
     @classmethod
     def build_criterion(cls, cfg: CrossEntropyJRConfig, task):
         """fairseq's factory: the criterion for ``cfg`` and ``task``."""
@@ -33,6 +35,9 @@ class CrossEntropyJRCriterion(CrossEntropyCriterion):
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
         """fairseq's cross entropy of ``sample`` (corrected) plus the JR term; returns (loss, sample size, logging output)."""
+        if model.training and not self._jr_checked:
+            self._jr_checked = True
+            warn_if_jr_is_off(model, "cross_entropy_jr")
         net_output = model(**sample["net_input"])
         loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]

@@ -2,15 +2,19 @@
 solver metrics."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from fairseq import utils
 from fairseq.logging import metrics
+from torch import nn
 
-from deq_core import BACKWARD_SUMMARY, DEQStats, fixed_point_correction
+from deq_core import BACKWARD_SUMMARY, DEQLayer, DEQStats, JRSchedule, fixed_point_correction
 
-__all__ = ["add_deq_terms", "add_correction_terms", "reduce_deq_metrics"]
+__all__ = ["add_deq_terms", "add_correction_terms", "reduce_deq_metrics", "warn_if_jr_is_off"]
+
+logger = logging.getLogger(__name__)
 
 # logging-output key -> metric name (averaged over "deq_calls"; the backward ones over "deq_b_calls")
 _FORWARD = {"deq_f_steps": "f_steps", "deq_f_abs_res": "f_abs_res", "deq_f_rel_res": "f_rel_res",
@@ -61,6 +65,21 @@ def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sa
         if reduce:
             loss = loss + stats.jr_term * sample_size
     return loss
+
+
+def warn_if_jr_is_off(model: nn.Module, criterion: str) -> bool:
+    """Log a warning when no equilibrium layer of ``model`` ever runs JR (its weight is 0 at every
+    step, or ``jac_freq`` is 0), so the JR criterion adds nothing; returns whether it warned."""
+    layers = [m for m in model.modules() if isinstance(m, DEQLayer)]
+    off = [layer for layer in layers
+           if JRSchedule.from_config(layer.config).always_zero or layer.config.jac_freq == 0]
+    if not layers or len(off) < len(layers):
+        return False
+    c = off[0].config
+    logger.warning(f"--criterion {criterion} adds no JR term: the model's JR weight is 0 at every step "
+                   f"(--jac-weight {c.jac_weight}, --jac-weight-increment {c.jac_weight_increment}, --jac-freq "
+                   f"{c.jac_freq}); give --jac-weight (the paper's WikiText-103 models: 1.9)")
+    return True
 
 
 def add_correction_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], decoder: Any,

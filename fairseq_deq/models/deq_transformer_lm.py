@@ -31,30 +31,41 @@ DEFAULT_MAX_TARGET_POSITIONS = 1024
 # positions after it and the model is exactly causal (the joint solve leaks ~1e-2 nats).
 _DEQ_DEFAULTS = dict(f_solver="anderson", b_solver="broyden", f_stop_mode="rel", b_stop_mode="rel",
                      jac_probes=1, sample_dims=2)
+# The layer's options that architectures set: None in the config unless given (see deq_options).
+_ARCH_DEQ_FIELDS = (*_DEQ_DEFAULTS, "f_max_iter", "f_max_iter_jitter", "b_max_iter", "jac_weight",
+                    "jac_weight_increment", "jac_increment_every", "jac_freq", "pretrain_steps", "unrolled_layers")
+
+_BY_ARCH = " (default: the architecture's)"
 
 
 @dataclass
-class DEQTransformerLMConfig(deq_options("DEQTransformerLMOptions", **_DEQ_DEFAULTS)):
-    """Model options; the equilibrium layer's options come from :class:`~fairseq_deq.options.DEQOptions`."""
+class DEQTransformerLMConfig(deq_options("DEQTransformerLMOptions", by_architecture=_ARCH_DEQ_FIELDS)):
+    """Model options; the equilibrium layer's options come from :class:`~fairseq_deq.options.DEQOptions`.
 
-    decoder_embed_dim: int = field(default=512, metadata={"help": "model dimension"})
-    decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "inner dimension of the FFN"})
-    decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads"})
-    decoder_normalize_before: bool = field(
-        default=False, metadata={"help": "pre-LN layer (default: post-LN as in Transformer-XL)"})
-    dropout: float = field(default=0.1, metadata={"help": "variational (locked) dropout on the embeddings, "
-                                                          "inside the layer and on its output"})
-    attention_dropout: float = field(default=0.0, metadata={
-        "help": "variational dropout on the attention probabilities"})
-    activation_dropout: float = field(default=0.0, metadata={
-        "help": "variational dropout after the FFN activation"})
-    injection: ChoiceEnum(INJECTIONS) = field(default="qkv", metadata={
+    The options an architecture sets are None unless given: the architecture function (or, for
+    ``deq_transformer_lm`` itself, :meth:`DEQTransformerLanguageModel.build_model`) fills them
+    in, also when a hydra config names the architecture (``model._name``).
+    """
+
+    decoder_embed_dim: Optional[int] = field(default=None, metadata={"help": "model dimension" + _BY_ARCH})
+    decoder_ffn_embed_dim: Optional[int] = field(default=None, metadata={
+        "help": "inner dimension of the FFN" + _BY_ARCH})
+    decoder_attention_heads: Optional[int] = field(default=None, metadata={"help": "attention heads" + _BY_ARCH})
+    decoder_normalize_before: Optional[bool] = field(default=None, metadata={
+        "help": "pre-LN layer (default: the architecture's; deq_transformer_lm: post-LN as in Transformer-XL)"})
+    dropout: Optional[float] = field(default=None, metadata={
+        "help": "variational (locked) dropout on the embeddings, inside the layer and on its output" + _BY_ARCH})
+    attention_dropout: Optional[float] = field(default=None, metadata={
+        "help": "variational dropout on the attention probabilities" + _BY_ARCH})
+    activation_dropout: Optional[float] = field(default=None, metadata={
+        "help": "variational dropout after the FFN activation" + _BY_ARCH})
+    injection: Optional[ChoiceEnum(INJECTIONS)] = field(default=None, metadata={
         "help": "where the embeddings' injection enters the layer: 'qkv' (the paper's: a d -> 3d map added to the "
                 "attention's queries, keys and values) or 'residual' (d -> 2d, added to the attention input "
-                "and to the feed-forward input)"})
-    mem_len: int = field(default=0, metadata={
+                "and to the feed-forward input)" + _BY_ARCH})
+    mem_len: Optional[int] = field(default=None, metadata={
         "help": "positions of previous segments kept as attention memory (used with "
-                "--task deq_language_modeling, which streams the corpus)"})
+                "--task deq_language_modeling, which streams the corpus)" + _BY_ARCH})
     no_weight_norm: bool = field(default=False, metadata={
         "help": "do not put DEQ weight normalization on the layer's and the injection's linears"})
     no_scale_embedding: bool = field(default=False, metadata={"help": "do not scale embeddings by sqrt(d)"})
@@ -62,21 +73,23 @@ class DEQTransformerLMConfig(deq_options("DEQTransformerLMOptions", **_DEQ_DEFAU
         "help": "std of a normal init of the layer's and the injection's weights (default: torch's fan-in "
                 "uniform init, as the paper's 1x1 convolutions; with 0.02 a small model's first LayerNorm "
                 "sees a near-zero input at z = 0 and its gradients are ~20x larger)"})
-    share_decoder_input_output_embed: bool = field(default=False, metadata={
-        "help": "tie the output projection to the (plain) input embedding"})
-    adaptive_input: bool = field(default=False, metadata={"help": "use fairseq's AdaptiveInput"})
-    adaptive_input_factor: float = field(default=4, metadata={"help": "adaptive input dimension divisor"})
+    share_decoder_input_output_embed: Optional[bool] = field(default=None, metadata={
+        "help": "tie the output projection to the (plain) input embedding" + _BY_ARCH})
+    adaptive_input: Optional[bool] = field(default=None, metadata={"help": "use fairseq's AdaptiveInput" + _BY_ARCH})
+    adaptive_input_factor: Optional[float] = field(default=None, metadata={
+        "help": "adaptive input dimension divisor" + _BY_ARCH})
     adaptive_input_cutoff: Optional[str] = field(default=None, metadata={
-        "help": "comma separated adaptive input cutoffs"})
+        "help": "comma separated adaptive input cutoffs" + _BY_ARCH})
     adaptive_softmax_cutoff: Optional[str] = field(default=None, metadata={
-        "help": "comma separated adaptive softmax cutoffs (use with --criterion adaptive_loss_jr)"})
+        "help": "comma separated adaptive softmax cutoffs (use with --criterion adaptive_loss_jr)" + _BY_ARCH})
     adaptive_softmax_dropout: float = field(default=0.0, metadata={
         "help": "dropout in the adaptive softmax tail projections"})
-    adaptive_softmax_factor: float = field(default=4, metadata={"help": "adaptive softmax dimension divisor"})
-    tie_adaptive_weights: bool = field(default=False, metadata={
-        "help": "tie adaptive softmax and adaptive input weights"})
-    tie_adaptive_proj: bool = field(default=False, metadata={
-        "help": "tie adaptive softmax and adaptive input projections"})
+    adaptive_softmax_factor: Optional[float] = field(default=None, metadata={
+        "help": "adaptive softmax dimension divisor" + _BY_ARCH})
+    tie_adaptive_weights: Optional[bool] = field(default=None, metadata={
+        "help": "tie adaptive softmax and adaptive input weights" + _BY_ARCH})
+    tie_adaptive_proj: Optional[bool] = field(default=None, metadata={
+        "help": "tie adaptive softmax and adaptive input projections" + _BY_ARCH})
     # From other parts of the config.
     tokens_per_sample: int = II("task.tokens_per_sample")
     max_target_positions: Optional[int] = II("task.max_target_positions")
@@ -91,7 +104,9 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: DEQTransformerLMConfig, task) -> "DEQTransformerLanguageModel":
-        """fairseq's factory: the model for ``cfg`` on ``task``'s dictionary, options checked."""
+        """fairseq's factory: the model for ``cfg`` on ``task``'s dictionary, options checked (the
+        options no architecture function set take ``deq_transformer_lm``'s defaults)."""
+        _base_architecture(cfg)
         deq_config = deq_config_from(cfg)
         _check_model_options(cfg, deq_config, len(task.source_dictionary))
         if safe_getattr(cfg, "max_target_positions", None) is None:
@@ -214,11 +229,14 @@ def _base_architecture(args: Any) -> None:
     args.mem_len = safe_getattr(args, "mem_len", 0)
     args.injection = safe_getattr(args, "injection", "qkv")
     args.adaptive_input = safe_getattr(args, "adaptive_input", False)
+    args.adaptive_input_factor = safe_getattr(args, "adaptive_input_factor", 4)
+    args.adaptive_softmax_factor = safe_getattr(args, "adaptive_softmax_factor", 4)
     args.tie_adaptive_weights = safe_getattr(args, "tie_adaptive_weights", False)
     args.tie_adaptive_proj = safe_getattr(args, "tie_adaptive_proj", False)
     args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", False)
-    for name, value in _DEQ_DEFAULTS.items():
-        setattr(args, name, safe_getattr(args, name, value))
+    layer_defaults = DEQConfig()
+    for name in _ARCH_DEQ_FIELDS:
+        setattr(args, name, safe_getattr(args, name, _DEQ_DEFAULTS.get(name, getattr(layer_defaults, name))))
     # Fail at argument parsing, before any data is loaded.
     _check_model_options(args, deq_config_from(args))
 
