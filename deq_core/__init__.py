@@ -5,7 +5,7 @@ from .cli import DEQFlag, add_deq_args, config_from_args, deq_flags, parse_solve
 from .config import BACKWARD_INITS, PROBE_DISTRIBUTIONS, DEQConfig
 from .correction import fixed_point_correction
 from .dropout import VariationalDropout
-from .errors import OptionError, OptionTypeError, OptionValueError
+from .errors import OptionError, OptionTypeError, OptionValueError, UsageError
 from .flat_map import FlatMap, equilibrium_pass
 from .jacobian import JRSchedule, jac_frobenius_estimate, spectral_radius
 from .layer import DEQLayer, name_deq_layers
@@ -19,7 +19,7 @@ from .stats import BACKWARD_SUMMARY, DEQStats, DEQStatsMeter
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEQConfig", "OptionError", "OptionValueError", "OptionTypeError", "BACKWARD_INITS", "STOP_MODES",
+    "DEQConfig", "OptionError", "OptionValueError", "OptionTypeError", "UsageError", "BACKWARD_INITS", "STOP_MODES",
     "PROBE_DISTRIBUTIONS", "DEQFlag", "deq_flags", "add_deq_args", "config_from_args", "parse_solver_options",
     "DEQLayer", "DEQStats", "DEQStatsMeter", "BACKWARD_SUMMARY", "FlatMap", "equilibrium_pass", "name_deq_layers",
     "StateSpec", "BackwardMode", "SolvingMode", "ForwardPass", "register_backward", "unregister_backward",

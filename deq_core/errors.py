@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-__all__ = ["OptionError", "OptionValueError", "OptionTypeError"]
+__all__ = ["OptionError", "OptionValueError", "OptionTypeError", "UsageError"]
 
 
 class OptionError(Exception):
@@ -27,3 +27,11 @@ class OptionValueError(OptionError, ValueError):
 
 class OptionTypeError(OptionError, TypeError):
     """An option of the wrong type."""
+
+
+class UsageError(ValueError):
+    """A command-line value a run cannot use; the message names the flag and what it accepts.
+
+    Library functions raise it (a ``ValueError``, for callers that use them as a library); the
+    command-line tools report it in one line, as argparse reports its own errors.
+    """

@@ -6,3 +6,6 @@ importing everything here registers the model, its architectures, the criterions
 way the package is imported first.
 """
 from . import criterions, models, tasks  # noqa: F401  (registration)
+from ._cli_errors import report_flag_errors_in_one_line
+
+report_flag_errors_in_one_line()

@@ -18,6 +18,8 @@ from omegaconf import II
 
 from fairseq.dataclass import FairseqDataclass
 
+from deq_core import UsageError
+
 __all__ = ["PrecisionFlags", "check_precision_flags"]
 
 
@@ -52,16 +54,16 @@ def check_precision_flags(cfg: Any) -> None:
     """
     bf16 = next((f"--{name.replace('_', '-')}" for name in ("memory_efficient_bf16", "bf16") if _flag(cfg, name)), None)
     if bf16 and importlib.util.find_spec("torch_xla") is None:
-        raise ValueError(f"{bf16} in fairseq implies --tpu, which needs torch_xla (not installed): use "
+        raise UsageError(f"{bf16} in fairseq implies --tpu, which needs torch_xla (not installed): use "
                          "--memory-efficient-fp16, or --fp16 on CUDA (bfloat16 is not one of fairseq's precisions "
                          "off TPUs)")
     on_cuda = torch.cuda.is_available() and not _flag(cfg, "cpu")
     if on_cuda:
         return
     if _flag(cfg, "amp"):
-        raise ValueError("--amp is fairseq's CUDA autocast (torch.cuda.amp): on CPU it does nothing and "
+        raise UsageError("--amp is fairseq's CUDA autocast (torch.cuda.amp): on CPU it does nothing and "
                          "the model would train in float32. Without CUDA use --memory-efficient-fp16 (a "
                          "half-precision model with float32 master weights), or drop --amp")
     if _flag(cfg, "fp16") and not (_flag(cfg, "memory_efficient_fp16") or _flag(cfg, "fp16_no_flatten_grads")):
-        raise ValueError("--fp16 keeps its flattened float32 master weights on a CUDA device, and there "
+        raise UsageError("--fp16 keeps its flattened float32 master weights on a CUDA device, and there "
                          "is none here: add --fp16-no-flatten-grads or use --memory-efficient-fp16")

@@ -7,7 +7,7 @@ pytest.importorskip("fairseq")
 from tests._fairseq_helpers import VOCAB, build, write_dictionary  # noqa: E402
 
 LENGTH = 64
-TINY = ("--arch", "deq_transformer_lm_tiny", "--task", "language_modeling", "--tokens-per-sample", str(LENGTH))
+TINY = ("--arch", "deq_transformer_lm_tiny", "--task", "deq_language_modeling", "--tokens-per-sample", str(LENGTH))
 
 
 @pytest.fixture(scope="module")

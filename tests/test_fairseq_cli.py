@@ -345,3 +345,24 @@ def test_a_hydra_config_naming_an_architecture_builds_the_model_arch_builds(data
     for proc in (cli_run, hydra_run):
         said = proc.stdout.count("--criterion cross_entropy_jr adds no JR term")
         assert said == (1 if arch == "deq_transformer_lm" else 0), proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--task", "language_modeling", "--criterion", "adaptive_loss_jr"),
+     "--criterion adaptive_loss_jr needs an adaptive softmax: set --adaptive-softmax-cutoff"),
+    (("--task", "language_modeling", "--jac-stop-epoch", "2"),
+     "--jac-stop-epoch needs the epoch number, .* use --task deq_language_modeling or --jac-stop-step"),
+    (("--arch", "transformer_lm", "--task", "language_modeling", "--criterion", "cross_entropy_jr"),
+     "--criterion cross_entropy_jr needs a model whose decoder returns DEQ statistics .* got --arch transformer_lm"),
+    (("--task", "deq_language_modeling", "--tokens-per-sample", "0"), "--tokens-per-sample must be >= 1, got 0"),
+    (("--task", "deq_language_modeling", "--dropout", "1.5"), r"--dropout is a dropout probability in \[0, 1\), got 1.5"),
+    (("--task", "language_modeling", "--mem-len", "64"),
+     "--mem-len 64 is the attention memory of --task deq_language_modeling's streams, and --task language_modeling "
+     "has none"),
+    (("--task", "deq_language_modeling", "--f-max-iter", "0"), r"f_max_iter must be >= 1, got 0 \(command-line flag"),
+])
+def test_bad_combinations_fail_in_one_line_before_data_loads(data_bin, tmp_path, flags, message):
+    proc = run(tiny_train_args(data_bin, tmp_path, "--max-update", "1", *flags), cwd=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert re.search(f"^fairseq-train: error: {message}", proc.stdout, re.M), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and "loaded" not in proc.stdout, proc.stdout[-3000:]

@@ -12,7 +12,7 @@ pytest.importorskip("fairseq")
 import torch  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
 
-from deq_core import DEQConfig  # noqa: E402
+from deq_core import DEQConfig, UsageError  # noqa: E402
 from fairseq_deq.models import DEQTransformerLanguageModel  # noqa: E402
 from fairseq_deq.options import DEQ_FIELD_NAMES  # noqa: E402
 from tests._fairseq_helpers import (USER_DIR, VOCAB, build, make_contractive, parse_train_config, run,  # noqa: E402
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
     r"ignore:(?s).*(version_base|strict flag|ConfigStore schema|no longer experimental|package header):UserWarning")]
 
 TINY = ("--arch", "deq_transformer_lm_tiny", "--task", "language_modeling", "--tokens-per-sample", "16")
+STREAMING = ("--arch", "deq_transformer_lm_tiny", "--task", "deq_language_modeling", "--tokens-per-sample", "16")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_the_base_architecture_shares_the_deq_defaults_and_the_seed_is_fairseqs(
 
 @pytest.mark.parametrize("arch,pre_ln", [("deq_transformer_lm_wt103", False), ("deq_transformer_lm_wt103_preln", True)])
 def test_wt103_architecture_has_the_papers_shapes(dict_dir, arch, pre_ln):
-    cfg = parse_train_config(dict_dir, "--arch", arch, "--task", "language_modeling", "--tokens-per-sample", "150",
+    cfg = parse_train_config(dict_dir, "--arch", arch, "--task", "deq_language_modeling", "--tokens-per-sample", "150",
                              "--criterion", "adaptive_loss_jr", "--ddp-backend", "legacy_ddp")
     model = DEQTransformerLanguageModel.build_model(cfg.model, _Task(size=267735))   # WikiText-103 vocabulary
     dec = model.decoder
@@ -165,7 +166,7 @@ def test_adaptive_input_first_segment_gradients_stay_bounded(dict_dir):
 
 
 def test_memory_gives_the_same_states_as_solving_both_segments_jointly(dict_dir):
-    _, _, model = build(dict_dir, *TINY, "--f-stop-mode", "abs", "--eval-tol", "1e-9", "--eval-max-iter", "200",
+    _, _, model = build(dict_dir, *STREAMING, "--f-stop-mode", "abs", "--eval-tol", "1e-9", "--eval-max-iter", "200",
                         "--mem-len", "16", "--injection", "qkv")   # the paper's layer: memory is [a | u_k | u_v]
     model = make_contractive(model).double().eval()
     tokens = torch.randint(4, VOCAB + 4, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -279,20 +280,33 @@ def test_streaming_task_rejects_what_it_cannot_stream(dict_dir):
 
 
 def test_criterions_reject_models_they_cannot_serve(dict_dir):
-    cfg, task, model = build(dict_dir, *TINY, "--criterion", "adaptive_loss_jr", "--ddp-backend", "legacy_ddp")
-    with pytest.raises(ValueError, match="set --adaptive-softmax-cutoff, or use --criterion cross_entropy_jr"):
-        task.build_criterion(cfg.criterion)(model, _sample())
+    # While the arguments are parsed or the criterion is built, before any data loads ...
+    with pytest.raises(UsageError, match="set --adaptive-softmax-cutoff, or use --criterion cross_entropy_jr"):
+        parse_train_config(dict_dir, *TINY, "--criterion", "adaptive_loss_jr", "--ddp-backend", "legacy_ddp")
     cfg, task, model = build(dict_dir, "--arch", "transformer_lm", "--task", "language_modeling",
                              "--tokens-per-sample", "16", "--criterion", "cross_entropy_jr")
-    with pytest.raises(ValueError, match="needs a model whose decoder returns DEQ statistics"):
-        task.build_criterion(cfg.criterion)(model, _sample())
+    with pytest.raises(UsageError, match="needs a model whose decoder returns DEQ statistics .* got --arch transformer_lm"):
+        task.build_criterion(cfg.criterion)
+    # ... and when a criterion built for one model is handed another.
+    cfg, task, _ = build(dict_dir, *TINY, "--criterion", "adaptive_loss_jr", "--ddp-backend", "legacy_ddp",
+                         "--adaptive-softmax-cutoff", "10")
+    _, _, plain = build(dict_dir, *TINY)
+    with pytest.raises(UsageError, match="set --adaptive-softmax-cutoff, or use --criterion cross_entropy_jr"):
+        task.build_criterion(cfg.criterion)(plain, _sample())
+    cfg, task, _ = build(dict_dir, *TINY, "--criterion", "cross_entropy_jr")
+    _, _, other = build(dict_dir, "--arch", "transformer_lm", "--task", "language_modeling", "--tokens-per-sample", "16")
+    with pytest.raises(UsageError, match="needs a model whose decoder returns DEQ statistics"):
+        task.build_criterion(cfg.criterion)(other, _sample())
 
 
 def test_jac_stop_epoch_needs_a_task_that_passes_the_epoch(dict_dir):
-    _, _, model = build(dict_dir, *TINY, "--jac-stop-epoch", "3")
+    with pytest.raises(UsageError, match="--task language_modeling does not: use --task deq_language_modeling or "
+                                         "--jac-stop-step"):
+        parse_train_config(dict_dir, *TINY, "--jac-stop-epoch", "3")
+    _, _, model = build(dict_dir, *STREAMING, "--jac-stop-epoch", "3")
     model.train()
-    with pytest.raises(ValueError, match="train with --task deq_language_modeling or use --jac-stop-step"):
-        model(**_sample()["net_input"])
+    with pytest.raises(UsageError, match="train with --task deq_language_modeling or use --jac-stop-step"):
+        model(**_sample()["net_input"])     # a loop of one's own that never calls set_epoch
     model.set_epoch(3)
     model(**_sample()["net_input"])
     assert model.decoder.deq.jac_weight == 0.0
@@ -334,7 +348,7 @@ def test_both_presets_layers_train_and_their_solves_converge(dict_dir, pre_ln):
 
 
 def test_segment_memory_is_tensors_in_the_state_dict_and_older_checkpoints_load(dict_dir):
-    _, _, model = build(dict_dir, *TINY)
+    _, _, model = build(dict_dir, *STREAMING)
     net_input = dict(_sample()["net_input"], mem_key="train", mem_segment=4)
     model.decoder.set_epoch(2)
     model.train()
@@ -348,13 +362,13 @@ def test_segment_memory_is_tensors_in_the_state_dict_and_older_checkpoints_load(
                           # the layout before the memory was tensors: the decoder's extra state
                           "decoder._extra_state": {"memory": {"train": {
                               "states": state[f"{entry}.states"], "next_segment": 5, "epoch": 2}}}}):
-        _, _, fresh = build(dict_dir, *TINY)
+        _, _, fresh = build(dict_dir, *STREAMING)
         fresh.load_state_dict(saved)
         assert fresh.decoder.memory.read("train", 5, x).equal(state[f"{entry}.states"])
         assert fresh.decoder.memory.read("train", 4, x) is None
     # Memory written by two ranks is not this single process's streams.
     two_ranks = {k.replace("@0/1", "@0/2"): v for k, v in state.items()}
-    _, _, fresh = build(dict_dir, *TINY)
+    _, _, fresh = build(dict_dir, *STREAMING)
     fresh.load_state_dict(two_ranks)
     assert fresh.decoder.memory.read("train", 5, x) is None
 

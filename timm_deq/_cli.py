@@ -28,7 +28,7 @@ import timm.task
 from timm.data import create_dataset
 from timm.models import create_model, load_checkpoint
 
-from deq_core import DEQConfig
+from deq_core import DEQConfig, UsageError
 
 from .models.mdeq import MDEQ, checkpoint_filter_fn
 from .task import deq_layers
@@ -84,14 +84,6 @@ def setup_or_usage_error(setup: Any, build_parser: Any, argv: Optional[List[str]
         return setup(argv)
     except UsageError as err:
         build_parser().error(str(err))
-
-
-class UsageError(ValueError):
-    """A command-line value the run cannot use; the message names the flag and what it accepts.
-
-    ``setup`` functions raise it (a ``ValueError``, for callers that use them as a library); the
-    entry points' ``main`` turns it into ``parser.error`` (usage line, exit status 2).
-    """
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -10,15 +10,19 @@ from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss, AdaptiveLossConfig
 
+from deq_core import UsageError
+
 from ..precision import PrecisionFlags, check_precision_flags
 from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics, warn_if_jr_is_off
+from .model_flag import ModelFlag, check_model_returns_deq_stats
 
 __all__ = ["AdaptiveLossJR", "AdaptiveLossJRConfig"]
 
 
 @dataclass
-class AdaptiveLossJRConfig(AdaptiveLossConfig, PrecisionFlags):
-    """``adaptive_loss``'s options; the precision flags are fairseq's own, read for a check."""
+class AdaptiveLossJRConfig(AdaptiveLossConfig, PrecisionFlags, ModelFlag):
+    """``adaptive_loss``'s options; the precision flags and ``--arch`` are fairseq's own,
+    read for checks."""
 
 
 @register_criterion("adaptive_loss_jr", dataclass=AdaptiveLossJRConfig)
@@ -38,6 +42,7 @@ class AdaptiveLossJR(AdaptiveLoss):
     def build_criterion(cls, cfg: AdaptiveLossJRConfig, task):
         """fairseq's factory: the criterion for ``cfg`` and ``task``."""
         check_precision_flags(cfg)
+        check_model_returns_deq_stats(cfg, "adaptive_loss_jr")
         return super().build_criterion(cfg, task)
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
@@ -46,7 +51,7 @@ class AdaptiveLossJR(AdaptiveLoss):
             raise ValueError("adaptive_loss_jr computes the summed loss only (reduce=True)")
         adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
         if adaptive_softmax is None:
-            raise ValueError("--criterion adaptive_loss_jr needs a model with an adaptive softmax: set "
+            raise UsageError("--criterion adaptive_loss_jr needs a model with an adaptive softmax: set "
                              "--adaptive-softmax-cutoff, or use --criterion cross_entropy_jr")
         if model.training and not self._jr_checked:
             self._jr_checked = True

@@ -10,13 +10,15 @@ from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropy
 
 from ..precision import PrecisionFlags, check_precision_flags
 from .deq_terms import add_correction_terms, add_deq_terms, reduce_deq_metrics, warn_if_jr_is_off
+from .model_flag import ModelFlag, check_model_returns_deq_stats
 
 __all__ = ["CrossEntropyJRCriterion", "CrossEntropyJRConfig"]
 
 
 @dataclass
-class CrossEntropyJRConfig(CrossEntropyCriterionConfig, PrecisionFlags):
-    """``cross_entropy``'s options; the precision flags are fairseq's own, read for a check."""
+class CrossEntropyJRConfig(CrossEntropyCriterionConfig, PrecisionFlags, ModelFlag):
+    """``cross_entropy``'s options; the precision flags and ``--arch`` are fairseq's own,
+    read for checks."""
 
 
 @register_criterion("cross_entropy_jr", dataclass=CrossEntropyJRConfig)
@@ -31,6 +33,7 @@ class CrossEntropyJRCriterion(CrossEntropyCriterion):
     def build_criterion(cls, cfg: CrossEntropyJRConfig, task):
         """fairseq's factory: the criterion for ``cfg`` and ``task``."""
         check_precision_flags(cfg)
+        check_model_returns_deq_stats(cfg, "cross_entropy_jr")
         return super().build_criterion(cfg, task)
 
     def forward(self, model, sample: Dict[str, Any], reduce: bool = True) -> Tuple[torch.Tensor, int, Dict[str, Any]]:

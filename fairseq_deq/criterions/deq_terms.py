@@ -10,7 +10,7 @@ from fairseq import utils
 from fairseq.logging import metrics
 from torch import nn
 
-from deq_core import BACKWARD_SUMMARY, DEQLayer, DEQStats, JRSchedule, fixed_point_correction
+from deq_core import BACKWARD_SUMMARY, DEQLayer, DEQStats, JRSchedule, UsageError, fixed_point_correction
 
 __all__ = ["add_deq_terms", "add_correction_terms", "reduce_deq_metrics", "warn_if_jr_is_off"]
 
@@ -43,10 +43,10 @@ def add_deq_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, Any]], sa
     extra = net_output[1] if len(net_output) > 1 else None
     stats = extra.get("deq_stats") if isinstance(extra, dict) else None
     if not isinstance(stats, DEQStats):
-        raise ValueError(f"--criterion {criterion} needs a model whose decoder returns DEQ statistics "
+        raise UsageError(f"--criterion {criterion} needs a model whose decoder returns DEQ statistics "
                          f"(--arch deq_transformer_lm*); use the criterion without _jr for other models")
     if stats.correction_states and "deq_fp_correction_calls" not in logging_output:
-        raise ValueError(f"--criterion {criterion} applies fixed-point correction to summed losses (reduce=True) "
+        raise UsageError(f"--criterion {criterion} applies fixed-point correction to summed losses (reduce=True) "
                          f"only, and this pass returned {len(stats.correction_states)} correction states "
                          "(--fp-correction-states/--fp-correction-steps) that no loss would use; turn correction off")
     out = logging_output
@@ -109,7 +109,7 @@ def add_correction_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, An
         return loss
     features_of = getattr(decoder, "features_from_deq_state", None)
     if features_of is None:
-        raise ValueError(f"fixed-point correction (--fp-correction-states/--fp-correction-steps) needs "
+        raise UsageError(f"fixed-point correction (--fp-correction-states/--fp-correction-steps) needs "
                          f"{type(decoder).__name__}.features_from_deq_state(z), the decoder's features of a state "
                          "of its equilibrium layer; turn correction off for this model")
     features = [features_of(z) for z in stats.correction_states]

@@ -11,7 +11,7 @@ from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import AdaptiveSoftmax
 from torch import nn
 
-from deq_core import DEQConfig, DEQLayer, VariationalDropout, apply_weight_norm
+from deq_core import DEQConfig, DEQLayer, UsageError, VariationalDropout, apply_weight_norm
 
 from ..modules import DEQTransformerCell, SegmentMemory, relative_positions
 
@@ -147,7 +147,7 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
             if past is not None:
                 prev_output_tokens = prev_output_tokens[:, -1:]
         if self.training and self._needs_epoch and self._epoch is None:
-            raise ValueError("--jac-stop-epoch needs the epoch number, which fairseq's trainer only "
+            raise UsageError("--jac-stop-epoch needs the epoch number, which fairseq's trainer only "
                              "passes to models through the task: train with --task deq_language_modeling "
                              "or use --jac-stop-step")
         x = self.embed_dropout(self.embed_scale * self.embed_tokens(prev_output_tokens))

@@ -13,7 +13,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import nn
 
-from deq_core import DEQConfig, name_deq_layers
+from deq_core import DEQConfig, UsageError, name_deq_layers
 
 from ..modules import INJECTIONS
 
@@ -23,6 +23,7 @@ from .deq_transformer_decoder import DEQTransformerDecoder
 __all__ = ["DEQTransformerLanguageModel", "DEQTransformerLMConfig"]
 
 DEFAULT_MAX_TARGET_POSITIONS = 1024
+_STREAMING_TASK = "deq_language_modeling"  # the task that feeds the segment memory
 
 
 # The DEQ defaults every architecture shares (``--arch deq_transformer_lm`` included): the paper's
@@ -101,6 +102,8 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
 
     #: the streaming task checks this before feeding ``mem_key``/``mem_segment``.
     supports_segment_memory = True
+    #: the JR criterions check this when they are built: the decoder returns ``deq_stats``.
+    returns_deq_stats = True
 
     @classmethod
     def build_model(cls, cfg: DEQTransformerLMConfig, task) -> "DEQTransformerLanguageModel":
@@ -157,10 +160,10 @@ def _check_model_options(cfg: Any, deq: DEQConfig, vocab_size: Optional[int] = N
     cfg = _WithDefaults(cfg)
     dim, heads = cfg.decoder_embed_dim, cfg.decoder_attention_heads
     if dim % heads or dim % 2:
-        raise ValueError(f"--decoder-embed-dim ({dim}) must be even and divisible by "
+        raise UsageError(f"--decoder-embed-dim ({dim}) must be even and divisible by "
                          f"--decoder-attention-heads ({heads})")
     if cfg.mem_len < 0:
-        raise ValueError(f"--mem-len must be >= 0, got {cfg.mem_len}")
+        raise UsageError(f"--mem-len must be >= 0, got {cfg.mem_len}")
     for flag, value in (("--adaptive-input-cutoff", cfg.adaptive_input_cutoff if cfg.adaptive_input else None),
                         ("--adaptive-softmax-cutoff", cfg.adaptive_softmax_cutoff)):
         if value is None:
@@ -168,38 +171,70 @@ def _check_model_options(cfg: Any, deq: DEQConfig, vocab_size: Optional[int] = N
         cut = utils.eval_str_list(value, type=int)
         top = vocab_size if vocab_size is not None else float("inf")
         if not cut or any(b <= a for a, b in zip(cut, cut[1:])) or cut[0] <= 0 or cut[-1] >= top:
-            raise ValueError(f"{flag} must be increasing cutoffs between 0 and the vocabulary size "
+            raise UsageError(f"{flag} must be increasing cutoffs between 0 and the vocabulary size "
                              f"({vocab_size or 'of the dictionary'}), got {value!r}")
         factor_flag = flag.replace("-cutoff", "-factor")
         factor = cfg.adaptive_input_factor if "input" in flag else cfg.adaptive_softmax_factor
         if int(dim // factor ** len(cut)) < 1:
-            raise ValueError(f"{flag} {value!r} with {factor_flag} {factor} gives the last of its {len(cut) + 1} "
+            raise UsageError(f"{flag} {value!r} with {factor_flag} {factor} gives the last of its {len(cut) + 1} "
                              f"bands width {dim} // {factor}**{len(cut)} = 0 at --decoder-embed-dim {dim}: use "
                              "fewer cutoffs or a smaller factor")
     if cfg.adaptive_input and cfg.adaptive_input_cutoff is None:
-        raise ValueError("--adaptive-input needs --adaptive-input-cutoff")
+        raise UsageError("--adaptive-input needs --adaptive-input-cutoff")
     if cfg.tie_adaptive_weights:
         if not cfg.adaptive_input or cfg.adaptive_softmax_cutoff is None:
-            raise ValueError("--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
+            raise UsageError("--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
         if (utils.eval_str_list(cfg.adaptive_input_cutoff, type=int)
                 != utils.eval_str_list(cfg.adaptive_softmax_cutoff, type=int)
                 or cfg.adaptive_input_factor != cfg.adaptive_softmax_factor):
-            raise ValueError("--tie-adaptive-weights needs equal --adaptive-input-cutoff/--adaptive-softmax-cutoff "
+            raise UsageError("--tie-adaptive-weights needs equal --adaptive-input-cutoff/--adaptive-softmax-cutoff "
                              "and --adaptive-input-factor/--adaptive-softmax-factor")
     if cfg.tie_adaptive_proj and not cfg.tie_adaptive_weights:
-        raise ValueError("--tie-adaptive-proj needs --tie-adaptive-weights")
+        raise UsageError("--tie-adaptive-proj needs --tie-adaptive-weights")
     if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
-        raise ValueError("--share-decoder-input-output-embed ties a plain embedding to a plain softmax; "
+        raise UsageError("--share-decoder-input-output-embed ties a plain embedding to a plain softmax; "
                          "with adaptive input/softmax use --tie-adaptive-weights")
     limit = deq.f_max_iter - deq.f_max_iter_jitter
     if limit < 2:
-        raise ValueError(f"--f-max-iter {deq.f_max_iter} with --f-max-iter-jitter {deq.f_max_iter_jitter} lets a "
+        raise UsageError(f"--f-max-iter {deq.f_max_iter} with --f-max-iter-jitter {deq.f_max_iter_jitter} lets a "
                          f"training step solve with {limit} evaluation of f, which is not an equilibrium solve: use "
                          "--f-max-iter >= --f-max-iter-jitter + 2")
+    for name in ("dropout", "attention_dropout", "activation_dropout", "adaptive_softmax_dropout"):
+        p = getattr(cfg, name)
+        if not 0 <= p < 1:
+            raise UsageError(f"--{name.replace('_', '-')} is a dropout probability in [0, 1), got {p}")
+    tokens = safe_getattr(cfg.values, "tokens_per_sample", None)
+    if isinstance(tokens, int) and tokens < 1:
+        raise UsageError(f"--tokens-per-sample must be >= 1, got {tokens}")
     criterion = safe_getattr(cfg.values, "criterion", None)
     if criterion == "cross_entropy_jr" and cfg.adaptive_softmax_cutoff:
-        raise ValueError("--criterion cross_entropy_jr needs a plain softmax; with --adaptive-softmax-cutoff use "
+        raise UsageError("--criterion cross_entropy_jr needs a plain softmax; with --adaptive-softmax-cutoff use "
                          "--criterion adaptive_loss_jr")
+    if criterion == "adaptive_loss_jr" and not cfg.adaptive_softmax_cutoff:
+        raise UsageError("--criterion adaptive_loss_jr needs an adaptive softmax: set --adaptive-softmax-cutoff, or use "
+                         "--criterion cross_entropy_jr")
+    task = _task_name(cfg.values)
+    if task is not None and task != _STREAMING_TASK:
+        if cfg.mem_len > 0:
+            raise UsageError(f"--mem-len {cfg.mem_len} is the attention memory of --task {_STREAMING_TASK}'s streams, "
+                             f"and --task {task} has none: drop --mem-len (or set it to 0) or use --task {_STREAMING_TASK}")
+        if deq.jac_stop_epoch is not None:
+            raise UsageError(f"--jac-stop-epoch needs the epoch number, which fairseq's trainer only passes to models "
+                             f"through the task, and --task {task} does not: use --task {_STREAMING_TASK} or "
+                             "--jac-stop-step")
+
+
+def _task_name(args: Any) -> Optional[str]:
+    """The task's name where the model config knows it (fairseq-train's flat namespace, or a
+    config converted from it); a hydra model config does not."""
+    task = safe_getattr(args, "task", None)
+    return task if isinstance(task, str) else None
+
+
+def _memory_default(args: Any, length: int) -> int:
+    """An architecture's memory length: ``length`` unless the task is known to have no streams."""
+    task = _task_name(args)
+    return length if task in (None, _STREAMING_TASK) else 0
 
 
 class _WithDefaults:
@@ -252,7 +287,7 @@ def deq_transformer_lm_wt103(args: Any) -> None:
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 10)
     args.dropout = safe_getattr(args, "dropout", 0.06)
     args.attention_dropout = safe_getattr(args, "attention_dropout", 0.01)
-    args.mem_len = safe_getattr(args, "mem_len", 300)
+    args.mem_len = safe_getattr(args, "mem_len", _memory_default(args, 300))
     args.adaptive_input = safe_getattr(args, "adaptive_input", True)
     args.adaptive_input_cutoff = safe_getattr(args, "adaptive_input_cutoff", "20000,40000,200000")
     args.adaptive_input_factor = safe_getattr(args, "adaptive_input_factor", 4)
@@ -289,7 +324,7 @@ def deq_transformer_lm_tiny(args: Any) -> None:
     args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 256)
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
     args.dropout = safe_getattr(args, "dropout", 0.1)
-    args.mem_len = safe_getattr(args, "mem_len", 32)
+    args.mem_len = safe_getattr(args, "mem_len", _memory_default(args, 32))
     args.injection = safe_getattr(args, "injection", "residual")
     plain_softmax = not (safe_getattr(args, "adaptive_input", False) or safe_getattr(args, "adaptive_softmax_cutoff"))
     args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", plain_softmax)

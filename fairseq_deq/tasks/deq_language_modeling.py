@@ -18,7 +18,7 @@ from fairseq.data import iterators
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
-from deq_core import DEQLayer, DEQStatsMeter
+from deq_core import DEQLayer, DEQStatsMeter, UsageError
 
 from ..data import StreamCollater, segments_per_column, stream_batches
 from ..precision import PrecisionFlags, check_precision_flags
@@ -52,11 +52,13 @@ class DEQLanguageModelingTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None) -> None:
         check_precision_flags(args)
         _warn_if_resume_would_fail(args)
+        if args.tokens_per_sample < 1:
+            raise UsageError(f"--tokens-per-sample must be >= 1, got {args.tokens_per_sample}")
         if str(args.sample_break_mode) != "none":
-            raise ValueError("--task deq_language_modeling streams the corpus as one token sequence: "
+            raise UsageError("--task deq_language_modeling streams the corpus as one token sequence: "
                              f"use --sample-break-mode none (got {args.sample_break_mode!r})")
         if targets not in (None, ["future"]):
-            raise ValueError(f"--task deq_language_modeling predicts the next token only, got targets {targets}")
+            raise UsageError(f"--task deq_language_modeling predicts the next token only, got targets {targets}")
         super().__init__(args, dictionary, output_dictionary, targets)
         self._models: List["weakref.ref[nn.Module]"] = []
 
@@ -65,7 +67,7 @@ class DEQLanguageModelingTask(LanguageModelingTask):
         model = super().build_model(cfg, from_checkpoint)
         self._models.append(weakref.ref(model))  # for the solver summary of eval_lm_dataloader
         if not getattr(model, "supports_segment_memory", False):
-            raise ValueError(f"--task deq_language_modeling feeds a segment memory, which "
+            raise UsageError(f"--task deq_language_modeling feeds a segment memory, which "
                              f"{type(model).__name__} does not have: use --arch deq_transformer_lm* "
                              f"or --task language_modeling")
         return model
@@ -114,7 +116,7 @@ class DEQLanguageModelingTask(LanguageModelingTask):
         per_batch = max_tokens // self.args.tokens_per_sample if max_tokens else None
         limits = [n for n in (max_sentences, per_batch) if n is not None]
         if not limits or min(limits) < 1:
-            raise ValueError("--task deq_language_modeling needs --batch-size (the number of parallel streams) "
+            raise UsageError("--task deq_language_modeling needs --batch-size (the number of parallel streams) "
                              f"or --max-tokens >= --tokens-per-sample ({self.args.tokens_per_sample}), "
                              f"got batch size {max_sentences} and max tokens {max_tokens}")
         return min(limits)
@@ -124,7 +126,7 @@ class DEQLanguageModelingTask(LanguageModelingTask):
                            data_buffer_size: int = 10, context_window: int = 0):
         """``fairseq-eval-lm``'s batches: the streamed split, with the solver summary logged at the end."""
         if context_window > 0:
-            raise ValueError("--context-window does not apply to --task deq_language_modeling: the segment "
+            raise UsageError("--context-window does not apply to --task deq_language_modeling: the segment "
                              "memory (--mem-len) gives every segment its left context; drop --context-window "
                              "or use --task language_modeling")
         batches = self.get_batch_iterator(
