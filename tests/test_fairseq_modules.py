@@ -1,4 +1,6 @@
 """fairseq plugin building blocks: relative attention, the layer f, stream batching, memory store."""
+import math
+
 import pytest
 
 pytest.importorskip("fairseq")
@@ -48,6 +50,30 @@ def test_attention_injects_into_queries_keys_and_values():
     pos = relative_positions(6, 16, a.device, a.dtype)
     w_qkv = torch.cat([attn.q_proj.weight, attn.kv_proj.weight])
     assert torch.allclose(attn(a + d, pos, u=u), attn(a, pos, u=u + d @ w_qkv.T), atol=1e-5)
+
+
+def test_a_float64_attention_computes_in_float64():
+    """Central differences at step 1e-6 match the exact directional derivative to ~1e-9 only if
+    nothing on the way (scores, softmax, positions) rounds to float32 (then they are off by ~0.1)."""
+    torch.manual_seed(0)
+    attn = RelativeMultiheadAttention(16, 4).eval().double()
+    a, u, d = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 6, 16), (2, 6, 48), (2, 6, 16)))
+    pos = relative_positions(6, 16, a.device, a.dtype)
+
+    def f(x):
+        return attn(x, pos, u=u)
+
+    _, exact = torch.func.jvp(f, (a,), (d,))
+    eps = 1e-6
+    with torch.no_grad():
+        exact, central = exact.detach(), (f(a + eps * d) - f(a - eps * d)) / (2 * eps)
+    assert float((central - exact).norm() / exact.norm()) < 1e-7
+
+
+def test_float64_positions_are_exact_in_float64():
+    pos = relative_positions(300, 64, torch.device("cpu"), torch.float64)
+    angle = 299 * 10000 ** (-2 * 5 / 64)       # distance 299 (row 0), frequency 5
+    assert abs(float(pos[0, 5]) - math.sin(angle)) < 1e-12 and abs(float(pos[0, 37]) - math.cos(angle)) < 1e-12
 
 
 @pytest.mark.parametrize("injection", ["qkv", "residual"])

@@ -20,8 +20,9 @@ def relative_positions(klen: int, dim: int, device: torch.device, dtype: torch.d
     """Sinusoidal embeddings ``(klen, dim)`` of the distances ``klen-1, ..., 1, 0``."""
     if dim % 2:
         raise ValueError(f"the model dimension must be even for sinusoidal positions, got {dim}")
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    dist = torch.arange(klen - 1, -1, -1, device=device, dtype=torch.float32)
+    compute = torch.promote_types(dtype, torch.float32)  # float32 at least, float64 for a float64 model
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device, dtype=compute) / dim))
+    dist = torch.arange(klen - 1, -1, -1, device=device, dtype=compute)
     angles = dist[:, None] * inv_freq[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
 
@@ -88,7 +89,8 @@ class RelativeMultiheadAttention(nn.Module):
         q_position = (q + self.r_r_bias).transpose(1, 2)
         content = q_content @ k.permute(0, 2, 3, 1)                        # (B, H, T, K)
         position = rel_shift(q_position @ r.permute(1, 2, 0))              # (B, H, T, K)
-        scores = (content + position).float() * self.scale
+        scores = content + position
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scale  # a softmax of at least float32
         future = torch.ones(tlen, klen, dtype=torch.bool, device=a.device).triu_(klen - tlen + 1)
         scores = scores.masked_fill(future, float("-inf"))
         probs = self.dropout(torch.softmax(scores, dim=-1).to(v.dtype))
