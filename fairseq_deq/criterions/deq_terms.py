@@ -124,7 +124,10 @@ def add_correction_terms(loss: torch.Tensor, net_output: Tuple[Any, Dict[str, An
 
 
 def reduce_deq_metrics(logging_outputs: Sequence[Dict[str, Any]]) -> None:
-    """Log averages of the solver statistics (summed over workers and micro-batches)."""
+    """Log averages of the solver statistics (summed over workers and micro-batches): the
+    forward and backward solves', the fixed-point correction's, and JR's (``jr``, ``jr_weight``:
+    the mean over the passes that ran JR, or the latest when none did; ``jr_passes``: how many
+    passes ran it)."""
     def total(key: str) -> float:
         return float(utils.item(sum(log.get(key, 0) for log in logging_outputs)))
 
@@ -143,7 +146,18 @@ def reduce_deq_metrics(logging_outputs: Sequence[Dict[str, Any]]) -> None:
         size = max(total("sample_size"), 1.0)
         metrics.log_scalar("fp_correction", total("deq_fp_correction") / size, size, round=4)
     jr_calls = total("deq_jr_calls")
+    if b_calls > 0 or jr_calls > 0:  # training passes
+        metrics.log_scalar_sum("jr_passes", jr_calls, round=0)
     if jr_calls > 0:
         metrics.log_scalar("jr", total("deq_jr") / jr_calls, jr_calls, round=4)
         metrics.log_scalar("jr_weight", total("deq_jr_weight") / jr_calls, jr_calls, round=3)
+    else:
+        # fairseq prints a meter that got no value since its last reset (a log interval without
+        # JR) as None; a zero-weight update, as fairseq's own loss_scale, shows the latest
+        # estimate there without entering any average.
+        for name in ("jr", "jr_weight"):
+            latest = next((agg[name].val for agg in metrics.get_active_aggregators()
+                           if name in agg and getattr(agg[name], "val", None) is not None), None)
+            if latest is not None:
+                metrics.log_scalar(name, latest, weight=0, round=4 if name == "jr" else 3)
 

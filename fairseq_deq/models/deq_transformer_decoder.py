@@ -2,6 +2,7 @@
 (with segment memory) -> (final LayerNorm, pre-LN only) -> adaptive softmax or output projection."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -16,6 +17,8 @@ from deq_core import DEQConfig, DEQLayer, UsageError, VariationalDropout, apply_
 from ..modules import DEQTransformerCell, SegmentMemory, relative_positions
 
 __all__ = ["DEQTransformerDecoder"]
+
+logger = logging.getLogger(__name__)
 
 
 class DEQTransformerDecoder(FairseqIncrementalDecoder):
@@ -66,6 +69,7 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         self.max_target_positions = cfg.max_target_positions
         self.context = cfg.mem_len + cfg.tokens_per_sample - 1  # positions a new token attends to
         self._needs_epoch = deq_config.jac_stop_epoch is not None
+        self._warned_context = False  # a forward longer than training's context, told once
         self._epoch: Optional[int] = None
         self.output_projection: Optional[nn.Module] = None
         self._build_output(cfg, dictionary, embed_tokens)
@@ -157,6 +161,14 @@ class DEQTransformerDecoder(FairseqIncrementalDecoder):
         else:
             mem = None if mem_key is None else self.memory.read(mem_key, int(mem_segment), x)
         klen = x.shape[1] + (0 if mem is None else mem.shape[1])
+        if incremental_state is None and klen - 1 > self.context and not self._warned_context:
+            self._warned_context = True
+            mem_len = self.memory.length
+            tokens = self.context - mem_len + 1
+            logger.warning(f"scoring {x.shape[1]} tokens at once: the last attends {klen - 1} positions back, and "
+                           f"training attended at most {self.context} (--mem-len {mem_len} + --tokens-per-sample "
+                           f"{tokens} - 1); fairseq-eval-lm evaluates as training did with --task "
+                           f"deq_language_modeling --tokens-per-sample {tokens}")
         pos = relative_positions(klen, self.embed_dim, x.device, x.dtype)
         # The state has the model's dtype (under autocast the ops choose their own precision);
         # the solvers keep their iterates in float32 whatever it is.

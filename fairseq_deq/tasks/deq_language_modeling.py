@@ -29,20 +29,22 @@ __all__ = ["DEQLanguageModelingTask", "DEQLanguageModelingConfig"]
 
 
 @dataclass
-class _ResumeFlags:
-    """fairseq's flags that decide how a checkpoint reaches the other data-parallel ranks."""
+class _FairseqFlags:
+    """fairseq's flags the task reads: how a checkpoint reaches the other data-parallel ranks,
+    and whether ``--max-tokens`` was given."""
 
     distributed_world_size: int = II("distributed_training.distributed_world_size")
     distributed_rank: int = II("distributed_training.distributed_rank")
     load_checkpoint_on_all_dp_ranks: bool = II("checkpoint.load_checkpoint_on_all_dp_ranks")
+    max_tokens: Optional[int] = II("dataset.max_tokens")
 
 
 @dataclass
-class DEQLanguageModelingConfig(LanguageModelingConfig, PrecisionFlags, _ResumeFlags):
+class DEQLanguageModelingConfig(LanguageModelingConfig, PrecisionFlags, _FairseqFlags):
     """Same options as ``language_modeling``; ``--batch-size`` is the number of parallel streams
-    per GPU and ``--tokens-per-sample`` the segment length. The precision and distributed flags
-    are fairseq's own, read to refuse combinations that cannot run on this device and to warn of
-    a resume that would fail."""
+    per GPU and ``--tokens-per-sample`` the segment length. The precision, distributed and
+    batching flags are fairseq's own, read to refuse combinations that cannot run on this device
+    or would evaluate without memory, and to warn of a resume that would fail."""
 
 
 @register_task("deq_language_modeling", dataclass=DEQLanguageModelingConfig)
@@ -129,12 +131,28 @@ class DEQLanguageModelingTask(LanguageModelingTask):
             raise UsageError("--context-window does not apply to --task deq_language_modeling: the segment "
                              "memory (--mem-len) gives every segment its left context; drop --context-window "
                              "or use --task language_modeling")
+        if batch_size is None and _read(self.args, "max_tokens", None) is None:
+            streams = self._streams(max_tokens, None)
+            raise UsageError(f"fairseq-eval-lm --task deq_language_modeling needs --batch-size, the number of parallel "
+                             f"streams (e.g. 10, as Transformer-XL evaluates): fairseq's default --max-tokens "
+                             f"{max_tokens} would make {streams} streams of --tokens-per-sample "
+                             f"{self.args.tokens_per_sample}, and a stream's first segment has no memory")
         batches = self.get_batch_iterator(
             dataset=dataset, max_tokens=max_tokens, max_sentences=batch_size, num_shards=num_shards,
             shard_id=shard_id, num_workers=num_workers, data_buffer_size=data_buffer_size,
         ).next_epoch_itr(shuffle=False)
         layers = [m for ref in self._models if ref() is not None for m in ref().modules() if isinstance(m, DEQLayer)]
         return _SolverSummary(batches, layers)
+
+    def train_step(self, sample, model, criterion, optimizer, update_num: int, ignore_grad: bool = False):
+        """fairseq's training step; the backward solve's absolute residual is reported in the units
+        of the unscaled loss (under ``--fp16``/``--amp`` the gradient it solves for is scaled)."""
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num,
+                                                                ignore_grad)
+        scale = _loss_scale(optimizer)
+        if scale != 1.0 and "deq_b_abs_res" in logging_output:
+            logging_output["deq_b_abs_res"] = logging_output["deq_b_abs_res"] / scale
+        return loss, sample_size, logging_output
 
     def begin_epoch(self, epoch: int, model) -> None:
         """A new pass over the training streams: forget the memory of earlier epochs (a run
@@ -153,6 +171,14 @@ def _read(cfg: Any, name: str, default: Any) -> Any:
     except Exception:  # an interpolation that cannot resolve outside fairseq-train's config
         return default
     return default if value is None else value
+
+
+def _loss_scale(optimizer: Any) -> float:
+    """The loss scale of fairseq's ``--fp16`` (a DynamicLossScaler) or ``--amp`` (a GradScaler) optimizer, else 1."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None:
+        return 1.0
+    return float(scaler.loss_scale if hasattr(scaler, "loss_scale") else scaler.get_scale())
 
 
 def _warn_if_resume_would_fail(cfg: Any) -> None:
