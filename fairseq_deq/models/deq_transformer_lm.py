@@ -102,7 +102,7 @@ class DEQTransformerLanguageModel(FairseqLanguageModel):
 
     #: the streaming task checks this before feeding ``mem_key``/``mem_segment``.
     supports_segment_memory = True
-    #: the JR criterions check this when they are built: the decoder returns ``deq_stats``.
+    #: the decoder returns ``deq_stats``, which the JR criterions check when they are built.
     returns_deq_stats = True
 
     @classmethod

@@ -29,22 +29,18 @@ __all__ = ["DEQLanguageModelingTask", "DEQLanguageModelingConfig"]
 
 
 @dataclass
-class _FairseqFlags:
-    """fairseq's flags the task reads: how a checkpoint reaches the other data-parallel ranks,
-    and whether ``--max-tokens`` was given."""
-
-    distributed_world_size: int = II("distributed_training.distributed_world_size")
-    distributed_rank: int = II("distributed_training.distributed_rank")
-    load_checkpoint_on_all_dp_ranks: bool = II("checkpoint.load_checkpoint_on_all_dp_ranks")
-    max_tokens: Optional[int] = II("dataset.max_tokens")
-
-
-@dataclass
-class DEQLanguageModelingConfig(LanguageModelingConfig, PrecisionFlags, _FairseqFlags):
+class DEQLanguageModelingConfig(LanguageModelingConfig, PrecisionFlags):
     """Same options as ``language_modeling``; ``--batch-size`` is the number of parallel streams
     per GPU and ``--tokens-per-sample`` the segment length. The precision, distributed and
     batching flags are fairseq's own, read to refuse combinations that cannot run on this device
     or would evaluate without memory, and to warn of a resume that would fail."""
+
+    # fairseq's flags the task reads: how a checkpoint reaches the other data-parallel ranks,
+    # and whether --max-tokens was given.
+    distributed_world_size: int = II("distributed_training.distributed_world_size")
+    distributed_rank: int = II("distributed_training.distributed_rank")
+    load_checkpoint_on_all_dp_ranks: bool = II("checkpoint.load_checkpoint_on_all_dp_ranks")
+    max_tokens: Optional[int] = II("dataset.max_tokens")
 
 
 @register_task("deq_language_modeling", dataclass=DEQLanguageModelingConfig)
