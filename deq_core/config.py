@@ -76,8 +76,8 @@ class DEQConfig:
     eval_tol: Optional[float] = _opt(None, "forward tolerance in eval mode (default: f_tol)", kind=float,
                                      low=0.0, low_open=True, optional=True)
     # Backward.
-    backward: str = _opt("implicit", "gradient: implicit (IFT), phantom (k damped steps), unrolled, or a registered "
-                         "mode (deq_core.backward)",
+    backward: str = _opt("implicit", "gradient: implicit (IFT), phantom (k damped steps), unrolled, reversible "
+                         "(a coupled iteration reversed exactly), or a registered mode (deq_core.backward)",
                          choices=list_backward_modes)
     b_solver: str = _opt("broyden", "backward solver for the implicit gradient", choices=list_solvers)
     b_max_iter: int = _opt(30, "backward iteration limit", low=1)
@@ -98,6 +98,11 @@ class DEQConfig:
     phantom_steps: int = _opt(5, "phantom gradient: number of damped unrolled steps from z*", low=1)
     phantom_damping: float = _opt(0.8, "phantom gradient: damping of each step", low=0.0, high=1.0,
                                   low_open=True)
+    reversible_beta: float = _opt(0.5, "reversible mode: the relaxation b of the coupled iteration, in (0, 2) and "
+                                  "not 1 (the reversal divides by 1 - b, so rounding grows by about 1/|1 - b| per "
+                                  "reversed step)", low=0.0, high=2.0, low_open=True)
+    reversible_steps: int = _opt(8, "reversible mode: coupled steps in every pass (2 evaluations of f each, plus "
+                                 "the output's)", low=1)
     unrolled_layers: int = _opt(2, "applications of f in unrolled mode and during pretraining", low=1)
     # Solver behaviour shared by both directions.
     check_every: Optional[int] = _opt(None, "iterations between host reads of the stop test "

@@ -50,8 +50,11 @@ class VariationalDropout(nn.Module):
         """The drop probability and shared dimensions, for ``repr``."""
         return f"p={self.p}, shared_dims={self.shared_dims}"
 
-    def _deq_begin_pass(self) -> None:
-        self._in_pass, self._mask = True, None
+    def _deq_begin_pass(self, mask: Optional[torch.Tensor] = None) -> None:
+        self._in_pass, self._mask = True, mask
+
+    def _deq_pass_state(self) -> Optional[torch.Tensor]:
+        return self._mask
 
     def _deq_end_pass(self) -> None:
         self._in_pass, self._mask = False, None

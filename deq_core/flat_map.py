@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -11,23 +11,25 @@ from torch.nn.utils import parametrize
 from .solvers.precision import AutocastBoundary, lower_precision
 from .state import State, StateSpec, state_dtype_for
 
-__all__ = ["FlatMap", "equilibrium_pass"]
+__all__ = ["FlatMap", "equilibrium_pass", "pass_draws"]
 
 
 @contextlib.contextmanager
-def equilibrium_pass(f: nn.Module) -> Iterator[None]:
+def equilibrium_pass(f: nn.Module, replay: Optional[Mapping[nn.Module, Any]] = None) -> Iterator[None]:
     """One pass of f's stabilizers: variational-dropout masks drawn once, parametrized weights
     (DEQ weight norm) computed once, both shared by every call of f inside the block.
 
     Args:
         f: the layer's map.
+        replay: the stabilizers' draws of an earlier pass (:func:`pass_draws`), to run f again
+            as it ran then (a backward pass that re-evaluates f); default: fresh draws.
 
     Returns:
         a context manager.
     """
     members = [m for m in f.modules() if hasattr(m, "_deq_begin_pass")]
     for m in members:
-        m._deq_begin_pass()
+        m._deq_begin_pass(None if replay is None else replay.get(m))
     try:
         with parametrize.cached():
             # Compute the weights now, under the caller's grad mode: if the first access happened
@@ -40,6 +42,12 @@ def equilibrium_pass(f: nn.Module) -> Iterator[None]:
     finally:
         for m in members:
             m._deq_end_pass()
+
+
+def pass_draws(f: nn.Module) -> Dict[nn.Module, Any]:
+    """What f's stabilizers drew in the current pass (variational-dropout masks), by module, for
+    :func:`equilibrium_pass`'s ``replay``."""
+    return {m: m._deq_pass_state() for m in f.modules() if hasattr(m, "_deq_pass_state")}
 
 
 class FlatMap:

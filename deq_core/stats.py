@@ -26,7 +26,8 @@ class DEQStats:
     ``jac_frobenius`` is the differentiable batch-mean estimate of ``||J_f(z*)||_F^2 / d`` when
     JR ran this step (else ``None``), ``jac_weight`` the JR weight it ran with, and
     :attr:`jr_term` their product, the term to add to the training loss. The backward fields are
-    filled in when the implicit backward pass runs. :meth:`to_dict` turns everything into Python
+    filled in when the implicit backward pass runs (for the reversible mode they describe its
+    reconstruction of the trajectory: :meth:`record_reversal`). :meth:`to_dict` turns everything into Python
     floats with a single host read; :meth:`backward_summary` gives the backward means as a
     device vector filled in place, for loggers that keep their values before ``backward()``.
 
@@ -114,6 +115,22 @@ class DEQStats:
         self.host_reads += result.host_reads
         if self._summary is not None:
             self._fill_summary()
+
+    def record_reversal(self, abs_error: torch.Tensor, rel_error: torch.Tensor, vjps: int) -> None:
+        """Store how a reversible backward pass went, in the backward fields: ``b_steps`` its
+        vector-Jacobian products, ``b_abs_res``/``b_rel_res`` the error of the initial state it
+        rebuilt (absolute, and over the final state's norm), ``b_diverged`` where that is not
+        finite (``b_converged`` elsewhere; nothing stalls).
+
+        Args:
+            abs_error: per batch element, ``(B,)``.
+            rel_error: per batch element, ``(B,)``.
+            vjps: the vector-Jacobian products of the pass.
+        """
+        finite = torch.isfinite(rel_error)
+        steps = torch.full_like(finite, vjps, dtype=torch.int32)
+        self.record_backward(SolverResult(z=rel_error, steps=steps, abs_res=abs_error, rel_res=rel_error,
+                                          converged=finite, diverged=~finite))
 
     def backward_summary(self) -> torch.Tensor:
         """The backward solve's means as a float32 device vector with the entries named by

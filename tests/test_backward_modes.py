@@ -36,12 +36,12 @@ def _refined_mode():
 
 
 def test_the_built_in_modes_and_a_users_are_registered_by_name():
-    assert list_backward_modes()[:3] == ("implicit", "phantom", "unrolled")
+    assert list_backward_modes()[:4] == ("implicit", "phantom", "unrolled", "reversible")
     assert get_backward("implicit_refined") is RefinedImplicit and RefinedImplicit.name == "implicit_refined"
     with pytest.raises(ValueError, match=r"unknown backward mode 'nope'; registered: \['implicit', 'phantom'"):
         get_backward("nope")
     with pytest.raises(OptionValueError, match=r"backward must be one of \['implicit', 'phantom', 'unrolled', "
-                                               r"'implicit_refined'.*got 'nope'") as err:
+                                               r"'reversible', 'implicit_refined'.*got 'nope'") as err:
         DEQConfig(backward="nope")
     assert err.value.options == ("backward",)
     with pytest.raises(ValueError, match="already registered"):

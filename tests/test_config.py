@@ -71,7 +71,7 @@ def test_prefixed_flags():
     ({"f_tol": "1e-3"}, TypeError, r"f_tol must be float"),
     ({"f_solver": "newton"}, ValueError, r"f_solver must be one of \['anderson', 'broyden', 'fixed_point'"),
     ({"f_stop_mode": "max"}, ValueError, r"f_stop_mode must be one of \['abs', 'rel'\]"),
-    ({"backward": "ift"}, ValueError, r"backward must be one of \['implicit', 'phantom', 'unrolled'\]"),
+    ({"backward": "ift"}, ValueError, r"backward must be one of \['implicit', 'phantom', 'unrolled', 'reversible'\]"),
     ({"jac_freq": 1.5}, ValueError, r"jac_freq must be >= 0.0 and <= 1.0, got 1.5"),
     ({"jac_probe": "uniform"}, ValueError, r"jac_probe must be one of \['normal', 'rademacher'\]"),
     ({"jac_weight": float("nan")}, ValueError, r"jac_weight must be a number"),

@@ -60,7 +60,7 @@ def test_layer_adds_jr_only_in_training_with_positive_weight():
     assert DEQLayer(f, jac_weight=0.0)(x)[1].jac_frobenius is None
 
 
-@pytest.mark.parametrize("backward", ["phantom", "unrolled"])
+@pytest.mark.parametrize("backward", ["phantom", "unrolled", "reversible"])
 def test_jr_in_other_backward_modes_matches_the_implicit_estimate(backward):
     f = TanhCell(6, 4)
     x = torch.randn(2, 4, dtype=torch.float64)
@@ -68,7 +68,8 @@ def test_jr_in_other_backward_modes_matches_the_implicit_estimate(backward):
     torch.manual_seed(3)
     ref = DEQLayer(f, **base)(x)[1].jac_frobenius
     torch.manual_seed(3)
-    layer = DEQLayer(f, **base, backward=backward, unrolled_layers=60)
+    extra = dict(reversible_steps=40) if backward == "reversible" else dict(unrolled_layers=60)
+    layer = DEQLayer(f, **base, backward=backward, **extra)
     other = layer(x)[1].jac_frobenius
     assert torch.allclose(other, ref, rtol=1e-6)
 

@@ -204,7 +204,7 @@ def test_config_numbers_reject_infinity(field):
         DEQConfig(**{field: math.inf})
 
 
-@pytest.mark.parametrize("backward", ["implicit", "phantom", "unrolled"])
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "unrolled", "reversible"])
 def test_an_empty_batch_gives_an_empty_result(backward):
     torch.manual_seed(0)
     cell = CausalCell(dim=4)
