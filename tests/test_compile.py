@@ -340,3 +340,18 @@ def test_timm_train_can_compile_the_whole_model_without_recompiling(counter, tmp
     assert layer.config.compile_f and layer.config.compile_backend == name
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--torchcompile-scope", "everything"])
+
+
+def test_a_compiled_model_with_the_reversible_mode_trains_like_eager():
+    # The layer is one graph break; the model around it compiled, its gradients those of eager.
+    model = _mdeq(backward="reversible", reversible_steps=3, jac_weight=0.4)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    model.train()
+    model.set_num_updates(1)
+    ref_out, ref_grads, ref_stats = _mdeq_step(model, model, x, y)
+    out, grads, stats = _mdeq_step(model, compiled, x, y)
+    assert stats.mode == ref_stats.mode == "reversible" and stats.jac_frobenius is not None
+    assert _rel(out, ref_out) < 1e-5
+    assert max(_rel(a, b) for a, b in zip(grads, ref_grads)) < 1e-5
+    assert float(stats.b_rel_res.max()) < 1e-5

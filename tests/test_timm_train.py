@@ -183,3 +183,18 @@ def test_validate_writes_json_results_and_takes_timms_input_flags(data, tmp_path
                              "--crop-mode", "squash", "--use-train-size", "--num-samples", "12",
                              "--torchcompile", "aot_eager"])
     assert json.loads(path.read_text()) == results and [r["f_limit"] for r in results] == [2.0, 3.0]
+
+
+def test_the_reversible_mode_trains_and_validates_from_timms_entry_points(data, tmp_path):
+    flags = ["--backward", "reversible", "--reversible-steps", "3", "--reversible-beta", "0.5"]
+    common = [a for a in COMMON if a not in ("--f-max-iter", "--b-max-iter", "4")]
+    out = train.main([data, *common, *flags, "--epochs", "3", "--output", str(tmp_path), "--experiment", "rev"])
+    rows = _rows(out["output_dir"])
+    assert float(rows[-1]["train_task_loss"]) < float(rows[0]["train_task_loss"])
+    for r in rows:
+        assert float(r["train_f_steps"]) == 7 and float(r["train_b_steps"]) == 6  # 2 N + 1 and 2 N
+        assert float(r["train_b_rel_res"]) < 1e-4 and float(r["eval_f_steps"]) == 7
+    checkpoint = f"{out['output_dir']}/last.pth.tar"
+    results = validate.main([data, "--model", "mdeq_tiny_cifar", "--checkpoint", checkpoint, "-b", "12", "-j", "0",
+                             *flags])
+    assert results and math.isfinite(float(results[0]["top1"]))
