@@ -46,3 +46,21 @@ class ConvCell(nn.Module):
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.gn1(self.conv1(z)))
         return self.gn3(F.relu(z + self.gn2(self.conv2(y) + x)))
+
+
+class TanhCell(nn.Module):
+    """``tanh(W z + U x)``, W scaled to spectral norm ``scale`` (a contraction for ``scale < 1``)."""
+
+    def __init__(self, dim: int = 16, in_dim: int = 8, scale: float = 0.8, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.w = nn.Linear(dim, dim, bias=False, dtype=dtype)
+        self.u = nn.Linear(in_dim, dim, dtype=dtype)
+        with torch.no_grad():
+            self.w.weight.mul_(scale / torch.linalg.matrix_norm(self.w.weight, ord=2))
+        self.dim = dim
+
+    def init_state(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.dim)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.w(z) + self.u(x))

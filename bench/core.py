@@ -1,4 +1,5 @@
-"""Core benchmark: JR overhead, saved-for-backward memory, solver overhead, mixed-precision solves,
+"""Core benchmark: JR overhead, saved-for-backward memory (also of the reversible mode), the
+reversible mode's gradient error against its step count and relaxation, solver overhead, mixed-precision solves,
 the backward from the forward's inverse-Jacobian estimate, TorchDEQ comparison, solver outcomes
 against the returned iterates, limited-memory Broyden.
 
@@ -21,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench._memory import saved_activation_bytes
 from bench._reference_solvers import SOLVERS as REFERENCE_SOLVERS
 from bench._run import add_device_args, alternate, describe, device_from, sync
-from bench.cells import ConvCell, TransformerCell
+from bench.cells import ConvCell, TanhCell, TransformerCell
 from deq_core import DEQConfig, DEQLayer, get_solver
 from deq_core.solvers.precision import resolution
 from deq_core.state import StateSpec
@@ -97,6 +98,64 @@ def memory(device: torch.device, repeats: int = 0) -> List[str]:
     return [f"| saved-for-backward bytes, implicit / unrolled at 12 iters, {name} | "
             f"{implicit / unrolled:.3f} ({implicit / 2**20:.1f} MiB / {unrolled / 2**20:.1f} MiB) | <= 0.125 |"
             for name, (implicit, unrolled) in memory_bytes(device).items()]
+
+
+def reversible_memory_bytes(device: torch.device) -> Dict[str, Tuple[int, int, int]]:
+    """Per case: activation bytes saved for backward by the reversible mode (6 coupled steps, 12
+    evaluations), the implicit layer (12 forward iterations) and an unrolled stack of 12."""
+    out = {}
+    for name, (f, x) in _cases(device).items():
+        params = list(f.parameters())
+        reversible = saved_activation_bytes(lambda: DEQLayer(f, backward="reversible", reversible_steps=6)(x),
+                                            params)[1]
+        implicit = saved_activation_bytes(lambda: DEQLayer(f, f_max_iter=12, f_tol=1e-12)(x), params)[1]
+        unrolled = saved_activation_bytes(lambda: DEQLayer(f, backward="unrolled", unrolled_layers=12)(x),
+                                          params)[1]
+        out[name] = (reversible, implicit, unrolled)
+    return out
+
+
+def reversible_memory(device: torch.device, repeats: int = 0) -> List[str]:
+    return [f"| saved-for-backward bytes at 12 evaluations, reversible / implicit / unrolled, {name} | "
+            f"{r / 2**20:.1f} / {i / 2**20:.1f} / {u / 2**20:.1f} MiB | reversible independent of the steps |"
+            for name, (r, i, u) in reversible_memory_bytes(device).items()]
+
+
+def reversible_accuracy(betas: Tuple[float, ...] = (0.5, 0.8, 1.2), steps: Tuple[int, ...] = (4, 8, 16, 32, 64),
+                        ) -> Dict[Tuple[float, int], Dict[str, float]]:
+    """Per (beta, steps): the relative gradient error of the reversible mode against autograd
+    through the same iteration in float64 (a float64 model, and a float32 copy of it), the
+    largest z0 reconstruction error each reports, and the relative residual reached."""
+    torch.manual_seed(0)
+    f64 = TanhCell(16, 8, scale=0.8)
+    f32 = TanhCell(16, 8, scale=0.8, dtype=torch.float32)
+    f32.load_state_dict({k: v.float() for k, v in f64.state_dict().items()})
+    x = torch.randn(8, 8, dtype=torch.float64)
+    out = {}
+    for beta in betas:
+        for n in steps:
+            y = z = torch.zeros(8, 16, dtype=torch.float64)
+            for _ in range(n):
+                y = torch.lerp(y, f64(z, x), beta)
+                z = torch.lerp(z, f64(y, x), beta)
+            ref = torch.autograd.grad(f64(z, x).pow(2).sum(), list(f64.parameters()))
+            row = {}
+            for f, tag in ((f64, "f64"), (f32, "f32")):
+                layer = DEQLayer(f, backward="reversible", reversible_beta=beta, reversible_steps=n)
+                value, stats = layer(x.to(next(f.parameters()).dtype))
+                grads = torch.autograd.grad(value.pow(2).sum(), list(f.parameters()))
+                row[f"grad_{tag}"] = max(float((a.double() - b).norm() / b.norm()) for a, b in zip(grads, ref))
+                row[f"z0_{tag}"] = float(stats.b_rel_res.max())
+                row["rel_res"] = float(stats.f_rel_res.max())
+            out[(beta, n)] = row
+    return out
+
+
+def reversible(device: torch.device, repeats: int = 0) -> List[str]:
+    return [f"| reversible, beta {beta}, {n} steps: gradient error float64 / float32 model, z0 error float64 / "
+            f"float32, rel. residual | {r['grad_f64']:.1e} / {r['grad_f32']:.1e}, {r['z0_f64']:.1e} / "
+            f"{r['z0_f32']:.1e}, {r['rel_res']:.1e} | measured |"
+            for (beta, n), r in reversible_accuracy().items()]
 
 
 def flat_map(f: Callable, x: torch.Tensor) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
@@ -587,7 +646,8 @@ def broyden_memory(device: torch.device, repeats: int = 0) -> List[str]:
             f">= 9/{_MEMORY_MAPS} from memory 5 |" for memory, (solved, worst) in broyden_memory_sweep().items()]
 
 
-_SECTIONS = {"jr_overhead": jr_overhead, "memory": memory, "solver_overhead": solver_overhead,
+_SECTIONS = {"jr_overhead": jr_overhead, "memory": memory, "reversible_memory": reversible_memory,
+             "reversible": reversible, "solver_overhead": solver_overhead,
              "mixed_precision": mixed_precision, "inverse_backward": inverse_backward, "torchdeq": against_torchdeq,
              "outcomes": outcomes, "broyden_memory": broyden_memory}
 

@@ -1,5 +1,6 @@
-"""Short MDEQ training runs with the implicit backward, the backward from the forward's inverse
-estimate, spectral normalization and fixed-point correction, side by side:
+"""Short MDEQ training runs with the implicit backward (with and without JR), the backward from the
+forward's inverse estimate, spectral normalization, fixed-point correction and the reversible
+mode, side by side:
 
     python -m bench.methods [--quick | --tiny] [--seeds N] [--only ARM ...]
 
@@ -21,13 +22,17 @@ from bench.evidence.settings import PRESETS
 from bench.evidence.vision import train_one
 from bench.evidence._jobs import run_jobs
 
-# arm -> (training flags, flags that change the model: given to validation too)
-ARMS: Dict[str, Tuple[Sequence[str], Sequence[str]]] = {
-    "implicit": ((), ()),
-    "forward inverse, k=0": (("--b-init", "forward_inverse", "--b-refine-steps", "0"), ()),
-    "forward inverse, k=2": (("--b-init", "forward_inverse", "--b-refine-steps", "2"), ()),
-    "spectral norm": ((), ("--model-kwargs", "weight_norm=False", "--spectral-norm")),
-    "fp correction (3 states)": (("--fp-correction-states", "3"), ()),
+# arm -> (training flags, flags that change the model: given to validation too, JR on)
+ARMS: Dict[str, Tuple[Sequence[str], Sequence[str], bool]] = {
+    "implicit": ((), (), False),
+    "implicit + JR": ((), (), True),
+    "forward inverse, k=0": (("--b-init", "forward_inverse", "--b-refine-steps", "0"), (), False),
+    "forward inverse, k=2": (("--b-init", "forward_inverse", "--b-refine-steps", "2"), (), False),
+    "spectral norm": ((), ("--model-kwargs", "weight_norm=False", "--spectral-norm"), False),
+    "fp correction (3 states)": (("--fp-correction-states", "3"), (), False),
+    # 4 coupled steps: 8 evaluations in the iteration and one for the output, as the forward limit 8
+    "reversible (4 steps, beta 0.5)": ((), ("--backward", "reversible", "--reversible-steps", "4",
+                                            "--reversible-beta", "0.5"), False),
 }
 _COMMON = ("--f-solver", "broyden")
 
@@ -55,10 +60,11 @@ def main(argv: Sequence[str] = ()) -> None:
     arms = args.only or list(ARMS)
     data = args.work / "digits"
     write_digits(data, s.img_size, limit=s.digits_limit)
-    jobs = [(s, data, args.work, False, seed, _slug(arm), (*_COMMON, *ARMS[arm][0]), ARMS[arm][1])
+    jobs = [(s, data, args.work, ARMS[arm][2], seed, _slug(arm), (*_COMMON, *ARMS[arm][0]), ARMS[arm][1])
             for seed in range(s.seeds) for arm in arms]
     runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "method runs")
-    print(f"\nmdeq_tiny_cifar on digits at {s.img_size}px, {s.epochs} epochs, {s.seeds} seed(s) per arm, JR off, "
+    print(f"\nmdeq_tiny_cifar on digits at {s.img_size}px, {s.epochs} epochs, {s.seeds} seed(s) per arm, JR off "
+          f"but in 'implicit + JR' (weight {s.jac_weight}, frequency {s.jac_freq}), "
           f"forward Broyden <= {s.f_max_iter}, backward <= {s.b_max_iter} (preset {s.name})\n")
     print("| arm | top-1 | probe forward steps | probe backward steps | eval forward steps | s/epoch |")
     print("|---|---|---|---|---|---|")
