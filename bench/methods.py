@@ -3,12 +3,14 @@ forward's inverse estimate, spectral normalization, fixed-point correction and t
 mode, side by side:
 
     python -m bench.methods [--quick | --tiny] [--seeds N] [--only ARM ...]
+    python -m bench.methods --lm UPDATES [--quick | --tiny] [--seeds N]
 
 Every arm trains ``mdeq_tiny_cifar`` on scikit-learn's bundled digits through ``timm_deq.train``
 (the settings of ``python -m bench.evidence --quick``, JR off so that only the method differs,
 forward Broyden in every arm since the inverse-estimate backward needs it), then prints final
 top-1, the solver steps a held-out batch needs to reach the tolerances after training, the
-steps of the last epoch's evaluation and the training time per epoch.
+steps of the last epoch's evaluation and the training time per epoch. ``--lm`` trains the tiny
+DEQ-Transformer LM with JR and in the reversible mode without it for the same number of updates.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from bench.evidence.digits import write_digits
-from bench.evidence.settings import PRESETS
+from bench.evidence.language import VARIANTS, run_language
+from bench.evidence.settings import PRESETS, Settings
 from bench.evidence.vision import train_one
 from bench.evidence._jobs import run_jobs
 
@@ -55,8 +58,15 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
     parser.add_argument("--only", nargs="+", choices=list(ARMS), default=None, help="run only these arms")
     parser.add_argument("--work", type=Path, default=Path("output/methods"), help="data, checkpoints and logs")
+    parser.add_argument("--lm", type=int, default=None, metavar="UPDATES",
+                        help="instead: deq_transformer_lm_tiny with JR against the reversible mode without it, "
+                             "each for UPDATES updates of fairseq-train (the language experiment's settings)")
     args = parser.parse_args(list(argv))
     s = PRESETS[args.preset].override(seeds=args.seeds)
+    if args.lm is not None:
+        _language(s.override(lm_seconds=0.0, lm_max_update=args.lm, lm_validate_every=max(args.lm // 4, 1)),
+                  args.work / "lm")
+        return
     arms = args.only or list(ARMS)
     data = args.work / "digits"
     write_digits(data, s.img_size, limit=s.digits_limit)
@@ -66,15 +76,35 @@ def main(argv: Sequence[str] = ()) -> None:
     print(f"\nmdeq_tiny_cifar on digits at {s.img_size}px, {s.epochs} epochs, {s.seeds} seed(s) per arm, JR off "
           f"but in 'implicit + JR' (weight {s.jac_weight}, frequency {s.jac_freq}), "
           f"forward Broyden <= {s.f_max_iter}, backward <= {s.b_max_iter} (preset {s.name})\n")
-    print("| arm | top-1 | probe forward steps | probe backward steps | eval forward steps | s/epoch |")
-    print("|---|---|---|---|---|---|")
+    print("| arm | top-1 | train forward / backward evaluations | probe forward steps | probe backward steps | "
+          "eval forward steps | s/epoch |")
+    print("|---|---|---|---|---|---|---|")
     for arm in arms:
         mine = [r for r in runs if r["name"].startswith(_slug(arm) + "_seed")]
         last = [r["epochs"][-1] for r in mine]
         seconds = [r["epochs"][-1]["seconds"] / s.epochs for r in mine]
-        print(f"| {arm} | {_mean_std([e['top1'] for e in last])} | {_mean_std([e['f_steps'] for e in last])} | "
-              f"{_mean_std([e['b_steps'] for e in last])} | {_mean_std([e['eval_f_steps'] for e in last])} | "
-              f"{_mean_std(seconds)} |")
+        train = f"{_mean_std([e['train_f_steps'] for e in last])} / {_mean_std([e['train_b_steps'] for e in last])}"
+        print(f"| {arm} | {_mean_std([e['top1'] for e in last])} | {train} | "
+              f"{_mean_std([e['f_steps'] for e in last])} | {_mean_std([e['b_steps'] for e in last])} | "
+              f"{_mean_std([e['eval_f_steps'] for e in last])} | {_mean_std(seconds)} |")
+
+
+def _language(s: Settings, work: Path) -> None:
+    """The tiny LM with JR against the reversible mode at equal updates: validation perplexity,
+    evaluations per update and seconds per update."""
+    models = ("deq_jr", *VARIANTS)
+    runs = run_language(s, work, models)["runs"]
+    print(f"\ndeq_transformer_lm_tiny on the docstring corpus, {s.lm_max_update} updates, {s.seeds} seed(s) "
+          f"(preset {s.name})\n")
+    print("| model | valid ppl | train forward / backward evaluations | s/update |")
+    print("|---|---|---|---|")
+    for model in models:
+        mine = [r for r in runs if r["model"] == model]
+        ppl = [r["valid"][-1]["ppl"] for r in mine]
+        last = [r["train"][-1] for r in mine]
+        per_update = [r["train"][-1]["seconds"] / r["train"][-1]["updates"] for r in mine]
+        print(f"| {model} | {_mean_std(ppl)} | {_mean_std([t['f_steps'] for t in last])} / "
+              f"{_mean_std([t['b_steps'] for t in last])} | {_mean_std(per_update)} |")
 
 
 def _slug(arm: str) -> str:

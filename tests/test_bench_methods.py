@@ -19,7 +19,7 @@ def test_every_arm_trains_validates_and_reports(tmp_path, capsys):
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(methods.ARMS)
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
-        assert all(re.fullmatch(r"[\d.]+", c) for c in cells), row
+        assert all(re.fullmatch(r"[\d.]+( / [\d.]+)?", c) for c in cells), row
     # The arms' layers were built with what each arm names.
     config = {p.parent.name: json.loads(p.read_text())["config"] for p in tmp_path.glob("*/result.json")}
     assert config["spectral_norm_seed0"]["spectral_norm"] and not config["implicit_seed0"]["spectral_norm"]
@@ -27,3 +27,19 @@ def test_every_arm_trains_validates_and_reports(tmp_path, capsys):
         == ("forward_inverse", 2)
     assert config["fp_correction__3_states_seed0"]["fp_correction_states"] == 3
     assert {c["f_solver"] for c in config.values()} == {"broyden"}
+    reversible = config["reversible__4_steps__beta_0_5_seed0"]
+    assert (reversible["backward"], reversible["reversible_steps"], reversible["jac_weight"]) == ("reversible", 4, 0.0)
+    assert config["implicit___JR_seed0"]["jac_weight"] > 0 and config["implicit_seed0"]["jac_weight"] == 0
+
+
+def test_the_language_arms_train_for_equal_updates_and_report(tmp_path, capsys):
+    pytest.importorskip("fairseq")
+    from bench import methods
+
+    methods.main(["--tiny", "--lm", "8", "--work", str(tmp_path)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == ["deq_jr", "deq_reversible"]
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "lm").glob("*/train.log")}
+    assert all('"num_updates": "8"' in log for log in logs.values())
+    rows = {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("|").split("|")] for r in rows[1:]}
+    assert rows["deq_reversible"][2] == "9 / 8"  # 2 N + 1 evaluations forward, 2 N backward

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from bench.fairseq_lm import baseline_flags
 from fairseq_deq.demo import USER_DIR, fairseq_tool, log_records, write_corpus
@@ -18,13 +18,19 @@ from fairseq_deq.demo import USER_DIR, fairseq_tool, log_records, write_corpus
 from ._jobs import run_jobs
 from .settings import Settings
 
-__all__ = ["MODELS", "run_language"]
+__all__ = ["MODELS", "VARIANTS", "run_language"]
 
 # run name -> description (as the report shows it)
 MODELS = {
     "deq_nojr": "deq_transformer_lm_tiny, no JR",
     "deq_jr": "deq_transformer_lm_tiny + JR (weight 1.0, frequency 0.35)",
     "transformer": "transformer_lm, 2 layers, matched size",
+}
+# more DEQ variants (run name -> flags), trained by bench.methods --lm beside "deq_jr"
+VARIANTS = {
+    # the reversible mode as the paper trains it: no regularization, a few coupled steps
+    "deq_reversible": ("--backward", "reversible", "--reversible-steps", "4", "--reversible-beta", "0.5",
+                       "--jac-weight", "0"),
 }
 TOKENS_PER_SAMPLE, BATCH_SIZE = 32, 16
 
@@ -69,7 +75,7 @@ def _train_args(s: Settings, data: Path, model: str, seed: int) -> List[str]:
             return args + ["--task", "language_modeling", *baseline_flags("tiny")]
     args += ["--user-dir", USER_DIR, "--task", "deq_language_modeling", "--arch", "deq_transformer_lm_tiny",
              "--criterion", "cross_entropy_jr", "--pretrain-steps", str(s.lm_pretrain_steps)]
-    return args + (["--jac-weight", "0"] if model == "deq_nojr" else [])
+    return args + (["--jac-weight", "0"] if model == "deq_nojr" else list(VARIANTS.get(model, ())))
 
 
 def _number(record: Dict[str, Any], key: str) -> Optional[float]:
@@ -109,10 +115,11 @@ def train_one(s: Settings, work: Path, model: str, seed: int) -> Dict[str, Any]:
     return result
 
 
-def run_language(s: Settings, work: Path) -> Dict[str, Any]:
-    """Every model for every seed, ``s.jobs`` at a time (single-threaded processes on CPU)."""
+def run_language(s: Settings, work: Path, models: Sequence[str] = tuple(MODELS)) -> Dict[str, Any]:
+    """Every model (of :data:`MODELS` and :data:`VARIANTS`) for every seed, ``s.jobs`` at a time
+    (single-threaded processes on CPU)."""
     work.mkdir(parents=True, exist_ok=True)
     tokens = _prepare(work, s)
-    jobs = [(s, work, model, seed) for seed in range(s.seeds) for model in MODELS]
+    jobs = [(s, work, model, seed) for seed in range(s.seeds) for model in models]
     runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "language runs", processes=False)
     return dict(tokens=tokens, tokens_per_sample=TOKENS_PER_SAMPLE, batch_size=BATCH_SIZE, runs=runs)
