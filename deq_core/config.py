@@ -12,7 +12,8 @@ from ._warn import warn_user
 from .backward import get_backward, list_backward_modes
 from .correction import CHAIN_FIELDS, CORRECTION_FIELDS, parse_steps
 from .errors import OptionTypeError, OptionValueError
-from .solvers import DIVERGENCE_FACTOR, STOP_MODES, SolveSpec, list_solvers, validate_solver_options
+from .solvers import (DIVERGENCE_FACTOR, STOP_MODES, SolveSpec, list_solvers, solves_affine_only,
+                      validate_solver_options)
 from .spectral_norm import CONFIG_FIELDS as SPECTRAL_NORM_FIELDS
 
 __all__ = ["DEQConfig", "BACKWARD_INITS", "STOP_MODES", "PROBE_DISTRIBUTIONS"]
@@ -79,7 +80,8 @@ class DEQConfig:
     backward: str = _opt("implicit", "gradient: implicit (IFT), phantom (k damped steps), unrolled, reversible "
                          "(a coupled iteration reversed exactly), or a registered mode (deq_core.backward)",
                          choices=list_backward_modes)
-    b_solver: str = _opt("broyden", "backward solver for the implicit gradient", choices=list_solvers)
+    b_solver: str = _opt("broyden", "backward solver for the implicit gradient (gmres: restarted GMRES, for this "
+                         "linear system only; b_solver_options restart=m)", choices=list_solvers)
     b_max_iter: int = _opt(30, "backward iteration limit", low=1)
     b_tol: float = _opt(1e-4, "backward tolerance", low=0.0, low_open=True)
     b_stop_mode: str = _opt("rel", "backward residual mode (rel: independent of the loss scale)",
@@ -177,6 +179,11 @@ class DEQConfig:
             except TypeError as err:
                 raise OptionTypeError(str(err), name) from None
             object.__setattr__(self, name, opts)
+        if solves_affine_only(self.f_solver):
+            raise OptionValueError(f"f_solver={self.f_solver!r} solves affine maps only (a linear system such as the "
+                                   f"implicit backward pass's), and the forward map is nonlinear; use it as b_solver, "
+                                   f"and one of {[n for n in list_solvers() if not solves_affine_only(n)]} as f_solver",
+                                   "f_solver")
         if self.f_max_iter_jitter >= self.f_max_iter:
             raise OptionValueError(f"f_max_iter_jitter must be < f_max_iter ({self.f_max_iter}), "
                                    f"got {self.f_max_iter_jitter}", "f_max_iter_jitter", "f_max_iter")

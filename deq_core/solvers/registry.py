@@ -33,7 +33,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple
 
 import torch
 
@@ -42,7 +42,7 @@ from .precision import AutocastBoundary, lower_precision
 from .result import SolverResult
 
 __all__ = ["SolverOption", "register_solver", "unregister_solver", "get_solver", "list_solvers",
-           "validate_solver_options", "returns_inverse"]
+           "validate_solver_options", "returns_inverse", "solves_affine_only"]
 
 SolverFn = Callable[..., SolverResult]
 
@@ -65,10 +65,11 @@ class SolverOption:
 
 
 _REGISTRY: Dict[str, Tuple[SolverFn, Dict[str, SolverOption]]] = {}
+_AFFINE_ONLY: Set[str] = set()  # solvers registered with affine_only=True
 
 
 def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = None,
-                    *, overwrite: bool = False) -> Callable[[SolverFn], SolverFn]:
+                    *, overwrite: bool = False, affine_only: bool = False) -> Callable[[SolverFn], SolverFn]:
     """Decorator registering a solver under ``name`` with its accepted ``options``.
 
     Args:
@@ -76,6 +77,8 @@ def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = N
         options: the solver-specific keyword options by name, each with its type and check; every
             one must be a keyword parameter of the solver with a default (the option's default).
         overwrite: replace a solver registered under ``name`` already.
+        affine_only: the solver is only correct for an affine f (a linear system, such as the
+            implicit backward pass's); :func:`solves_affine_only` reports it.
 
     Returns:
         a decorator that returns the registered solver, ``fn`` behind the checks and the
@@ -89,6 +92,10 @@ def register_solver(name: str, options: Optional[Mapping[str, SolverOption]] = N
             raise ValueError(f"a solver named {name!r} is already registered; pass overwrite=True")
         guarded = _state_precision(fn, name)
         _REGISTRY[name] = (guarded, _with_defaults(name, fn, options or {}))
+        if affine_only:
+            _AFFINE_ONLY.add(name)
+        else:
+            _AFFINE_ONLY.discard(name)
         return guarded
 
     return deco
@@ -228,6 +235,20 @@ def returns_inverse(name: str) -> bool:
     return "inverse" in inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
 
 
+def solves_affine_only(name: str) -> bool:
+    """Whether solver ``name`` was registered ``affine_only``: it solves ``z = f(z)`` only for an
+    affine f (the implicit backward pass's linear system, ``gmres``), not a forward solve's map.
+
+    Args:
+        name: a registered solver name (an unknown one raises, listing the registered ones).
+
+    Returns:
+        True for an affine-only solver.
+    """
+    get_solver(name)
+    return name in _AFFINE_ONLY
+
+
 def unregister_solver(name: str) -> None:
     """Remove the solver registered under ``name`` (an unknown name raises, listing the registered ones).
 
@@ -236,6 +257,7 @@ def unregister_solver(name: str) -> None:
     """
     get_solver(name)
     del _REGISTRY[name]
+    _AFFINE_ONLY.discard(name)
 
 
 def list_solvers() -> Tuple[str, ...]:
