@@ -212,3 +212,28 @@ def test_the_forward_solvers_fields_are_reported_unread():
         DEQConfig(backward="reversible", f_max_iter=12)
     with pytest.warns(UserWarning, match=r"does not use reversible_steps=3"):
         DEQConfig(backward="implicit", reversible_steps=3)
+
+
+def test_a_half_model_and_float16_autocast_under_a_grad_scaler_train_like_float32():
+    torch.manual_seed(0)
+    f = MLPCell(dim=16, hidden=32)
+    x, w = torch.randn(4, 6, 16), torch.randn(4, 6, 16)  # (a LayerNorm output's mean square is constant)
+    out, _ = DEQLayer(f, backward="reversible", reversible_steps=6)(x)
+    ref = torch.autograd.grad((out * w).mean(), list(f.parameters()))
+    # float16 autocast, the loss scaled as torch.amp.GradScaler scales it
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, stats = DEQLayer(f, backward="reversible", reversible_steps=6)(x)
+    scaled = torch.autograd.grad(scaler.scale((out.float() * w).mean()), list(f.parameters()))
+    grads = [g / scaler.get_scale() for g in scaled]
+    assert max(_rel(a, b) for a, b in zip(grads, ref)) < 5e-3
+    assert float(stats.b_rel_res.max()) < 1e-6
+    # a half-precision model: states float32 for the layer, float64 for the iteration
+    half = MLPCell(dim=16, hidden=32)
+    half.load_state_dict(f.state_dict())
+    half.half()
+    out, stats = DEQLayer(half, backward="reversible", reversible_steps=6)(x.half())
+    grads = torch.autograd.grad(scaler.scale((out.float() * w).mean()), list(half.parameters()))
+    grads = [g / scaler.get_scale() for g in grads]
+    assert out.dtype == torch.float16
+    assert max(_rel(a.float(), b) for a, b in zip(grads, ref)) < 5e-3
