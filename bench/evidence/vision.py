@@ -16,7 +16,7 @@ from timm_deq import validate as timm_validate
 from timm_deq.task import deq_layers
 
 from ._jobs import log_to, run_jobs
-from .digits import write_digits
+from .datasets import write_images
 from .settings import Settings
 
 __all__ = ["probe", "run_vision"]
@@ -119,9 +119,9 @@ def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int, arm: str
 
 def run_vision(s: Settings, work: Path) -> Dict[str, Any]:
     """Both models for every seed; JR and no-JR runs of a seed are paired so that they run side by side."""
-    data = work / "digits"
-    shutil.rmtree(data, ignore_errors=True)  # always written for these settings (it takes a second)
-    counts = write_digits(data, s.img_size, limit=s.digits_limit)
+    data = work / s.dataset
+    shutil.rmtree(data, ignore_errors=True)  # always written for these settings (it takes seconds)
+    counts = write_images(s.dataset, data, s.img_size, limit=s.digits_limit)
     jobs = [(s, data, work, jr, seed) for seed in range(s.seeds) for jr in (False, True)]
     runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "vision runs")
-    return dict(model=MODEL, images=counts, runs=runs)
+    return dict(model=MODEL, dataset=s.dataset, images=counts, runs=runs)
