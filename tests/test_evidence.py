@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import timm_deq  # noqa: E402,F401
 from bench.evidence import __main__ as evidence  # noqa: E402
 from bench.evidence._summary import curve, fmt, mean_sd  # noqa: E402
-from bench.evidence.digits import write_digits  # noqa: E402
+from bench.evidence.datasets import write_digits  # noqa: E402
 from bench.evidence.language import parse_log  # noqa: E402
 from bench.evidence.vision import probe  # noqa: E402
 from timm_deq.task import deq_layers  # noqa: E402
