@@ -247,7 +247,7 @@ def test_sequences_and_a_reduced_precision_floor_keep_the_loop_clean(audit, name
 
 
 @pytest.mark.parametrize("f_solver, b_solver", [("anderson", "broyden"), ("broyden", "fixed_point"),
-                                                ("fixed_point", "anderson")])
+                                                ("fixed_point", "anderson"), ("anderson", "gmres")])
 def test_a_layer_with_check_every_0_has_clean_forward_and_backward_solve_loops(audit, f_solver, b_solver):
     torch.manual_seed(0)
     cell = TanhCell(12, 5, scale=0.6, dtype=torch.float32)
