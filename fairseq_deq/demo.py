@@ -21,7 +21,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 USER_DIR = str(Path(__file__).resolve().parent)
 
@@ -69,15 +69,21 @@ def _stdlib_paragraphs() -> List[str]:
                 objects += [v for k, v in sorted(vars(value).items())
                             if not k.startswith("_") and inspect.isfunction(v)]
         docs += [doc for doc in map(inspect.getdoc, objects) if doc]
-    paragraphs = (p for doc in docs for p in re.split(r"\n\s*\n", doc) if ">>>" not in p)
+    return prose_paragraphs(docs)
+
+
+def prose_paragraphs(texts: Sequence[str]) -> List[str]:
+    """The paragraphs (blank-line separated) of ``texts`` with at least 5 words and no
+    interactive example (``>>>``), tokenized: lower case, punctuation split off."""
+    paragraphs = (p for text in texts for p in re.split(r"\n\s*\n", text) if ">>>" not in p)
     return [" ".join(_TOKEN.findall(p.lower())) for p in paragraphs if len(p.split()) >= 5]
 
 
-def write_corpus(directory: Path, limit: int = 0) -> Dict[str, int]:
+def write_corpus(directory: Path, limit: int = 0, paragraphs: Optional[Sequence[str]] = None) -> Dict[str, int]:
     """train/valid/test text files (every 20th paragraph to valid, the next to test) from the first
-    ``limit`` paragraphs (0: all); token counts."""
+    ``limit`` (0: all) of ``paragraphs`` (default: :func:`stdlib_paragraphs`); token counts."""
     splits: Dict[str, List[str]] = {"train": [], "valid": [], "test": []}
-    paragraphs = stdlib_paragraphs()
+    paragraphs = stdlib_paragraphs() if paragraphs is None else paragraphs
     for i, paragraph in enumerate(paragraphs[:limit] if limit else paragraphs):
         splits["valid" if i % 20 == 0 else "test" if i % 20 == 1 else "train"].append(paragraph)
     directory.mkdir(parents=True, exist_ok=True)

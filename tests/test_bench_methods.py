@@ -19,12 +19,14 @@ def test_every_arm_trains_validates_and_reports(tmp_path, capsys):
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(methods.ARMS)
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
-        assert all(re.fullmatch(r"[\d.]+( / [\d.]+)?", c) for c in cells), row
+        assert all(re.fullmatch(r"[\d.]+( / ([\d.]+|-))?", c) for c in cells), row
     # The arms' layers were built with what each arm names.
     config = {p.parent.name: json.loads(p.read_text())["config"] for p in tmp_path.glob("*/result.json")}
     assert config["spectral_norm_seed0"]["spectral_norm"] and not config["implicit_seed0"]["spectral_norm"]
-    assert (config["forward_inverse__k_2_seed0"]["b_init"], config["forward_inverse__k_2_seed0"]["b_refine_steps"]) \
-        == ("forward_inverse", 2)
+    assert (config["forward_inverse__k_0_seed0"]["b_init"], config["forward_inverse__k_0_seed0"]["b_refine_steps"]) \
+        == ("forward_inverse", 0)
+    phantom = config["phantom__5_steps__damping_0_8_seed0"]
+    assert (phantom["backward"], phantom["phantom_steps"], phantom["phantom_damping"]) == ("phantom", 5, 0.8)
     assert config["fp_correction__3_states_seed0"]["fp_correction_states"] == 3
     assert {c["f_solver"] for c in config.values()} == {"broyden"}
     reversible = config["reversible__4_steps__beta_0_5_seed0"]

@@ -18,7 +18,8 @@ import timm_deq  # noqa: E402,F401
 from bench.evidence import __main__ as evidence  # noqa: E402
 from bench.evidence._summary import curve, fmt, mean_sd  # noqa: E402
 from bench.evidence.datasets import write_digits  # noqa: E402
-from bench.evidence.language import parse_log  # noqa: E402
+from bench.evidence.arms import ARMS  # noqa: E402
+from bench.evidence.language import choose_jr, parse_log  # noqa: E402
 from bench.evidence.vision import probe  # noqa: E402
 from timm_deq.task import deq_layers  # noqa: E402
 
@@ -92,15 +93,28 @@ def test_fairseq_log_places_validations_on_the_training_clock():
         'x | INFO | train | {"train_num_updates": "13", "train_wall": "5", "train_ppl": "850"}',
     ])
     parsed = parse_log(log)
-    assert parsed["params"] == 1234 and parsed["updates"] == 13
+    assert parsed["params"] == 1234 and parsed["updates"] == 13 and parsed["seconds"] == 5.0
     assert parsed["train"] == [dict(updates=10, seconds=3.0, ppl=900.0, wps=100.0, f_steps=7.5, f_rel_res=0.001,
                                     b_steps=None, b_rel_res=None, jr=None)]
     assert [(v["updates"], v["seconds"], v["ppl"]) for v in parsed["valid"]] == [(10, 3.0, 800.0), (13, 5.0, 700.0)]
 
 
+def _run(ppl, steps, **jr):
+    return dict(valid=[dict(ppl=ppl + 50, f_steps=12.0), dict(ppl=ppl, f_steps=steps)], **jr)
+
+
+def test_jr_tuning_takes_the_fewest_steps_within_the_perplexity_margin():
+    reference = _run(100.0, 12.0)
+    heavy, light, middle = _run(103.0, 5.0, weight=1.0), _run(100.5, 11.0, weight=0.1), _run(101.9, 8.0, weight=0.3)
+    assert choose_jr(reference, [heavy, light, middle]) is middle  # heavy is 3% worse: out
+    # none within 2%: the lowest perplexity
+    assert choose_jr(reference, [heavy, _run(104.0, 4.0, weight=2.0)]) is heavy
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["--tiny", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--tiny", "--lm-updates", "0"], "--lm-updates must be >= 1, got 0"),
 ])
 def test_bad_settings_are_refused(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -123,25 +137,35 @@ def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"
     results = evidence.main(["--tiny", "--output", str(out), "--work", str(work)])
     report = (out / "RESULTS.md").read_text()
-    for heading in ("## 1. Vision", "## 2. Vision: hard stopping", "## 3. Language", "## 4. Cost"):
+    for heading in ("## Which claims hold", "## 1. Vision", "## 2. Vision: hard stopping",
+                    "## 3. Every training method", "## 4. Language", "## 5. Cost"):
         assert heading in report
     assert "python -m bench.evidence --tiny" in report and "Hardware:" in report and "torch " in report
     for name in ("vision_nfe.png", "vision_hard_stop.png", "language.png"):
         assert f"](results/{name})" in report
         assert (out / "results" / name).read_bytes()[:8] == PNG
     raw = json.loads((out / "results" / "results.json").read_text())
-    assert set(raw) == {"vision", "language", "cost", "settings", "meta"}
-    vision = results["vision"]
-    assert sorted((r["jr"], r["seed"]) for r in vision["runs"]) == [(False, 0), (True, 0)]
-    for run in vision["runs"]:
+    assert set(raw) == {"vision", "methods", "language", "cost", "settings", "meta"}
+    assert all(raw[part]["minutes"] > 0 for part in ("vision", "methods", "language", "cost"))
+    runs = results["vision"]["runs"] + results["methods"]["runs"]
+    assert sorted((r["arm"], r["seed"]) for r in runs) == sorted((arm, 0) for arm in ARMS)
+    for run in runs:
         assert [e["epoch"] for e in run["epochs"]] == [0, 1]                    # initialization + 1 epoch
         assert [h["f_limit"] for h in run["hard_stop"]] == [1.0, 4.0]
         assert all(h["f_steps"] <= h["f_limit"] for h in run["hard_stop"])
+        assert run["saved_bytes"] > 0
+    saved = {r["arm"]: r["saved_bytes"] for r in runs}
+    assert saved["fp correction (3 states)"] > saved["implicit"]  # it keeps phantom chains' graphs
     language = results["language"]
-    assert sorted(r["model"] for r in language["runs"]) == ["deq_jr", "deq_nojr", "transformer"]
-    for run in language["runs"]:
-        assert run["updates"] == 12 and [v["updates"] for v in run["valid"]] == [6, 12]
+    assert [r["name"] for r in language["tuning"]] == ["tune_nojr_seed100", "tune_jr_w0.3_f1_seed100"]
+    assert language["jr"] == dict(weight=0.3, freq=1.0)  # the one setting tried
+    assert sorted(r["model"] for r in language["runs"]) == ["deq_jr", "deq_nojr", "transformer", "transformer_time"]
+    for run in language["tuning"] + language["runs"]:
         assert all(v["seconds"] is not None and math.isfinite(v["ppl"]) for v in run["valid"])
+        if run["model"] != "transformer_time":
+            assert run["updates"] == 12 and [v["updates"] for v in run["valid"]] == [6, 12]
+    jr_run = next(r for r in language["runs"] if r["model"] == "deq_jr")
+    assert jr_run["flags"][:4] == ["--jac-weight", "0.3", "--jac-freq", "1"]
     assert {r["model"]: r["params"] for r in language["runs"]}["transformer"] == pytest.approx(
         {r["model"]: r["params"] for r in language["runs"]}["deq_jr"], rel=0.05)
 
@@ -153,4 +177,4 @@ def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
     # Rerunning one experiment keeps the others' results in the report.
     evidence.main(["--tiny", "--output", str(out), "--work", str(work), "--only", "cost"])
     rerun = (out / "RESULTS.md").read_text()
-    assert "## 1. Vision" in rerun and "## 3. Language" in rerun and "--only cost" in rerun
+    assert "## 1. Vision" in rerun and "## 4. Language" in rerun and "--only cost" in rerun

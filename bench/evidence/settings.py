@@ -9,19 +9,20 @@ __all__ = ["Settings", "PRESETS"]
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that sizes the evidence run. Vision: ``mdeq_tiny_cifar`` on scikit-learn's
-    digits upscaled to ``img_size``; language: ``deq_transformer_lm_tiny`` and a matched
-    ``transformer_lm`` on the standard-library docstring corpus, each for ``lm_seconds`` of
-    training; cost: the core benchmark's cases with ``cost_repeats`` timed repetitions."""
+    """Everything that sizes the evidence run. Vision and methods: ``mdeq_tiny_cifar`` on an image
+    set of :mod:`.datasets` at ``img_size``; language: ``deq_transformer_lm_tiny`` and a matched
+    ``transformer_lm`` on the standard-library docstring corpus, each for ``lm_max_update``
+    updates (and the baseline also for the DEQ's wall-clock); cost: the core benchmark's cases
+    with ``cost_repeats`` timed repetitions."""
 
     name: str
     device: str = "cpu"
     seeds: int = 3
     jobs: int = 2                     # concurrent single-threaded runs (CPU); 1 runs them in this process
     # vision
-    dataset: str = "digits"          # bench.evidence.datasets: "digits" (8x8, 1797) or "mnist5k" (28x28, 5000)
-    img_size: int = 16
-    epochs: int = 10
+    dataset: str = "mnist5k"         # bench.evidence.datasets: "digits" (8x8, 1797) or "mnist5k" (28x28, 5000)
+    img_size: int = 28
+    epochs: int = 8
     batch_size: int = 64
     digits_limit: int = 0             # use only the first N images of the set (0: all)
     jac_weight: float = 0.4
@@ -30,13 +31,16 @@ class Settings:
     b_max_iter: int = 7               # training backward limit
     probe_images: int = 128           # held-out images the per-epoch stability probe uses
     probe_max_iter: int = 40          # the probe's solver limit (steps needed to reach the tolerance)
-    hard_stop_limits: Tuple[int, ...] = (1, 2, 4, 6, 8, 12)
+    hard_stop_limits: Tuple[int, ...] = tuple(range(1, 13))
     # language
-    lm_seconds: float = 120.0         # training wall-clock budget per run (fairseq --stop-time-hours)
-    lm_max_update: int = 0            # also stop at this many updates (0: time budget only)
-    lm_validate_every: int = 100      # updates between validations (and training log records)
+    lm_max_update: int = 2000         # updates per run (the equal-updates comparison)
+    lm_validate_every: int = 250      # updates between validations (and training log records)
     lm_paragraphs: int = 0            # corpus size in docstring paragraphs (0: all)
-    lm_pretrain_steps: int = 100
+    lm_pretrain_steps: int = 200
+    lm_eval_max_iter: int = 30        # the DEQs' forward limit in validation (steps to tolerance)
+    # JR (weight, frequency) pairs tried on the validation split with seed lm_tune_seed
+    lm_jr_grid: Tuple[Tuple[float, float], ...] = ((1.0, 0.35), (0.3, 0.35), (0.1, 0.35), (0.3, 1.0))
+    lm_tune_seed: int = 100
     # cost
     cost_repeats: int = 3
 
@@ -46,14 +50,14 @@ class Settings:
 
 PRESETS = {
     # End to end in well under a minute: for tests of the experiment code, not for reading.
-    "tiny": Settings(name="tiny", seeds=1, jobs=1, img_size=16, epochs=1, batch_size=32, digits_limit=200,
-                     probe_images=16, probe_max_iter=10, hard_stop_limits=(1, 4), lm_seconds=0.0,
+    "tiny": Settings(name="tiny", seeds=1, jobs=1, dataset="digits", img_size=16, epochs=1, batch_size=32,
+                     digits_limit=200, probe_images=16, probe_max_iter=10, hard_stop_limits=(1, 4),
                      lm_max_update=12, lm_validate_every=6, lm_paragraphs=300, lm_pretrain_steps=4,
-                     cost_repeats=1),
-    # The CPU run (2 cores, about half an hour).
+                     lm_eval_max_iter=10, lm_jr_grid=((0.3, 1.0),), cost_repeats=1),
+    # The CPU run (2 cores, about three hours).
     "quick": Settings(name="quick"),
-    # The GPU run (one GPU, several hours): larger images, longer training, more seeds.
-    "full": Settings(name="full", device="cuda", seeds=5, jobs=1, img_size=32, epochs=60, batch_size=128,
-                     probe_images=256, probe_max_iter=60, lm_seconds=1800.0, lm_validate_every=500,
-                     lm_pretrain_steps=1000, cost_repeats=10),
+    # The GPU run (one GPU): longer training, more seeds.
+    "full": Settings(name="full", device="cuda", seeds=5, jobs=1, epochs=60, batch_size=128, probe_images=256,
+                     probe_max_iter=60, lm_max_update=50000, lm_validate_every=2500, lm_pretrain_steps=2000,
+                     cost_repeats=10),
 }

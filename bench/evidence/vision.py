@@ -1,9 +1,11 @@
-"""Experiments 1 and 2: an MDEQ trained on digits with and without JR (same budget), its solver
-stability over training, and its accuracy when the forward solver is hard-stopped."""
+"""The vision experiments: an MDEQ trained by every method of :mod:`.arms` with the same budget, its
+solver stability over training, its accuracy when the forward solver is hard-stopped and the
+memory its training step saves for backward."""
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -15,11 +17,14 @@ from timm_deq import train as timm_train
 from timm_deq import validate as timm_validate
 from timm_deq.task import deq_layers
 
+from bench._memory import saved_activation_bytes
+
 from ._jobs import log_to, run_jobs
-from .datasets import write_images
+from .arms import ARMS, METHOD_ARMS, VISION_ARMS, slug
+from .datasets import package_version, write_images
 from .settings import Settings
 
-__all__ = ["probe", "run_vision"]
+__all__ = ["probe", "saved_bytes", "run_vision", "run_methods"]
 
 MODEL = "mdeq_tiny_cifar"
 
@@ -41,7 +46,8 @@ def _train_args(s: Settings, data: Path, out: Path, jr: bool, seed: int, extra: 
 
 def probe(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, max_iter: int) -> Dict[str, float]:
     """Solver stability of ``model``'s equilibrium layer on a fixed batch, in eval mode: forward
-    and backward steps needed to reach the layer's tolerances (at most ``max_iter``), the residuals
+    and backward steps the standard solves (the implicit backward from a zero start, whatever
+    the model trains with) need to reach the layer's tolerances (at most ``max_iter``), the residuals
     reached, ``||J_f(z*)||_F^2 / d`` and the spectral radius of ``J_f(z*)``."""
     (layer,) = deq_layers(model)
     was_training = model.training
@@ -53,22 +59,40 @@ def probe(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, m
     handle = layer.register_forward_hook(keep_inputs, with_kwargs=True)
     model.eval()
     try:
-        # The steps the standard solves need, whatever backward the model trains with.
-        with layer.overridden(eval_max_iter=max_iter, eval_tol=None, b_max_iter=max_iter, b_init="zero",
-                              b_refine_steps=None):
-            with torch.enable_grad():
+        # The steps the standard solves need, whatever backward the model trains with (the
+        # override leaves the trained mode's options unused: their warning says nothing here).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"backward='implicit' does not use")
+            with layer.overridden(backward="implicit", eval_max_iter=max_iter, eval_tol=None, b_max_iter=max_iter,
+                                  b_init="zero", b_refine_steps=None), torch.enable_grad():
                 loss = F.cross_entropy(model(images), targets)
                 params = [p for p in model.parameters() if p.requires_grad]
                 torch.autograd.grad(loss, params, allow_unused=True)  # runs the implicit backward solve
-            stats = layer.stats.to_dict()
-            jac = layer.jacobian_frobenius(*captured["args"], **captured["kwargs"])
-            rho = layer.spectral_radius(*captured["args"], **captured["kwargs"], n_iter=20)
+                stats = layer.stats.to_dict()
+                jac = layer.jacobian_frobenius(*captured["args"], **captured["kwargs"])
+                rho = layer.spectral_radius(*captured["args"], **captured["kwargs"], n_iter=20)
     finally:
         handle.remove()
         model.train(was_training)
     return dict(f_steps=stats["f_steps"], f_rel_res=stats["f_rel_res"], f_converged=stats["f_converged"],
                 b_steps=stats["b_steps"], b_rel_res=stats["b_rel_res"], b_converged=stats["b_converged"],
                 jac_fro=float(jac.mean()), spectral_radius=float(rho.mean()))
+
+
+def saved_bytes(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> int:
+    """Bytes the training step of ``model`` on ``images`` saves for backward (distinct storages,
+    parameters left out), in training mode with the JR term computed when the model uses it."""
+    (layer,) = deq_layers(model)
+    was_training = model.training
+    model.train()
+    jr = {"jac_freq": 1.0} if layer.config.jac_weight > 0 else {}
+    try:
+        with layer.overridden(**jr), torch.enable_grad():
+            _, nbytes = saved_activation_bytes(lambda: F.cross_entropy(model(images), targets),
+                                               exclude=list(model.parameters()))
+    finally:
+        model.train(was_training)
+    return nbytes
 
 
 def _probe_batch(loader, n: int, device: torch.device):
@@ -81,16 +105,16 @@ def _probe_batch(loader, n: int, device: torch.device):
     return torch.cat(images)[:n].to(device), torch.cat(targets)[:n].to(device)
 
 
-def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int, arm: str = "",
-              extra: Sequence[str] = (), model_args: Sequence[str] = ()) -> Dict[str, Any]:
-    """Train one model through ``timm_deq.train`` (the CLI's code path), probing after every
-    epoch, then evaluate its last checkpoint at the hard-stop limits through ``timm_deq.validate``.
-    ``extra`` are more training flags, ``model_args`` flags that change the model (given to
-    validation too), ``arm`` their name in the run's folder."""
-    name = f"{arm or ('jr' if jr else 'nojr')}_seed{seed}"
+def train_one(s: Settings, data: Path, work: Path, arm: str, seed: int) -> Dict[str, Any]:
+    """Train one model with the method ``arm`` (of :data:`.arms.ARMS`) through ``timm_deq.train``
+    (the CLI's code path), probing after every epoch, then measure its training step's saved bytes
+    and evaluate its last checkpoint at the hard-stop limits through ``timm_deq.validate``."""
+    method = ARMS[arm]
+    name = f"{slug(arm)}_seed{seed}"
     out = work / name
     with log_to(out / "log.txt"):
-        run = timm_train.setup(_train_args(s, data, out, jr, seed, [*extra, *model_args]))
+        run = timm_train.setup(_train_args(s, data, out, method.jr, seed,
+                                           [*method.train_flags, *method.model_flags]))
         images, targets = _probe_batch(run.loader_eval, s.probe_images, run.device)
         model = run.task.get_trainable_module()
         epochs = [dict(epoch=0, **probe(model, images, targets, s.probe_max_iter))]
@@ -106,22 +130,37 @@ def train_one(s: Settings, data: Path, work: Path, jr: bool, seed: int, arm: str
             clock[0] = time.perf_counter()
 
         timm_train.train(run, on_epoch_end)
+        memory = saved_bytes(model, images[:s.batch_size], targets[:s.batch_size])
         checkpoint = Path(run.output_dir) / "last.pth.tar"
         hard_stop = timm_validate.main([
             str(data), "--model", MODEL, "--img-size", str(s.img_size), "--checkpoint", str(checkpoint),
-            "-b", "256", "-j", "0", "--device", s.device, *model_args,
+            "-b", "256", "-j", "0", "--device", s.device, *method.model_flags,
             "--eval-max-iter", *map(str, s.hard_stop_limits)])
-    result = dict(name=name, jr=jr, seed=seed, config=deq_layers(model)[0].config.to_dict(), epochs=epochs,
+    result = dict(name=name, arm=arm, jr=method.jr, seed=seed, config=deq_layers(model)[0].config.to_dict(),
+                  epochs=epochs, saved_bytes=memory,
                   hard_stop=[{k: r[k] for k in ("f_limit", "top1", "f_steps", "f_rel_res")} for r in hard_stop])
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def run_vision(s: Settings, work: Path) -> Dict[str, Any]:
-    """Both models for every seed; JR and no-JR runs of a seed are paired so that they run side by side."""
-    data = work / s.dataset
+def _run_arms(s: Settings, work: Path, arms: Sequence[str], what: str) -> Dict[str, Any]:
+    data = work / f"{s.dataset}_{s.img_size}px"
     shutil.rmtree(data, ignore_errors=True)  # always written for these settings (it takes seconds)
     counts = write_images(s.dataset, data, s.img_size, limit=s.digits_limit)
-    jobs = [(s, data, work, jr, seed) for seed in range(s.seeds) for jr in (False, True)]
-    runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, "vision runs")
-    return dict(model=MODEL, dataset=s.dataset, images=counts, runs=runs)
+    # the arms of a seed next to each other, so that the runs compared side by side share the machine alike
+    jobs = [(s, data, work, arm, seed) for seed in range(s.seeds) for arm in arms]
+    runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, what)
+    return dict(model=MODEL, dataset=s.dataset, package=package_version(s.dataset), images=counts, arms=list(arms),
+                runs=runs)
+
+
+def run_vision(s: Settings, work: Path, arms: Sequence[str] = VISION_ARMS) -> Dict[str, Any]:
+    """The stability experiment: the implicit model without and with JR and the reversible mode,
+    every seed."""
+    return _run_arms(s, work, arms, "vision runs")
+
+
+def run_methods(s: Settings, work: Path, arms: Sequence[str] = METHOD_ARMS) -> Dict[str, Any]:
+    """The other methods with the vision experiment's settings (the report's methods table
+    reads the vision experiment's arms beside them)."""
+    return _run_arms(s, work, arms, "method runs")

@@ -1,0 +1,41 @@
+"""The training methods the vision experiments compare: each an MDEQ trained by ``timm_deq.train``
+with the same settings but for the flags that select the method."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+__all__ = ["Arm", "ARMS", "VISION_ARMS", "METHOD_ARMS", "slug"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method: ``train_flags`` reach training only (the checkpoint is then evaluated with the
+    model's default solves), ``model_flags`` change the model and reach validation too, ``jr``
+    turns on the settings' Jacobian regularization."""
+
+    train_flags: Tuple[str, ...] = ()
+    model_flags: Tuple[str, ...] = ()
+    jr: bool = False
+
+
+ARMS: Dict[str, Arm] = {
+    "implicit": Arm(),
+    "implicit + JR": Arm(jr=True),
+    # 4 coupled steps: 8 evaluations in the iteration and one for the output, as the forward limit 8
+    "reversible (4 steps, beta 0.5)": Arm(("--backward", "reversible", "--reversible-steps", "4",
+                                           "--reversible-beta", "0.5")),
+    "phantom (5 steps, damping 0.8)": Arm(("--backward", "phantom", "--phantom-steps", "5",
+                                           "--phantom-damping", "0.8")),
+    "forward inverse, k=0": Arm(("--b-init", "forward_inverse", "--b-refine-steps", "0")),
+    "spectral norm": Arm(model_flags=("--model-kwargs", "weight_norm=False", "--spectral-norm")),
+    "fp correction (3 states)": Arm(("--fp-correction-states", "3")),
+}
+#: The arms of the stability experiment (section 1 of the report); the others are the methods table's.
+VISION_ARMS = ("implicit", "implicit + JR", "reversible (4 steps, beta 0.5)")
+METHOD_ARMS = tuple(a for a in ARMS if a not in VISION_ARMS)
+
+
+def slug(arm: str) -> str:
+    """``arm`` as a folder name."""
+    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
