@@ -169,7 +169,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             results[name] = run_language(s, args.work / "language")
         else:
             results[name] = run_cost(s)
-        results[name]["minutes"] = (time.perf_counter() - t0) / 60  # this part alone, as the report states it
+        # this part alone, as the report states it (parts rerun with --only come from other runs)
+        results[name].update(minutes=(time.perf_counter() - t0) / 60, date=date.today().isoformat(), commit=commit,
+                             command=shlex.join(["python", "-m", "bench.evidence", *argv]))
         _logger.info(f"{name}: done in {time.perf_counter() - t0:.0f} s")
         saved.write_text(json.dumps(results, indent=1))
     results["meta"] = dict(

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -39,6 +40,7 @@ VARIANTS = {
                        "--jac-weight", "0"),
 }
 TOKENS_PER_SAMPLE, BATCH_SIZE = 32, 16
+_HYDRA = threading.Lock()
 # a tuned JR setting may cost at most this much validation perplexity against no JR
 PPL_MARGIN = 0.02
 
@@ -83,7 +85,8 @@ def _train_args(s: Settings, data: Path, model: str, seed: int, extra: Sequence[
     else:
         args += ["--max-update", str(s.lm_max_update)]
     if model.startswith("transformer"):
-        with warnings.catch_warnings():  # hydra's deprecation notices from fairseq's config conversion
+        # fairseq's config conversion initializes hydra's global state: one thread at a time
+        with _HYDRA, warnings.catch_warnings():  # and its deprecation notices
             warnings.simplefilter("ignore")
             return args + ["--task", "language_modeling", *baseline_flags("tiny")]
     args += ["--user-dir", USER_DIR, "--task", "deq_language_modeling", "--arch", "deq_transformer_lm_tiny",

@@ -106,6 +106,14 @@ def _claims(results: Dict[str, Any]) -> List[str]:
         ratio = steps["deq_nojr"] / steps["deq_jr"]
         rows.append(["language: validation forward steps to tolerance, no JR / JR", f"{ratio:.2f}x", ">= 1.5x",
                      "holds" if ratio >= 1.5 else ("partly" if ratio > 1 else "does not hold")])
+        growth = {m: _mean(_residual_growth(r, results["settings"]["lm_pretrain_steps"]) for r in by[m])
+                  for m in ("deq_nojr", "deq_jr")}
+        no_grows, jr_grows = growth["deq_nojr"] > _GROWTH, growth["deq_jr"] > _GROWTH
+        verdict = "holds" if no_grows and not jr_grows else (
+            "partly: both grow, less with JR" if no_grows and growth["deq_jr"] < growth["deq_nojr"] else "does not hold")
+        rows.append(["language: training forward residual at the limit, last / lowest interval after pretraining",
+                     f"no JR {growth['deq_nojr']:.2f}x, JR {growth['deq_jr']:.2f}x",
+                     "grows without JR, flat with JR", verdict])
         rows.append(["language: validation perplexity, JR DEQ / transformer_lm at the DEQ's wall-clock",
                      f"{ppl['deq_jr']:.1f} / {ppl['transformer_time']:.1f}",
                      "about as fast as the explicit network",
@@ -251,8 +259,9 @@ def _final(run: Dict[str, Any], key: str) -> Optional[float]:
 
 
 def _residual_growth(run: Dict[str, Any], pretrain_steps: int) -> Optional[float]:
+    """The training forward residual of the last logging interval over the lowest one after pretraining."""
     values = [t["f_rel_res"] for t in run["train"] if t["updates"] > pretrain_steps and t["f_rel_res"]]
-    return values[-1] / values[0] if values else None
+    return values[-1] / min(values) if values else None
 
 
 def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str) -> List[str]:
@@ -302,7 +311,7 @@ def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str
     lines += ["Mean ± sd over seeds at the end of each run:", ""]
     lines += _table(["model", "params (M)", "valid ppl", "updates", "wall-clock (s)", "train tokens/s",
                      "valid fwd steps", "valid fwd rel. residual",
-                     "train fwd residual, last / first interval after pretraining"], rows) + [""]
+                     "train fwd residual, last / lowest interval after pretraining"], rows) + [""]
     rows = [[r["model"], str(r["seed"]), f"{_final(r, 'ppl'):.2f}",
              f"{_final(r, 'f_steps'):.2f}" if _final(r, "f_steps") is not None else "-",
              str(r["updates"]), f"{r['seconds']:.0f}"] for r in lang["runs"]]
@@ -349,11 +358,13 @@ def _cost(results: Dict[str, Any]) -> List[str]:
 
 
 def _parts(results: Dict[str, Any]) -> List[str]:
-    rows = [[name, f"{results[name]['minutes']:.0f}"] for name in ("vision", "methods", "language", "cost")
-            if name in results and "minutes" in results[name]]
+    rows = [[name, f"{results[name]['minutes']:.1f}", results[name].get("date", "-"), results[name].get("commit", "-"),
+             f"`{results[name]['command']}`" if "command" in results[name] else "-"]
+            for name in ("vision", "methods", "language", "cost") if name in results and "minutes" in results[name]]
     if not rows:
         return []
-    return ["Wall-clock of each part (minutes, alone on the machine):", ""] + _table(["part", "minutes"], rows) + [""]
+    return ["Each part, alone on the machine:", ""] + _table(["part", "minutes", "date", "commit", "command"],
+                                                              rows) + [""]
 
 
 def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dict[str, Any]) -> None:
