@@ -118,7 +118,7 @@ def _write_report(output: Path, results: Dict[str, Any]) -> None:
     figures: Dict[str, Any] = {}
     if "vision" in results:
         parts = [results[p] for p in ("vision", "methods") if p in results]  # every arm in one figure
-        runs = dict(arms=[a for p in parts for a in p.get("arms", ())], runs=[r for p in parts for r in p["runs"]])
+        runs = dict(arms=[a for p in parts for a in p["arms"]], runs=[r for p in parts for r in p["runs"]])
         figures["vision"] = vision_figures(runs, results["settings"]["probe_max_iter"], img_dir)
     if "language" in results and "tuning" in results["language"]:  # (reports before 2026-12-06 had none)
         figures["language"] = language_figure(results["language"], img_dir)

@@ -24,7 +24,7 @@ from ._summary import mean_sd
 from .corpus import SOURCE, stdlib_prose
 from .settings import Settings
 
-__all__ = ["MODELS", "VARIANTS", "jr_flags", "choose_jr", "run_language"]
+__all__ = ["MODELS", "VARIANTS", "jr_flags", "final", "choose_jr", "run_language"]
 
 # run name -> description (as the report shows it)
 MODELS = {
@@ -138,7 +138,8 @@ def train_one(s: Settings, work: Path, model: str, seed: int, extra: Sequence[st
     return result
 
 
-def _final(run: Dict[str, Any], key: str) -> float:
+def final(run: Dict[str, Any], key: str) -> float:
+    """A run's last validation value of ``key`` (NaN when no validation reported it)."""
     points = [v[key] for v in run["valid"] if v.get(key) is not None]
     return points[-1] if points else math.nan
 
@@ -147,11 +148,11 @@ def choose_jr(reference: Dict[str, Any], trials: Sequence[Dict[str, Any]]) -> Di
     """The trial (runs with ``weight`` and ``freq`` keys) with the fewest final validation forward
     steps among those whose final validation perplexity is within :data:`PPL_MARGIN` of
     ``reference`` (the run without JR); the lowest perplexity when none is."""
-    limit = _final(reference, "ppl") * (1 + PPL_MARGIN)
-    close = [t for t in trials if _final(t, "ppl") <= limit]
+    limit = final(reference, "ppl") * (1 + PPL_MARGIN)
+    close = [t for t in trials if final(t, "ppl") <= limit]
     if close:
-        return min(close, key=lambda t: (_final(t, "f_steps"), _final(t, "ppl")))
-    return min(trials, key=lambda t: _final(t, "ppl"))
+        return min(close, key=lambda t: (final(t, "f_steps"), final(t, "ppl")))
+    return min(trials, key=lambda t: final(t, "ppl"))
 
 
 def run_language(s: Settings, work: Path, models: Optional[Sequence[str]] = None) -> Dict[str, Any]:

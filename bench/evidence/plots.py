@@ -25,9 +25,7 @@ def _color(arm: str) -> str:
 
 
 def _by_arm(vision: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
-    arms = vision.get("arms", ["implicit", "implicit + JR"])
-    runs = {a: [r for r in vision["runs"] if r.get("arm", "implicit + JR" if r["jr"] else "implicit") == a]
-            for a in arms}
+    runs = {a: [r for r in vision["runs"] if r["arm"] == a] for a in vision["arms"]}
     return {a: rs for a, rs in runs.items() if rs}
 
 

@@ -10,7 +10,7 @@ from ._summary import fmt, mean_sd
 from .arms import ARMS, VISION_ARMS
 from .corpus import SOURCE
 from .datasets import DESCRIPTIONS
-from .language import MODELS
+from .language import MODELS, final
 
 __all__ = ["write_report"]
 
@@ -48,7 +48,7 @@ def _ratio(a: float, b: float) -> str:
 def _runs(results: Dict[str, Any], arm: str) -> List[Dict[str, Any]]:
     """The vision runs of ``arm``, from the vision or the methods experiment."""
     runs = [r for part in ("vision", "methods") for r in results.get(part, {}).get("runs", [])]
-    return [r for r in runs if r.get("arm", "implicit + JR" if r["jr"] else "implicit") == arm]
+    return [r for r in runs if r["arm"] == arm]
 
 
 def _last(runs: Sequence[Dict[str, Any]], key: str) -> List[Optional[float]]:
@@ -98,8 +98,8 @@ def _claims(results: Dict[str, Any]) -> List[str]:
     lang = results.get("language")
     if lang and lang.get("tuning") is not None:
         by = {m: [r for r in lang["runs"] if r["model"] == m] for m in MODELS}
-        ppl = {m: _mean(_final(r, "ppl") for r in by[m]) for m in MODELS}
-        steps = {m: _mean(_final(r, "f_steps") for r in by[m]) for m in ("deq_nojr", "deq_jr")}
+        ppl = {m: _mean(final(r, "ppl") for r in by[m]) for m in MODELS}
+        steps = {m: _mean(final(r, "f_steps") for r in by[m]) for m in ("deq_nojr", "deq_jr")}
         rel = ppl["deq_jr"] / ppl["deq_nojr"] - 1
         rows.append(["language: validation perplexity, JR vs no JR, equal updates", f"{rel:+.1%}",
                      "within 2%", "holds" if abs(rel) <= 0.02 else "does not hold"])
@@ -129,7 +129,7 @@ def _claims(results: Dict[str, Any]) -> List[str]:
 
 def _vision(results: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
     v = results["vision"]
-    arms = _arms_present(results, v.get("arms", ["implicit", "implicit + JR"]))
+    arms = _arms_present(results, v["arms"])
     c = _runs(results, arms[0])[0]["config"]
     p = s["probe_max_iter"]
     package = f" ({v['package']})" if v.get("package") else ""
@@ -196,7 +196,7 @@ def _vision(results: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str],
 
 
 def _hard_stop(results: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
-    arms = _arms_present(results, results["vision"].get("arms", ["implicit", "implicit + JR"]))
+    arms = _arms_present(results, results["vision"]["arms"])
     runs = {a: _runs(results, a) for a in arms}
     limits = [h["f_limit"] for h in runs[arms[0]][0]["hard_stop"]]
     rows = []
@@ -253,11 +253,6 @@ def _tokens_per_s(run: Dict[str, Any]) -> float:
     return _mean(t["wps"] for t in run["train"])
 
 
-def _final(run: Dict[str, Any], key: str) -> Optional[float]:
-    points = [v for v in run["valid"] if v.get(key) is not None]
-    return points[-1][key] if points else None
-
-
 def _residual_growth(run: Dict[str, Any], pretrain_steps: int) -> Optional[float]:
     """The training forward residual of the last logging interval over the lowest one after pretraining."""
     values = [t["f_rel_res"] for t in run["train"] if t["updates"] > pretrain_steps and t["f_rel_res"]]
@@ -294,8 +289,8 @@ def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str
     rows = []
     for run in lang["tuning"]:
         label = "no JR" if "weight" not in run else f"weight {run['weight']:g}, frequency {run['freq']:g}"
-        rows.append([label, f"{_final(run, 'ppl'):.2f}", f"{_final(run, 'f_steps'):.2f}",
-                     f"{_final(run, 'f_rel_res'):.2g}"])
+        rows.append([label, f"{final(run, 'ppl'):.2f}", f"{final(run, 'f_steps'):.2f}",
+                     f"{final(run, 'f_rel_res'):.2g}"])
     lines += _table(["JR setting", "valid ppl", "valid fwd steps", "valid fwd rel. residual"], rows) + [""]
     lines += [f"![validation perplexity against updates and wall-clock]({img_dir}/{figure})", ""]
     rows = []
@@ -303,17 +298,17 @@ def _language(lang: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str
         runs = [r for r in lang["runs"] if r["model"] == model]
         deq = model.startswith("deq")
         rows.append([label, fmt([r["params"] / 1e6 if r["params"] else None for r in runs], 3),
-                     fmt([_final(r, "ppl") for r in runs], 1), fmt([r["updates"] for r in runs], 0),
+                     fmt([final(r, "ppl") for r in runs], 1), fmt([r["updates"] for r in runs], 0),
                      fmt([r["seconds"] for r in runs], 0), fmt([_tokens_per_s(r) for r in runs], 0),
-                     fmt([_final(r, "f_steps") for r in runs], 2) if deq else "-",
-                     fmt([_final(r, "f_rel_res") for r in runs], 4) if deq else "-",
+                     fmt([final(r, "f_steps") for r in runs], 2) if deq else "-",
+                     fmt([final(r, "f_rel_res") for r in runs], 4) if deq else "-",
                      fmt([_residual_growth(r, s["lm_pretrain_steps"]) for r in runs], 2) if deq else "-"])
     lines += ["Mean ± sd over seeds at the end of each run:", ""]
     lines += _table(["model", "params (M)", "valid ppl", "updates", "wall-clock (s)", "train tokens/s",
                      "valid fwd steps", "valid fwd rel. residual",
                      "train fwd residual, last / lowest interval after pretraining"], rows) + [""]
-    rows = [[r["model"], str(r["seed"]), f"{_final(r, 'ppl'):.2f}",
-             f"{_final(r, 'f_steps'):.2f}" if _final(r, "f_steps") is not None else "-",
+    rows = [[r["model"], str(r["seed"]), f"{final(r, 'ppl'):.2f}",
+             "-" if math.isnan(final(r, "f_steps")) else f"{final(r, 'f_steps'):.2f}",
              str(r["updates"]), f"{r['seconds']:.0f}"] for r in lang["runs"]]
     lines += ["Each run:", ""] + _table(["model", "seed", "valid ppl", "valid fwd steps", "updates",
                                          "wall-clock (s)"], rows) + [""]
