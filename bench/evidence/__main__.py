@@ -111,15 +111,17 @@ def _commit() -> str:
 
 def _write_report(output: Path, results: Dict[str, Any]) -> None:
     """Figures and ``RESULTS.md`` from ``results`` (experiments, ``settings`` and ``meta``)."""
-    from .plots import language_figure, vision_figures
+    from .arms import runs_by_arm
+    from .plots import language_figure, methods_figure, vision_figures
     from .report import write_report
 
     img_dir = output / "results"
     figures: Dict[str, Any] = {}
+    probe_max_iter = results["settings"]["probe_max_iter"]
     if "vision" in results:
-        parts = [results[p] for p in ("vision", "methods") if p in results]  # every arm in one figure
-        runs = dict(arms=[a for p in parts for a in p["arms"]], runs=[r for p in parts for r in p["runs"]])
-        figures["vision"] = vision_figures(runs, results["settings"]["probe_max_iter"], img_dir)
+        figures["vision"] = vision_figures(runs_by_arm(results["vision"]), probe_max_iter, img_dir)
+    if "methods" in results:
+        figures["methods"] = methods_figure(runs_by_arm(results["methods"]), probe_max_iter, img_dir)
     if "language" in results and "tuning" in results["language"]:  # (reports before 2026-12-06 had none)
         figures["language"] = language_figure(results["language"], img_dir)
     write_report(output / "RESULTS.md", img_dir.name, results, figures)
@@ -164,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if name == "vision":
             results[name] = run_vision(s, args.work / "vision")
         elif name == "methods":
-            results[name] = run_methods(s, args.work / "vision")
+            results[name] = run_methods(s, args.work / "methods")
         elif name == "language":
             results[name] = run_language(s, args.work / "language")
         else:

@@ -12,7 +12,7 @@ from ._summary import curve, mean_sd
 from .arms import ARMS
 from .language import MODELS
 
-__all__ = ["vision_figures", "language_figure"]
+__all__ = ["vision_figures", "methods_figure", "language_figure"]
 
 _COLORS = {"implicit": "tab:blue", "implicit + JR": "tab:orange", "deq_nojr": "tab:blue", "deq_jr": "tab:orange",
            "transformer": "tab:green", "transformer_time": "tab:olive"}
@@ -24,15 +24,7 @@ def _color(arm: str) -> str:
     return _COLORS.get(arm) or _PALETTE[others.index(arm) % len(_PALETTE)]
 
 
-def _by_arm(vision: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
-    runs = {a: [r for r in vision["runs"] if r["arm"] == a] for a in vision["arms"]}
-    return {a: rs for a, rs in runs.items() if rs}
-
-
-def vision_figures(vision: Dict[str, Any], probe_max_iter: int, out: Path) -> Dict[str, str]:
-    """``vision_nfe.png`` (stability probe, training solver and accuracy over training, mean and
-    min-max band over seeds, one colour per arm) and ``vision_hard_stop.png`` (accuracy against
-    the forward limit); file names by key."""
+def _stability(by_arm: Dict[str, List[Dict[str, Any]]], probe_max_iter: int, path: Path, title: str) -> None:
     panels = [
         ("f_steps", f"forward steps to tolerance (limit {probe_max_iter})", False),
         ("b_steps", f"backward steps to tolerance (limit {probe_max_iter})", False),
@@ -43,27 +35,44 @@ def vision_figures(vision: Dict[str, Any], probe_max_iter: int, out: Path) -> Di
     ]
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
-    for ax, (key, title, log) in zip(axes, panels):
-        for arm, runs in _by_arm(vision).items():
+    for ax, (key, panel, log) in zip(axes, panels):
+        for arm, runs in by_arm.items():
             epochs = [e["epoch"] for e in runs[0]["epochs"]]
             mean, low, high = curve([[e.get(key) for e in r["epochs"]] for r in runs])
             seeds = f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
             ax.plot(epochs, mean, marker="o", ms=3, color=_color(arm), label=f"{arm} ({seeds})")
             ax.fill_between(epochs, low, high, color=_color(arm), alpha=0.2, linewidth=0)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(panel, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Vision: solver stability over training (held-out probe batch, eval mode; training solver)")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+def methods_figure(by_arm: Dict[str, List[Dict[str, Any]]], probe_max_iter: int, out: Path) -> str:
+    """``methods.png``: the panels of ``vision_nfe.png`` for the methods experiment's runs (by arm,
+    :func:`.arms.runs_by_arm`), whose probe runs once, after the last epoch; returns the file name."""
+    name = "methods.png"
+    _stability(by_arm, probe_max_iter, out / name,
+               "Every method: training solver and accuracy over training; probe after the last epoch")
+    return name
+
+
+def vision_figures(by_arm: Dict[str, List[Dict[str, Any]]], probe_max_iter: int, out: Path) -> Dict[str, str]:
+    """``vision_nfe.png`` (stability probe, training solver and accuracy over training, mean and
+    min-max band over seeds, one colour per arm) and ``vision_hard_stop.png`` (accuracy against
+    the forward limit) from the runs of each arm (:func:`.arms.runs_by_arm`); file names by key."""
     files = {"nfe": "vision_nfe.png", "hard_stop": "vision_hard_stop.png"}
-    fig.savefig(out / files["nfe"], dpi=110)
+    _stability(by_arm, probe_max_iter, out / files["nfe"],
+               "Vision: solver stability over training (held-out probe batch, eval mode; training solver)")
 
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.subplots()
-    for arm, runs in _by_arm(vision).items():
+    for arm, runs in by_arm.items():
         limits = [h["f_limit"] for h in runs[0]["hard_stop"]]
         stats = [mean_sd(r["hard_stop"][i]["top1"] for r in runs) for i in range(len(limits))]
         ax.errorbar(limits, [m for m, _, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd, _ in stats],

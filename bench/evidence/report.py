@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ._summary import fmt, mean_sd
-from .arms import ARMS, VISION_ARMS
+from .arms import ARMS, VISION_ARMS, runs_by_arm
 from .corpus import SOURCE
 from .datasets import DESCRIPTIONS
 from .language import MODELS, final
@@ -45,10 +45,15 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b and not math.isnan(a) and not math.isnan(b) else "-"
 
 
-def _runs(results: Dict[str, Any], arm: str) -> List[Dict[str, Any]]:
-    """The vision runs of ``arm``, from the vision or the methods experiment."""
-    runs = [r for part in ("vision", "methods") for r in results.get(part, {}).get("runs", [])]
-    return [r for r in runs if r["arm"] == arm]
+def _mib(runs: Sequence[Dict[str, Any]]) -> str:
+    """The runs' mean bytes saved for backward in MiB."""
+    saved = _mean(r.get("saved_bytes") for r in runs)
+    return "-" if math.isnan(saved) else f"{saved / _MIB:.1f}"
+
+
+def _runs(part: Dict[str, Any], arm: str) -> List[Dict[str, Any]]:
+    """The runs of ``arm`` in an experiment's results ``part``."""
+    return runs_by_arm(part).get(arm, [])
 
 
 def _last(runs: Sequence[Dict[str, Any]], key: str) -> List[Optional[float]]:
@@ -65,17 +70,19 @@ def _lowest(runs: Sequence[Dict[str, Any]], key: str) -> List[Optional[float]]:
 
 
 def _per_epoch_seconds(run: Dict[str, Any]) -> float:
-    return run["epochs"][-1]["seconds"] / (len(run["epochs"]) - 1)
+    last = run["epochs"][-1]
+    return last["seconds"] / last["epoch"]
 
 
-def _arms_present(results: Dict[str, Any], arms: Sequence[str]) -> List[str]:
-    return [a for a in arms if _runs(results, a)]
+def _arms_present(part: Dict[str, Any], arms: Sequence[str]) -> List[str]:
+    return [a for a in arms if _runs(part, a)]
 
 
 def _claims(results: Dict[str, Any]) -> List[str]:
     """The headline ratios against the paper's claims, each with its verdict at this scale."""
     rows = []
-    no, jr = _runs(results, "implicit"), _runs(results, "implicit + JR")
+    vision = results.get("vision", {})
+    no, jr = _runs(vision, "implicit"), _runs(vision, "implicit + JR")
     if no and jr:
         f_no, f_jr = _mean(_last(no, "f_steps")), _mean(_last(jr, "f_steps"))
         gap = _mean(_last(jr, "top1")) - _mean(_last(no, "top1"))
@@ -129,8 +136,8 @@ def _claims(results: Dict[str, Any]) -> List[str]:
 
 def _vision(results: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
     v = results["vision"]
-    arms = _arms_present(results, v["arms"])
-    c = _runs(results, arms[0])[0]["config"]
+    arms = _arms_present(v, v["arms"])
+    c = _runs(v, arms[0])[0]["config"]
     p = s["probe_max_iter"]
     package = f" ({v['package']})" if v.get("package") else ""
     flags = "; ".join(f"{a}: `{' '.join(ARMS[a].train_flags + ARMS[a].model_flags)}`" for a in arms
@@ -158,24 +165,27 @@ def _vision(results: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str],
         "",
     ]
     header = ["arm", "top-1 (%)", f"fwd steps to tol (<= {p})", "fwd converged", f"bwd steps to tol (<= {p})",
-              "‖J_f‖_F²/d", "spectral radius", "train fwd rel. residual", "train fwd evaluations", "s/epoch"]
+              "‖J_f‖_F²/d", "spectral radius", "train fwd rel. residual", "train fwd evaluations", "s/epoch",
+              "saved for backward (MiB)"]
     rows = []
     for arm in arms:
-        runs = _runs(results, arm)
+        runs = _runs(v, arm)
         rows.append([arm, fmt(_last(runs, "top1")), fmt(_last(runs, "f_steps"), 1),
                      fmt(_last(runs, "f_converged"), 2), fmt(_last(runs, "b_steps"), 1),
                      fmt(_last(runs, "jac_fro"), 3), fmt(_last(runs, "spectral_radius"), 3),
                      fmt(_last(runs, "train_f_rel_res"), 4), fmt(_last(runs, "train_f_steps"), 1),
-                     fmt([_per_epoch_seconds(r) for r in runs], 1)])
-    lines += ["At the last epoch (mean ± sd over seeds):", ""] + _table(header, rows) + [""]
+                     fmt([_per_epoch_seconds(r) for r in runs], 1), _mib(runs)])
+    lines += ["At the last epoch (mean ± sd over seeds; saved for backward: what autograd keeps for one training "
+              "step of the whole model at the training batch size, the JR term included where the arm uses it, "
+              "parameters left out):", ""] + _table(header, rows) + [""]
 
-    epochs = range(1, len(_runs(results, arms[0])[0]["epochs"]))
+    epochs = range(1, len(_runs(v, arms[0])[0]["epochs"]))
     header = ["epoch"] + [f"{a}: {k}" for a in arms for k in ("train rel. residual", "probe fwd steps")]
     rows = []
     for e in epochs:
         row = [str(e)]
         for arm in arms:
-            runs = _runs(results, arm)
+            runs = _runs(v, arm)
             row += [fmt([r["epochs"][e].get("train_f_rel_res") for r in runs], 4),
                     fmt([r["epochs"][e].get("f_steps") for r in runs], 1)]
         rows.append(row)
@@ -186,7 +196,7 @@ def _vision(results: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str],
               "train rel. residual, first -> last epoch", "s/epoch"]
     rows = []
     for arm in arms:
-        for r in _runs(results, arm):
+        for r in _runs(v, arm):
             last = r["epochs"][-1]
             rows.append([arm, str(r["seed"]), f"{last['top1']:.2f}", f"{last['f_steps']:.2f}", f"{last['b_steps']:.2f}",
                          f"{r['epochs'][1]['train_f_rel_res']:.4f} -> {last['train_f_rel_res']:.4f}",
@@ -196,8 +206,9 @@ def _vision(results: Dict[str, Any], s: Dict[str, Any], figures: Dict[str, str],
 
 
 def _hard_stop(results: Dict[str, Any], figures: Dict[str, str], img_dir: str) -> List[str]:
-    arms = _arms_present(results, results["vision"]["arms"])
-    runs = {a: _runs(results, a) for a in arms}
+    v = results["vision"]
+    arms = _arms_present(v, v["arms"])
+    runs = {a: _runs(v, a) for a in arms}
     limits = [h["f_limit"] for h in runs[arms[0]][0]["hard_stop"]]
     rows = []
     for i, limit in enumerate(limits):
@@ -221,31 +232,35 @@ def _hard_stop(results: Dict[str, Any], figures: Dict[str, str], img_dir: str) -
     ] + _table(header, rows) + ["", f"![accuracy against the forward limit]({img_dir}/{figures['hard_stop']})", ""]
 
 
-def _methods(results: Dict[str, Any], s: Dict[str, Any]) -> List[str]:
-    arms = _arms_present(results, list(ARMS))
-    base = _mean(r.get("saved_bytes") for r in _runs(results, "implicit"))
+def _methods(m: Dict[str, Any], s: Dict[str, Any], figure: str, img_dir: str) -> List[str]:
+    arms = _arms_present(m, m["arms"])
+    base = _mean(r.get("saved_bytes") for r in _runs(m, "implicit"))
+    seconds = _mean(_per_epoch_seconds(r) for r in _runs(m, "implicit"))
     rows = []
     for arm in arms:
-        runs = _runs(results, arm)
-        saved = _mean(r.get("saved_bytes") for r in runs)
+        runs = _runs(m, arm)
         rows.append([arm, fmt(_last(runs, "top1")), fmt(_last(runs, "f_steps"), 1), fmt(_last(runs, "b_steps"), 1),
                      f"{fmt(_last(runs, 'train_f_steps'), 1)} / {fmt(_last(runs, 'train_b_steps'), 1)}",
-                     fmt([_per_epoch_seconds(r) for r in runs], 1),
-                     f"{saved / _MIB:.1f}" if not math.isnan(saved) else "-", _ratio(saved, base)])
+                     fmt(_last(runs, "train_f_rel_res"), 4), fmt([_per_epoch_seconds(r) for r in runs], 1),
+                     _ratio(_mean(_per_epoch_seconds(r) for r in runs), seconds), _mib(runs),
+                     _ratio(_mean(r.get("saved_bytes") for r in runs), base)])
     flags = "; ".join(f"{a}: `{' '.join(ARMS[a].train_flags + ARMS[a].model_flags)}`" for a in arms
                       if ARMS[a].train_flags or ARMS[a].model_flags)
     return [
         "## 3. Every training method on the vision task",
         "",
-        f"The arms of section 1 and the project's other training methods, each with the settings of section 1 "
-        f"(JR only in `implicit + JR`), {_n(s['seeds'], 'seed')} each: {flags}. Steps to tolerance come from the "
-        "probe after the last epoch (the standard solves on the learned f); the training columns are the "
-        "evaluations the arm's own forward and backward spent per update in the last epoch; saved for backward "
-        "is what autograd keeps for one training step of the whole model at the training batch size (JR term "
-        "included where the arm uses it), parameters left out.",
+        f"The project's other training methods beside the implicit reference, each trained with the settings of "
+        f"section 1 (no JR) but for {_n(m['epochs'], 'epoch')}, the budget at which the slowest method fits the "
+        f"run; the implicit reference trains again at that budget. {_n(s['seeds'], 'seed')} per arm: {flags}. "
+        "JR and the reversible mode, with the same measurements at the longer budget, are in section 1. Steps "
+        "to tolerance come from the probe of section 1, run once after the last epoch (the standard solves on "
+        "the learned f); the training columns are the evaluations the arm's own forward and backward spent per "
+        "update in the last epoch and its forward residual at the limit; saved for backward is what autograd "
+        "keeps for one training step of the whole model at the training batch size, parameters left out.",
         "",
     ] + _table(["arm", "top-1 (%)", "fwd steps to tol", "bwd steps to tol", "train fwd / bwd evaluations",
-                "s/epoch", "saved for backward (MiB)", "vs implicit"], rows) + [""]
+                "train fwd rel. residual", "s/epoch", "vs implicit", "saved for backward (MiB)", "vs implicit"],
+               rows) + ["", f"![every method over training]({img_dir}/{figure})", ""]
 
 
 def _tokens_per_s(run: Dict[str, Any]) -> float:
@@ -321,8 +336,9 @@ def _cost(results: Dict[str, Any]) -> List[str]:
     for name, ratio in cost["jr_overhead"].items():
         rows.append([f"JR training step / plain step, {name} cell, 12 fwd + 12 bwd iterations, 1 probe",
                      f"{ratio:.2f}x", "<= 1.3x (paper: one extra VJP)"])
-    pairs = [_per_epoch_seconds(j) / _per_epoch_seconds(n) for j in _runs(results, "implicit + JR")
-             for n in _runs(results, "implicit") if n["seed"] == j["seed"]]
+    vision = results.get("vision", {})
+    pairs = [_per_epoch_seconds(j) / _per_epoch_seconds(n) for j in _runs(vision, "implicit + JR")
+             for n in _runs(vision, "implicit") if n["seed"] == j["seed"]]
     if pairs:
         rows.append(["vision s/epoch, JR / no JR (side by side, per seed)", fmt(pairs, 2) + "x", "-"])
     for name, m in cost["memory"].items():
@@ -358,6 +374,9 @@ def _parts(results: Dict[str, Any]) -> List[str]:
             for name in ("vision", "methods", "language", "cost") if name in results and "minutes" in results[name]]
     if not rows:
         return []
+    total = sum(results[name]["minutes"] for name in ("vision", "methods", "language", "cost")
+                if name in results and "minutes" in results[name])
+    rows.append(["all parts", f"{total:.1f}", "", "", "the sum: one command runs the parts one after another"])
     return ["Each part, alone on the machine:", ""] + _table(["part", "minutes", "date", "commit", "command"],
                                                               rows) + [""]
 
@@ -383,8 +402,8 @@ def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dic
     if "vision" in results:
         lines += _vision(results, s, figures["vision"], img_dir)
         lines += _hard_stop(results, figures["vision"], img_dir)
-    if "methods" in results or "vision" in results:
-        lines += _methods(results, s)
+    if "methods" in results:
+        lines += _methods(results["methods"], s, figures["methods"], img_dir)
     if "language" in results and results["language"].get("tuning") is not None:
         lines += _language(results["language"], s, figures["language"], img_dir)
     if "cost" in results:

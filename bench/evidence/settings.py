@@ -10,10 +10,11 @@ __all__ = ["Settings", "PRESETS"]
 @dataclass(frozen=True)
 class Settings:
     """Everything that sizes the evidence run. Vision and methods: ``mdeq_tiny_cifar`` on an image
-    set of :mod:`.datasets` at ``img_size``; language: ``deq_transformer_lm_tiny`` and a matched
-    ``transformer_lm`` on the standard-library docstring corpus, each for ``lm_max_update``
-    updates (and the baseline also for the DEQ's wall-clock); cost: the core benchmark's cases
-    with ``cost_repeats`` timed repetitions."""
+    set of :mod:`.datasets` at ``img_size`` for ``epochs`` (``methods_epochs`` in the methods
+    experiment); language: ``deq_transformer_lm_tiny`` and a matched ``transformer_lm`` on the
+    standard-library docstring corpus, each for ``lm_max_update`` updates (and the baseline also
+    for the DEQ's wall-clock); cost: the core benchmark's cases with ``cost_repeats`` timed
+    repetitions."""
 
     name: str
     device: str = "cpu"
@@ -23,6 +24,7 @@ class Settings:
     dataset: str = "mnist5k"         # bench.evidence.datasets: "digits" (8x8, 1797) or "mnist5k" (28x28, 5000)
     img_size: int = 28
     epochs: int = 8
+    methods_epochs: int = 3           # the methods experiment's shorter budget (every arm the same)
     batch_size: int = 64
     digits_limit: int = 0             # use only the first N images of the set (0: all)
     jac_weight: float = 0.4
@@ -50,14 +52,14 @@ class Settings:
 
 PRESETS = {
     # End to end in well under a minute: for tests of the experiment code, not for reading.
-    "tiny": Settings(name="tiny", seeds=1, jobs=1, dataset="digits", img_size=16, epochs=1, batch_size=32,
-                     digits_limit=200, probe_images=16, probe_max_iter=10, hard_stop_limits=(1, 4),
+    "tiny": Settings(name="tiny", seeds=1, jobs=1, dataset="digits", img_size=16, epochs=1, methods_epochs=1,
+                     batch_size=32, digits_limit=200, probe_images=16, probe_max_iter=10, hard_stop_limits=(1, 4),
                      lm_max_update=12, lm_validate_every=6, lm_paragraphs=300, lm_pretrain_steps=4,
                      lm_eval_max_iter=10, lm_jr_grid=((0.3, 1.0),), cost_repeats=1),
     # The CPU run (2 cores, about three hours).
     "quick": Settings(name="quick"),
     # The GPU run (one GPU): longer training, more seeds.
-    "full": Settings(name="full", device="cuda", seeds=5, jobs=1, epochs=60, batch_size=128, probe_images=256,
-                     probe_max_iter=60, lm_max_update=50000, lm_validate_every=2500, lm_pretrain_steps=2000,
-                     cost_repeats=10),
+    "full": Settings(name="full", device="cuda", seeds=5, jobs=1, epochs=60, methods_epochs=30,
+                     batch_size=128, probe_images=256, probe_max_iter=60, lm_max_update=50000,
+                     lm_validate_every=2500, lm_pretrain_steps=2000, cost_repeats=10),
 }

@@ -8,7 +8,7 @@ import shutil
 import warnings
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,10 @@ __all__ = ["probe", "saved_bytes", "run_vision", "run_methods"]
 MODEL = "mdeq_tiny_cifar"
 
 
-def _train_args(s: Settings, data: Path, out: Path, jr: bool, seed: int, extra: Sequence[str] = ()) -> List[str]:
+def _train_args(s: Settings, data: Path, out: Path, jr: bool, seed: int, epochs: int,
+                extra: Sequence[str] = ()) -> List[str]:
     return [
-        str(data), "--model", MODEL, "--img-size", str(s.img_size), "--epochs", str(s.epochs),
+        str(data), "--model", MODEL, "--img-size", str(s.img_size), "--epochs", str(epochs),
         "-b", str(s.batch_size), "-j", "0", "--device", s.device, "--seed", str(seed),
         "--opt", "adamw", "--lr", "2e-3", "--weight-decay", "0.01", "--sched", "cosine",
         "--warmup-epochs", "1", "--warmup-lr", "2e-4",
@@ -105,62 +106,69 @@ def _probe_batch(loader, n: int, device: torch.device):
     return torch.cat(images)[:n].to(device), torch.cat(targets)[:n].to(device)
 
 
-def train_one(s: Settings, data: Path, work: Path, arm: str, seed: int) -> Dict[str, Any]:
-    """Train one model with the method ``arm`` (of :data:`.arms.ARMS`) through ``timm_deq.train``
-    (the CLI's code path), probing after every epoch, then measure its training step's saved bytes
-    and evaluate its last checkpoint at the hard-stop limits through ``timm_deq.validate``."""
+def train_one(s: Settings, data: Path, work: Path, arm: str, seed: int, epochs: Optional[int] = None,
+              stability: bool = True) -> Dict[str, Any]:
+    """Train one model with the method ``arm`` (of :data:`.arms.ARMS`) for ``epochs`` (default: the
+    settings') through ``timm_deq.train`` (the CLI's code path), then measure its training step's
+    saved bytes. With ``stability`` the model is probed at initialization and after every epoch
+    and its last checkpoint evaluated at the hard-stop limits through ``timm_deq.validate``;
+    without, it is probed once, after the last epoch. Returns the run's record (also written to
+    ``result.json`` in its folder)."""
     method = ARMS[arm]
+    epochs = s.epochs if epochs is None else epochs
     name = f"{slug(arm)}_seed{seed}"
     out = work / name
     with log_to(out / "log.txt"):
-        run = timm_train.setup(_train_args(s, data, out, method.jr, seed,
+        run = timm_train.setup(_train_args(s, data, out, method.jr, seed, epochs,
                                            [*method.train_flags, *method.model_flags]))
         images, targets = _probe_batch(run.loader_eval, s.probe_images, run.device)
         model = run.task.get_trainable_module()
-        epochs = [dict(epoch=0, **probe(model, images, targets, s.probe_max_iter))]
+        records = [dict(epoch=0, **probe(model, images, targets, s.probe_max_iter))] if stability else []
         clock = [time.perf_counter(), 0.0]
 
         def on_epoch_end(run, epoch, train_metrics, eval_metrics):
             clock[1] += time.perf_counter() - clock[0]  # training + evaluation time, probes left out
             record = dict(epoch=epoch + 1, seconds=clock[1], top1=eval_metrics["top1"],
                           eval_f_steps=eval_metrics.get("f_steps"), eval_f_rel_res=eval_metrics.get("f_rel_res"),
-                          **{f"train_{k}": v for k, v in train_metrics.items()},
-                          **probe(model, images, targets, s.probe_max_iter))
-            epochs.append(record)
+                          **{f"train_{k}": v for k, v in train_metrics.items()})
+            if stability or epoch + 1 == epochs:
+                record.update(probe(model, images, targets, s.probe_max_iter))
+            records.append(record)
             clock[0] = time.perf_counter()
 
         timm_train.train(run, on_epoch_end)
         memory = saved_bytes(model, images[:s.batch_size], targets[:s.batch_size])
-        checkpoint = Path(run.output_dir) / "last.pth.tar"
-        hard_stop = timm_validate.main([
-            str(data), "--model", MODEL, "--img-size", str(s.img_size), "--checkpoint", str(checkpoint),
-            "-b", "256", "-j", "0", "--device", s.device, *method.model_flags,
-            "--eval-max-iter", *map(str, s.hard_stop_limits)])
+        hard_stop = []
+        if stability:
+            hard_stop = timm_validate.main([
+                str(data), "--model", MODEL, "--img-size", str(s.img_size),
+                "--checkpoint", str(Path(run.output_dir) / "last.pth.tar"), "-b", "256", "-j", "0",
+                "--device", s.device, *method.model_flags, "--eval-max-iter", *map(str, s.hard_stop_limits)])
     result = dict(name=name, arm=arm, jr=method.jr, seed=seed, config=deq_layers(model)[0].config.to_dict(),
-                  epochs=epochs, saved_bytes=memory,
+                  epochs=records, saved_bytes=memory,
                   hard_stop=[{k: r[k] for k in ("f_limit", "top1", "f_steps", "f_rel_res")} for r in hard_stop])
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def _run_arms(s: Settings, work: Path, arms: Sequence[str], what: str) -> Dict[str, Any]:
+def _run_arms(s: Settings, work: Path, arms: Sequence[str], what: str, epochs: int, stability: bool) -> Dict[str, Any]:
     data = work / f"{s.dataset}_{s.img_size}px"
     shutil.rmtree(data, ignore_errors=True)  # always written for these settings (it takes seconds)
     counts = write_images(s.dataset, data, s.img_size, limit=s.digits_limit)
     # the arms of a seed next to each other, so that the runs compared side by side share the machine alike
-    jobs = [(s, data, work, arm, seed) for seed in range(s.seeds) for arm in arms]
+    jobs = [(s, data, work, arm, seed, epochs, stability) for seed in range(s.seeds) for arm in arms]
     runs = run_jobs(train_one, jobs, s.jobs if s.device == "cpu" else 1, what)
-    return dict(model=MODEL, dataset=s.dataset, package=package_version(s.dataset), images=counts, arms=list(arms),
-                runs=runs)
+    return dict(model=MODEL, dataset=s.dataset, package=package_version(s.dataset), images=counts, epochs=epochs,
+                arms=list(arms), runs=runs)
 
 
 def run_vision(s: Settings, work: Path, arms: Sequence[str] = VISION_ARMS) -> Dict[str, Any]:
     """The stability experiment: the implicit model without and with JR and the reversible mode,
-    every seed."""
-    return _run_arms(s, work, arms, "vision runs")
+    every seed, for the settings' ``epochs``, probed after every epoch, with the hard-stop table."""
+    return _run_arms(s, work, arms, "vision runs", s.epochs, stability=True)
 
 
 def run_methods(s: Settings, work: Path, arms: Sequence[str] = METHOD_ARMS) -> Dict[str, Any]:
-    """The other methods with the vision experiment's settings (the report's methods table
-    reads the vision experiment's arms beside them)."""
-    return _run_arms(s, work, arms, "method runs")
+    """The methods experiment: every other training method beside the implicit reference, every
+    seed, for the settings' ``methods_epochs``, probed once after training (no hard-stop table)."""
+    return _run_arms(s, work, arms, "method runs", s.methods_epochs, stability=False)
