@@ -44,6 +44,8 @@ def _stability(by_arm: Dict[str, List[Dict[str, Any]]], probe_max_iter: int, pat
             ax.fill_between(epochs, low, high, color=_color(arm), alpha=0.2, linewidth=0)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.set_xlim(min(e["epoch"] for rs in by_arm.values() for e in rs[0]["epochs"]) - 0.3,
+                    max(e["epoch"] for rs in by_arm.values() for e in rs[0]["epochs"]) + 0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
