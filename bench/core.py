@@ -421,6 +421,42 @@ _REFINE_STEPS = (0, 1, 2, 4)
 _TIGHT_BACKWARD = dict(b_max_iter=200, b_tol=1e-6)  # float32 states: about their floor
 
 
+def _loss_weight(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The fixed random w of the backward comparisons' loss <z*, w>."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def _backward_comparison(f: torch.nn.Module, x: torch.Tensor, layers: Dict[str, DEQLayer], reference: DEQLayer,
+                         repeats: int, device: torch.device) -> Dict[str, Dict[str, float]]:
+    """One forward of every layer of ``layers`` and of ``reference`` on ``x``, each with the loss
+    <z*, w> (:func:`_loss_weight`); per layer: the median time of its backward (all layers
+    alternating, the graph kept), its parameter gradient's relative error and cosine similarity
+    against the reference's, and its mean solver statistics; the reference's statistics under
+    ``"reference"``."""
+    params = list(f.parameters())
+    weight = _loss_weight(x.shape, device)
+    losses, stats = {}, {}
+    for key, layer in [*layers.items(), ("reference", reference)]:
+        z, stats[key] = layer(x)
+        losses[key] = (z * weight).sum()
+
+    def backward(key):
+        return lambda: torch.autograd.grad(losses[key], params, retain_graph=True)
+
+    def flat(key):
+        return torch.cat([g.flatten() for g in backward(key)()])
+
+    ref = flat("reference")
+    times = alternate({key: backward(key) for key in layers}, repeats, device)
+    out = {"reference": {k: float(v) for k, v in stats["reference"].means().items()}}
+    for key in layers:
+        grad = flat(key)
+        out[key] = dict(seconds=times[key], cos=float(torch.nn.functional.cosine_similarity(grad, ref, dim=0)),
+                        err=float((grad - ref).norm() / ref.norm()),
+                        **{k: float(v) for k, v in stats[key].means().items()})
+    return out
+
+
 def inverse_backward_runs(device: torch.device, repeats: int) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Per case: the implicit backward at the usual limit (the config's b_max_iter/b_tol), from
     the forward Broyden solve's inverse-Jacobian estimate with ``b_refine_steps`` k = 0, 1, 2, 4
@@ -438,30 +474,9 @@ def inverse_backward_runs(device: torch.device, repeats: int) -> Dict[str, Dict[
         settings[f"zero k={k}"] = dict(b_max_iter=k + 2)
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
     for name, (f, x) in _cases(device).items():
-        params = list(f.parameters())
-        weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
         layers = {key: DEQLayer(f, **_INVERSE_FORWARD, **opts) for key, opts in settings.items()}
-        tight = DEQLayer(f, **_INVERSE_FORWARD, **_TIGHT_BACKWARD)
-        losses, stats = {}, {}
-        for key, layer in [*layers.items(), ("tight", tight)]:
-            z, stats[key] = layer(x)
-            losses[key] = (z * weight).sum()
-
-        def backward(key):
-            return lambda: torch.autograd.grad(losses[key], params, retain_graph=True)
-
-        def flat(key):
-            return torch.cat([g.flatten() for g in backward(key)()])
-
-        ref = flat("tight")
-        times = alternate({key: backward(key) for key in layers}, repeats, device)
-        rows: Dict[str, Dict[str, float]] = {}
-        for key in layers:
-            grad = flat(key)
-            means = stats[key].means()
-            rows[key] = dict(seconds=times[key], cos=float(torch.nn.functional.cosine_similarity(grad, ref, dim=0)),
-                             err=float((grad - ref).norm() / ref.norm()), b_steps=float(means["b_steps"]),
-                             b_rel_res=float(means["b_rel_res"]))
+        runs = _backward_comparison(f, x, layers, DEQLayer(f, **_INVERSE_FORWARD, **_TIGHT_BACKWARD), repeats, device)
+        rows = {key: {k: runs[key][k] for k in ("seconds", "cos", "err", "b_steps", "b_rel_res")} for key in layers}
         forwards = alternate({"plain": lambda: layers["implicit"](x), "estimate": lambda: layers["k=0"](x)},
                              repeats, device)
         fn, z0 = flat_map(f, x)
@@ -469,11 +484,11 @@ def inverse_backward_runs(device: torch.device, repeats: int) -> Dict[str, Dict[
             est = DEQConfig(**_INVERSE_FORWARD).forward_solve(training=True).run(fn, z0, inverse=True)
         inv = est.inverse
         size = inv.u.untyped_storage().nbytes() + inv.v.untyped_storage().nbytes()  # the buffers they view
-        w = weight.reshape(z0.shape)
+        w = _loss_weight(x.shape, device).reshape(z0.shape)
         rows["forward"] = dict(ratio=forwards["estimate"] / forwards["plain"], mib=size / 2 ** 20,
                                vectors=float(inv.u.shape[1]),
                                moved=float((inv.solve_transposed(w) - w).norm() / w.norm()),
-                               ref_rel_res=float(stats["tight"].means()["b_rel_res"]))
+                               ref_rel_res=runs["reference"]["b_rel_res"])
         out[name] = rows
     return out
 
@@ -491,31 +506,12 @@ def backward_solver_runs(device: torch.device, repeats: int, tol: float = 1e-5,
     forward = dict(f_max_iter=12, f_tol=1e-12, check_every=0)
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
     for name, (f, x) in _cases(device).items():
-        params = list(f.parameters())
-        weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
         layers = {s: DEQLayer(f, **forward, b_solver=s, b_tol=tol, b_max_iter=100) for s in _BACKWARD_SOLVERS}
-        layers["tight"] = DEQLayer(f, **forward, b_solver="gmres", b_solver_options={"restart": 40}, b_tol=1e-7,
-                                   b_max_iter=300)
-        losses, stats = {}, {}
-        for key, layer in layers.items():
-            z, stats[key] = layer(x)
-            losses[key] = (z * weight).sum()
-
-        def backward(key):
-            return lambda: torch.autograd.grad(losses[key], params, retain_graph=True)
-
-        def flat(key):
-            return torch.cat([g.flatten() for g in backward(key)()])
-
-        ref = flat("tight")
-        times = alternate({key: backward(key) for key in _BACKWARD_SOLVERS}, repeats, device)
-        rows = {}
-        for key in _BACKWARD_SOLVERS:
-            grad = flat(key)
-            means = stats[key].means()
-            rows[key] = dict(seconds=times[key], b_steps=float(means["b_steps"]), b_rel_res=float(means["b_rel_res"]),
-                             converged=float(means["b_converged"]), err=float((grad - ref).norm() / ref.norm()))
-        rows["tight"] = dict(b_rel_res=float(stats["tight"].means()["b_rel_res"]))
+        tight = DEQLayer(f, **forward, b_solver="gmres", b_solver_options={"restart": 40}, b_tol=1e-7, b_max_iter=300)
+        runs = _backward_comparison(f, x, layers, tight, repeats, device)
+        rows = {key: dict(seconds=runs[key]["seconds"], b_steps=runs[key]["b_steps"], b_rel_res=runs[key]["b_rel_res"],
+                          converged=runs[key]["b_converged"], err=runs[key]["err"]) for key in layers}
+        rows["tight"] = dict(b_rel_res=runs["reference"]["b_rel_res"])
         out[name] = rows
     return out
 
