@@ -33,19 +33,19 @@ def _stability(by_arm: Dict[str, List[Dict[str, Any]]], probe_max_iter: int, pat
         ("train_f_rel_res", "train: forward rel. residual at the limit", True),
         ("top1", "validation top-1 (%)", False),
     ]
+    epochs = [e["epoch"] for runs in by_arm.values() for e in runs[0]["epochs"]]
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
     for ax, (key, panel, log) in zip(axes, panels):
         for arm, runs in by_arm.items():
-            epochs = [e["epoch"] for e in runs[0]["epochs"]]
+            xs = [e["epoch"] for e in runs[0]["epochs"]]
             mean, low, high = curve([[e.get(key) for e in r["epochs"]] for r in runs])
             seeds = f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
-            ax.plot(epochs, mean, marker="o", ms=3, color=_color(arm), label=f"{arm} ({seeds})")
-            ax.fill_between(epochs, low, high, color=_color(arm), alpha=0.2, linewidth=0)
+            ax.plot(xs, mean, marker="o", ms=3, color=_color(arm), label=f"{arm} ({seeds})")
+            ax.fill_between(xs, low, high, color=_color(arm), alpha=0.2, linewidth=0)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_xlim(min(e["epoch"] for rs in by_arm.values() for e in rs[0]["epochs"]) - 0.3,
-                    max(e["epoch"] for rs in by_arm.values() for e in rs[0]["epochs"]) + 0.3)
+        ax.set_xlim(min(epochs) - 0.3, max(epochs) + 0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
