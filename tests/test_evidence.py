@@ -146,7 +146,9 @@ def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
         assert (out / "results" / name).read_bytes()[:8] == PNG
     raw = json.loads((out / "results" / "results.json").read_text())
     assert set(raw) == {"vision", "methods", "language", "cost", "settings", "meta"}
-    assert all(raw[part]["minutes"] > 0 for part in ("vision", "methods", "language", "cost"))
+    assert all(raw[part]["minutes"] > 0 and raw[part]["speed_gflops"] > 0 for part in ("vision", "methods", "language",
+                                                                                          "cost"))
+    assert "| part | minutes | machine speed |" in report
     vision, methods = results["vision"]["runs"], results["methods"]["runs"]
     assert [r["arm"] for r in vision] == list(VISION_ARMS) and [r["arm"] for r in methods] == list(METHOD_ARMS)
     assert set(VISION_ARMS) | set(METHOD_ARMS) == set(ARMS)  # every method runs

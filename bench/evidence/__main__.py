@@ -15,10 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from datetime import date
@@ -27,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ._machine import commit, conv_gflops, hardware, versions
 from .datasets import DATASETS
 from .settings import PRESETS, Settings
 
@@ -40,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
                         help="the CPU settings (about three hours on 2 cores)")
     preset.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
-                        help="a smoke run of every experiment in under a minute (figures mean nothing)")
+                        help="a smoke run of every experiment in about a minute (figures mean nothing)")
     parser.set_defaults(preset="full")
     parser.add_argument("--output", type=Path, default=Path("docs"), help="folder of RESULTS.md (default: docs)")
     parser.add_argument("--work", type=Path, default=Path("output/evidence"),
@@ -72,41 +70,6 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"error: the {s.name} settings run on {s.device!r} and this machine has no CUDA device; "
                          "use --quick on a CPU (or --device cpu to force these settings)")
     return s
-
-
-def _hardware(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} logical CPUs"
-    if device.startswith("cuda"):
-        text += f", {torch.cuda.get_device_name(torch.device(device))}"
-    else:
-        text += ", no GPU used"
-    return text
-
-
-def _versions() -> str:
-    import timm
-    import fairseq
-    import deq_core
-    out = [f"Python {platform.python_version()}", f"torch {torch.__version__}", f"timm {timm.__version__}",
-           f"fairseq {fairseq.__version__}", f"deq-jr {deq_core.__version__}"]
-    return ", ".join(out)
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent, check=True).stdout.strip()
-        return f"`{rev}`" + (" with uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 def _write_report(output: Path, results: Dict[str, Any]) -> None:
@@ -154,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from .language import run_language
     from .vision import run_methods, run_vision
 
-    start, commit = time.perf_counter(), _commit()  # the code that runs, before anyone edits it
+    start, code = time.perf_counter(), commit()  # the code that runs, before anyone edits it
     img_dir.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {}
     if args.only and saved.exists():
@@ -162,6 +125,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     results["settings"] = json.loads(json.dumps(dataclasses.asdict(s)))  # as --report will read it
     for name in args.only or EXPERIMENTS:
         _logger.info(f"{name}: starting ({s.name} settings)")
+        speed = conv_gflops(s.device)
         t0 = time.perf_counter()
         if name == "vision":
             results[name] = run_vision(s, args.work / "vision")
@@ -172,14 +136,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         else:
             results[name] = run_cost(s)
         # this part alone, as the report states it (parts rerun with --only come from other runs)
-        results[name].update(minutes=(time.perf_counter() - t0) / 60, date=date.today().isoformat(), commit=commit,
-                             command=shlex.join(["python", "-m", "bench.evidence", *argv]))
+        results[name].update(minutes=(time.perf_counter() - t0) / 60, date=date.today().isoformat(), commit=code,
+                             speed_gflops=speed, command=shlex.join(["python", "-m", "bench.evidence", *argv]))
         _logger.info(f"{name}: done in {time.perf_counter() - t0:.0f} s")
         saved.write_text(json.dumps(results, indent=1))
     results["meta"] = dict(
         command=shlex.join(["python", "-m", "bench.evidence", *argv]), date=date.today().isoformat(),
-        minutes=(time.perf_counter() - start) / 60, hardware=_hardware(s.device), versions=_versions(),
-        commit=commit)
+        minutes=(time.perf_counter() - start) / 60, hardware=hardware(s.device), versions=versions(),
+        commit=code)
     saved.write_text(json.dumps(results, indent=1))
     _write_report(args.output, results)
     return results

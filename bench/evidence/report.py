@@ -369,16 +369,21 @@ def _cost(results: Dict[str, Any]) -> List[str]:
 
 
 def _parts(results: Dict[str, Any]) -> List[str]:
-    rows = [[name, f"{results[name]['minutes']:.1f}", results[name].get("date", "-"), results[name].get("commit", "-"),
-             f"`{results[name]['command']}`" if "command" in results[name] else "-"]
-            for name in ("vision", "methods", "language", "cost") if name in results and "minutes" in results[name]]
-    if not rows:
+    names = [name for name in ("vision", "methods", "language", "cost") if "minutes" in results.get(name, {})]
+    if not names:
         return []
-    total = sum(results[name]["minutes"] for name in ("vision", "methods", "language", "cost")
-                if name in results and "minutes" in results[name])
-    rows.append(["all parts", f"{total:.1f}", "", "", "the sum: one command runs the parts one after another"])
-    return ["Each part, alone on the machine:", ""] + _table(["part", "minutes", "date", "commit", "command"],
-                                                              rows) + [""]
+    rows = []
+    for name in names:
+        part = results[name]
+        speed = part.get("speed_gflops")  # (parts run before 2026-12-07 have none)
+        rows.append([name, f"{part['minutes']:.1f}", "-" if speed is None else f"{speed:.1f}", part.get("date", "-"),
+                     part.get("commit", "-"), f"`{part['command']}`" if "command" in part else "-"])
+    total = sum(results[name]["minutes"] for name in names)
+    rows.append(["all parts", f"{total:.1f}", "", "", "", "the sum: one command runs the parts one after another"])
+    return ["Each part, alone on the machine (machine speed: GFLOP/s of a 3x3 float32 convolution of the vision "
+            "runs' size, 64x32x28x28, on one thread, timed at the part's start; machines that print the same "
+            "name differ by up to 2x, so read minutes against it):", ""] + _table(
+        ["part", "minutes", "machine speed", "date", "commit", "command"], rows) + [""]
 
 
 def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dict[str, Any]) -> None:

@@ -51,8 +51,8 @@ class Settings:
 
 
 PRESETS = {
-    # End to end in well under a minute: for tests of the experiment code, not for reading.
-    "tiny": Settings(name="tiny", seeds=1, jobs=1, dataset="digits", img_size=16, epochs=1, methods_epochs=1,
+    # End to end in about a minute: for tests of the experiment code (worker pools included), not for reading.
+    "tiny": Settings(name="tiny", seeds=1, jobs=2, dataset="digits", img_size=16, epochs=1, methods_epochs=1,
                      batch_size=32, digits_limit=200, probe_images=16, probe_max_iter=10, hard_stop_limits=(1, 4),
                      lm_max_update=12, lm_validate_every=6, lm_paragraphs=300, lm_pretrain_steps=4,
                      lm_eval_max_iter=10, lm_jr_grid=((0.3, 1.0),), cost_repeats=1),
