@@ -382,7 +382,7 @@ def _parts(results: Dict[str, Any]) -> List[str]:
     rows.append(["all parts", f"{total:.1f}", "", "", "", "the sum: one command runs the parts one after another"])
     return ["Each part, alone on the machine (machine speed: GFLOP/s of a 3x3 float32 convolution of the vision "
             "runs' size, 64x32x28x28, on one thread, timed at the part's start; machines that print the same "
-            "name differ by up to 2x, so read minutes against it):", ""] + _table(
+            "name differ by up to 2x, so read minutes against it; it varies by about 20% on one machine):", ""] + _table(
         ["part", "minutes", "machine speed", "date", "commit", "command"], rows) + [""]
 
 
