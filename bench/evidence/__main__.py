@@ -1,4 +1,4 @@
-"""Regenerate the evidence report: ``python -m bench.evidence --quick`` (CPU, about three hours).
+"""Regenerate the evidence report: ``python -m bench.evidence --quick`` (2-core CPU: 1.6 to 4 hours, by machine).
 
 Runs the experiments of ``docs/RESULTS.md`` (vision: solver steps over training and hard
 stopping without JR, with JR and in the reversible mode; methods: every other training method
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.evidence", description=__doc__.splitlines()[0])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                        help="the CPU settings (about three hours on 2 cores)")
+                        help="the CPU settings (1.6 to 4 hours on 2 cores, by machine)")
     preset.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
                         help="a smoke run of every experiment in about a minute (figures mean nothing)")
     parser.set_defaults(preset="full")

@@ -56,7 +56,7 @@ PRESETS = {
                      batch_size=32, digits_limit=200, probe_images=16, probe_max_iter=10, hard_stop_limits=(1, 4),
                      lm_max_update=12, lm_validate_every=6, lm_paragraphs=300, lm_pretrain_steps=4,
                      lm_eval_max_iter=10, lm_jr_grid=((0.3, 1.0),), cost_repeats=1),
-    # The CPU run (2 cores, about three hours).
+    # The CPU run (2 cores: 1.6 to 4 hours, by machine).
     "quick": Settings(name="quick"),
     # The GPU run (one GPU): longer training, more seeds.
     "full": Settings(name="full", device="cuda", seeds=5, jobs=1, epochs=60, methods_epochs=30,
