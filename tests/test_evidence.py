@@ -133,8 +133,9 @@ def test_full_settings_need_a_gpu():
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
+def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path, monkeypatch):
     out, work = tmp_path / "docs", tmp_path / "work"
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working folder (concurrent runs would share it)
     results = evidence.main(["--tiny", "--output", str(out), "--work", str(work)])
     report = (out / "RESULTS.md").read_text()
     for heading in ("## Which claims hold", "## 1. Vision", "## 2. Vision: hard stopping",
@@ -175,6 +176,8 @@ def test_tiny_run_writes_the_report_figures_and_raw_results(tmp_path):
     assert jr_run["flags"][:4] == ["--jac-weight", "0.3", "--jac-freq", "1"]
     assert {r["model"]: r["params"] for r in language["runs"]}["transformer"] == pytest.approx(
         {r["model"]: r["params"] for r in language["runs"]}["deq_jr"], rel=0.05)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "work"]
 
     # The report is rebuilt from the saved results alone.
     (out / "RESULTS.md").unlink()
