@@ -75,7 +75,8 @@ def _train_args(s: Settings, data: Path, run_dir: Path, model: str, seed: int, e
                 seconds: float) -> List[str]:
     # --save-dir: fairseq-train probes its save folder (writing and removing a file in it) even with
     # --no-save; the default, ./checkpoints, is shared by concurrent runs, which then race on it
-    args = [str(data), "--save-dir", str(run_dir), "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--batch-size", str(BATCH_SIZE),
+    args = [str(data), "--save-dir", str(run_dir), "--tokens-per-sample", str(TOKENS_PER_SAMPLE),
+            "--batch-size", str(BATCH_SIZE),
             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.003", "--lr-scheduler",
             "inverse_sqrt", "--warmup-updates", "100", "--clip-norm", "0.5", "--seed", str(seed),
             "--log-format", "json", "--log-interval", str(s.lm_validate_every),
@@ -134,8 +135,8 @@ def train_one(s: Settings, work: Path, model: str, seed: int, extra: Sequence[st
     flags = [*extra, *VARIANTS.get(model, ())]
     if model == "deq_nojr":
         flags = ["--jac-weight", "0", *flags]
-    output = _call(fairseq_tool("fairseq-train") + _train_args(s, work / "data-bin", work / name, model, seed, flags, seconds),
-                   work / name / "train.log")
+    args = _train_args(s, work / "data-bin", work / name, model, seed, flags, seconds)
+    output = _call(fairseq_tool("fairseq-train") + args, work / name / "train.log")
     result = dict(name=name, model=model, seed=seed, flags=flags, **parse_log(output))
     (work / name / "result.json").write_text(json.dumps(result, indent=1))
     return result

@@ -380,10 +380,10 @@ def _parts(results: Dict[str, Any]) -> List[str]:
                      part.get("commit", "-"), f"`{part['command']}`" if "command" in part else "-"])
     total = sum(results[name]["minutes"] for name in names)
     rows.append(["all parts", f"{total:.1f}", "", "", "", "the sum: one command runs the parts one after another"])
-    return ["Each part, alone on the machine (machine speed: GFLOP/s of a 3x3 float32 convolution of the vision "
-            "runs' size, 64x32x28x28, on one thread, timed at the part's start; machines that print the same "
-            "name differ by up to 2x, so read minutes against it; it varies by about 20% on one machine):", ""] + _table(
-        ["part", "minutes", "machine speed", "date", "commit", "command"], rows) + [""]
+    intro = ("Each part, alone on the machine (machine speed: GFLOP/s of a 3x3 float32 convolution of the vision "
+             "runs' size, 64x32x28x28, on one thread, timed at the part's start; machines that print the same "
+             "name differ by up to 2x, so read minutes against it; it varies by about 20% on one machine):")
+    return [intro, ""] + _table(["part", "minutes", "machine speed", "date", "commit", "command"], rows) + [""]
 
 
 def write_report(path: Path, img_dir: str, results: Dict[str, Any], figures: Dict[str, Any]) -> None:
